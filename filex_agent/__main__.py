@@ -1,0 +1,3 @@
+from filex_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""One error taxonomy for every transport and client.
+
+The daemon decides what to do from the class alone: a ``PermanentError`` moves the file to
+``failed`` with its message as the reason; a ``TransientError`` leaves it queued for a later
+attempt. Messages must never contain a secret (token, password, signed URL query).
+"""
+
+from __future__ import annotations
+
+
+class FilexError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(FilexError):
+    """The configuration is invalid. ``key`` names the offending key (dotted path)."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+class PermanentError(FilexError):
+    """Retrying will not help: bad credentials, not entitled, rejected name, bad input."""
+
+
+class TransientError(FilexError):
+    """Retrying later may help: timeouts, 5xx, 429, dropped connections."""
+
+
+class AuthError(PermanentError):
+    """Credentials refused by FIP / fileX / SFTP."""
+
+
+class NotEntitledError(PermanentError):
+    """The login may not act for this org / application (403, missing OBO folder...)."""
+
+
+class RemoteChangedError(TransientError):
+    """The local file changed while it was being uploaded; the upload was discarded."""

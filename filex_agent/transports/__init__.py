@@ -1,0 +1,96 @@
+"""Transports: one small interface, one module per way of reaching fileX.
+
+A transport is bound to one route's (org, application). It moves bytes and lists the
+feedback sub-space; it knows nothing of the journal, the outbox or the local feedback folder.
+Atomic writes of downloads (temp file, fsync, rename, never overwrite) are done by the caller
+(``filex_agent.feedback``), which hands the transport an open binary file to write into.
+
+Registry: ``create_transport(kind, ctx)`` looks the kind up in ``TRANSPORTS``; a new transport
+registers itself with ``@register("name")`` and must pass ``tests/conformance``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+ProgressFn = Callable[[int], None]
+"""Called with the number of bytes just transferred (for progress bars and metrics)."""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    remote_name: str
+    # "org/app/in" like fileX's tracking ``uploadLocation``.
+    upload_location: str
+    size: int
+    started_at: datetime
+    finished_at: datetime
+    # REST returns one with the pre-signed URL; S3 and SFTP uploads are matched later.
+    tracking_id: str | None = None
+    # Free-form proof of integrity from the far side (ETag, remote size...).
+    detail: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int | None = None
+    modified: datetime | None = None
+
+
+class Transport(abc.ABC):
+    """Moves files for one (org, application)."""
+
+    kind: str = ""
+
+    def __init__(self, org: str, application: str):
+        self.org = org
+        self.application = application
+
+    @property
+    def upload_location(self) -> str:
+        return f"{self.org}/{self.application}/in"
+
+    @abc.abstractmethod
+    def upload(self, local: Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+        """Send ``local`` whole as ``in/remote_name``; raise Transient/PermanentError.
+
+        Must never leave a partial object that fileX could take as a submission.
+        """
+
+    @abc.abstractmethod
+    def list_feedback(self) -> list[RemoteFile]:
+        """Files in the ``out`` sub-space."""
+
+    @abc.abstractmethod
+    def download_feedback(self, name: str, dest: BinaryIO, progress: ProgressFn | None = None) -> int:
+        """Stream ``out/name`` into ``dest``; return the number of bytes written."""
+
+    def find_uploaded(self, remote_name: str) -> RemoteFile | None:
+        """Is ``remote_name`` present in ``in`` (used by crash recovery)? None if unknown."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+TRANSPORTS: dict[str, type] = {}
+
+
+def register(kind: str):
+    def deco(cls):
+        cls.kind = kind
+        TRANSPORTS[kind] = cls
+        return cls
+
+    return deco
