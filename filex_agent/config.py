@@ -299,6 +299,8 @@ class Config(_Strict):
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and ("[" in part or "(" in part):
+            continue  # pydantic's union-member tags (literal[...], list[...]) are not keys
         if isinstance(part, int):
             out += f"[{part}]"
         else:

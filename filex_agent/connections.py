@@ -1,0 +1,149 @@
+"""Shared clients, one per credential, and the transports built on them.
+
+Tokens, S3 credentials and SSH connections are per credential and shared across routes and
+worker threads; transports are cheap views bound to one (org, application).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import httpx
+
+from filex_agent.config import Config, CredentialSettings, RouteSettings
+from filex_agent.errors import ConfigError
+from filex_agent.transports import Transport
+
+log = logging.getLogger(__name__)
+
+
+def resolve(value: str | None) -> str | None:
+    """client_id may be literal or a reference; secrets are always references."""
+    from filex_agent.config import SecretRef
+
+    if value is None:
+        return None
+    if isinstance(value, SecretRef) or str(value).startswith(SecretRef.SCHEMES):
+        secret = SecretRef(value).resolve()
+        _register_secret(secret)
+        return secret
+    return str(value)
+
+
+def _register_secret(secret: str) -> None:
+    try:
+        from filex_agent.logging_setup import register_secret
+    except ImportError:  # pragma: no cover - logging module not present
+        return
+    register_secret(secret)
+
+
+class Connections:
+    def __init__(self, config: Config, *, on_retry: Callable[[str], None] | None = None):
+        from filex_agent.http import RateLimiter, RetryPolicy, make_http_client
+
+        self.config = config
+        net = config.network
+        env = config.environment
+        verify: bool | str = str(env.ca_bundle) if env.ca_bundle else env.verify_tls
+        self.verify = verify
+        self.http: httpx.Client = make_http_client(net, verify=verify)
+        self.retry = RetryPolicy(net.max_attempts, net.backoff_initial, net.backoff_max, on_retry=on_retry)
+        self.limiter = RateLimiter(net.rate_limit_per_second)
+        self._lock = threading.Lock()
+        self._tokens: dict[str, object] = {}
+        self._apis: dict[str, object] = {}
+        self._s3_tokens: dict[str, object] = {}
+        self._sftp: dict[str, object] = {}
+
+    def credential(self, name: str) -> CredentialSettings:
+        try:
+            return self.config.credentials[name]
+        except KeyError:
+            raise ConfigError(f"credentials.{name}", "no such credential") from None
+
+    def has_api(self, credential: str) -> bool:
+        c = self.credential(credential)
+        return bool(c.client_id and c.client_secret)
+
+    def tokens(self, credential: str):
+        from filex_agent.auth import FipTokenProvider
+
+        with self._lock:
+            if credential not in self._tokens:
+                c = self.credential(credential)
+                if not (c.client_id and c.client_secret):
+                    raise ConfigError(f"credentials.{credential}", "client_id and client_secret are needed for the fileX API")
+                self._tokens[credential] = FipTokenProvider(
+                    self.config.environment.fip_token_url, resolve(c.client_id), resolve(c.client_secret),
+                    http=self.http, retry=self.retry)
+            return self._tokens[credential]
+
+    def api(self, credential: str):
+        from filex_agent.api import FilexClient
+
+        tokens = self.tokens(credential)
+        with self._lock:
+            if credential not in self._apis:
+                self._apis[credential] = FilexClient(
+                    self.config.environment.api_base_url, tokens, http=self.http, retry=self.retry,
+                    limiter=self.limiter)
+            return self._apis[credential]
+
+    def s3_tokens(self, credential: str):
+        from filex_agent.transports.s3 import S3TokenCache
+
+        api = self.api(credential)
+        with self._lock:
+            if credential not in self._s3_tokens:
+                self._s3_tokens[credential] = S3TokenCache(api.s3_transfer_tokens, credential=credential)
+            return self._s3_tokens[credential]
+
+    def sftp_session(self, credential: str):
+        from filex_agent.transports.sftp import SftpSession
+
+        with self._lock:
+            if credential not in self._sftp:
+                c = self.credential(credential)
+                env, s = self.config.environment, self.config.sftp
+                self._sftp[credential] = SftpSession(
+                    env.sftp_host, env.sftp_port, c.sftp_username,
+                    password=resolve(c.sftp_password), private_key=c.sftp_private_key,
+                    key_passphrase=resolve(c.sftp_key_passphrase), known_hosts=s.known_hosts,
+                    host_key_fingerprints=list(s.host_key_fingerprints),
+                    auto_accept_host_key=s.auto_accept_host_key, keepalive_seconds=s.keepalive_seconds,
+                    connect_timeout=self.config.network.connect_timeout, channels=s.connections)
+            return self._sftp[credential]
+
+    def transport(self, route: RouteSettings, kind: str | None = None) -> Transport:
+        kind = kind or route.transports[0]
+        if kind == "rest":
+            from filex_agent.transports.rest import RestTransport
+
+            return RestTransport(route.org, route.application, api=self.api(route.credential),
+                                 http=self.http, retry=self.retry)
+        if kind == "s3":
+            from filex_agent.transports.s3 import S3Transport
+
+            net = self.config.network
+            return S3Transport(route.org, route.application, tokens=self.s3_tokens(route.credential),
+                               settings=self.config.s3, endpoint_url=self.config.environment.s3_endpoint_url,
+                               verify=self.verify, connect_timeout=net.connect_timeout,
+                               read_timeout=net.read_timeout, max_attempts=net.max_attempts)
+        if kind == "sftp":
+            from filex_agent.transports.sftp import SftpTransport
+
+            s = self.config.sftp
+            return SftpTransport(route.org, route.application, session=self.sftp_session(route.credential),
+                                 in_path=s.in_path, out_path=s.out_path)
+        raise ConfigError("routes.transport", f"unknown transport {kind!r}")
+
+    def close(self) -> None:
+        for sess in list(self._sftp.values()):
+            try:
+                sess.close()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                log.debug("closing SFTP session failed", exc_info=True)
+        self.http.close()

@@ -1,0 +1,93 @@
+"""Download every new file of a route's ``out`` sub-space once, and link it to its submission.
+
+Remote names are untrusted: sanitised before they touch the disk; written through a temporary
+file, fsynced and linked under a free name (never overwriting); recorded in the journal so
+each remote file is downloaded once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from filex_agent.config import Config, RouteSettings
+from filex_agent.errors import FilexError
+from filex_agent.fsutil import atomic_writer, sanitize_remote_name
+from filex_agent.hooks import Hooks
+from filex_agent.store import Store, Submission
+from filex_agent.transports import RemoteFile
+
+log = logging.getLogger(__name__)
+
+
+def link_submission(remote_name: str, subs: list[Submission]) -> Submission | None:
+    """The submission a feedback file belongs to: its tracking id, else its file stem, in the name.
+
+    The longest stem wins (``a.csv`` and ``a_v2.csv``), then the newest submission.
+    """
+    for sub in sorted(subs, key=lambda s: -s.id):
+        if sub.tracking_id and sub.tracking_id in remote_name:
+            return sub
+    best: Submission | None = None
+    for sub in sorted(subs, key=lambda s: -s.id):
+        stem = Path(sub.file_name).stem
+        if len(stem) >= 3 and stem in remote_name and (best is None or len(stem) > len(Path(best.file_name).stem)):
+            best = sub
+    return best
+
+
+def _modified(f: RemoteFile) -> str | None:
+    return f.modified.isoformat() if f.modified else None
+
+
+class FeedbackCollector:
+    def __init__(self, config: Config, store: Store, connections, hooks: Hooks):
+        self.config = config
+        self.store = store
+        self.connections = connections
+        self.hooks = hooks
+
+    def collect(self, route: RouteSettings) -> int:
+        """Download new feedback of one route; returns how many files were filed."""
+        dest = route.folder("feedback", self.config.agent.data_dir)
+        with self.connections.transport(route) as transport:
+            listing = transport.list_feedback()
+            new = [f for f in listing if not self.store.feedback_seen(route.name, f.name, f.size, _modified(f))]
+            if not new:
+                return 0
+            subs = self.store.list(route=route.name)
+            first_time = not route.download_existing_feedback and not any(
+                self.store.feedback_for(s.id) for s in subs) and not subs
+            n = 0
+            for f in new:
+                if first_time:
+                    # Only record what was there before the agent ever submitted on this route.
+                    self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
+                    continue
+                try:
+                    n += self._download(route, transport, f, dest, subs)
+                except (FilexError, OSError) as exc:
+                    log.warning("route %s: feedback %r not downloaded yet: %s", route.name, f.name, exc)
+            return n
+
+    def _download(self, route: RouteSettings, transport, f: RemoteFile, dest: Path, subs: list[Submission]) -> int:
+        local_name = sanitize_remote_name(f.name)
+        with atomic_writer(dest, local_name) as (out, result):
+            transport.download_feedback(f.name, out)
+        path = result[0]
+        sub = link_submission(f.name, subs)
+        self.store.record_feedback(route.name, f.name, f.size, _modified(f), str(path), sub.id if sub else None)
+        log.info("route %s: feedback %s filed as %s%s", route.name, f.name, path,
+                 f" (submission {sub.id})" if sub else "")
+        if sub is not None:
+            self.hooks.submission_changed(self.store.get(sub.id), "feedback")
+        return 1
+
+    def collect_all(self) -> int:
+        n = 0
+        for route in self.config.routes:
+            try:
+                n += self.collect(route)
+            except FilexError as exc:
+                log.warning("route %s: feedback listing failed: %s", route.name, exc)
+        return n

@@ -1,0 +1,148 @@
+"""The journal: the single source of truth for every submission's state.
+
+``Store`` is the small interface the daemon talks to; ``SQLiteStore`` is the embedded default.
+Every state change is written (and fsynced by SQLite, synchronous=FULL) before the action it
+allows, with an event row, so that recovery can rebuild everything else from it.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class State(str, enum.Enum):
+    CLAIMING = "CLAIMING"  # row written, atomic rename out of the outbox not yet confirmed
+    QUEUED = "QUEUED"  # claimed, waiting for (another) upload attempt
+    HELD = "HELD"  # same content already pending/accepted: waits for `release`
+    UPLOADING = "UPLOADING"  # upload started; outcome unknown until confirmed
+    SUBMITTED = "SUBMITTED"  # fileX has the bytes; waiting for a final tracking status
+    ACCEPTED = "ACCEPTED"
+    REJECTED = "REJECTED"
+    PARTIALLY_REJECTED = "PARTIALLY_REJECTED"
+    FAILED = "FAILED"  # never uploaded (bad name, empty, too large, refused...)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATES = frozenset({State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED, State.FAILED})
+PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.SUBMITTED})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class Submission:
+    id: int
+    route: str
+    org: str
+    application: str
+    transport: str
+    file_name: str
+    source_path: str
+    local_path: str
+    state: State
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
+    reason: str | None = None
+    tracking_id: str | None = None
+    upload_location: str | None = None
+    remote_status: str | None = None
+    downstream_status: str | None = None
+    move_to: str | None = None
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+    upload_started_at: datetime | None = None
+    uploaded_at: datetime | None = None
+    final_at: datetime | None = None
+    held_by: int | None = None
+    flag: str | None = None  # an operator-visible warning (no tracking match, outage...)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass
+class Event:
+    submission_id: int
+    at: datetime
+    state: str
+    detail: str | None
+
+
+@dataclass
+class FeedbackFile:
+    id: int
+    route: str
+    remote_name: str
+    remote_size: int | None
+    remote_modified: str | None
+    local_path: str | None
+    submission_id: int | None
+    downloaded_at: datetime | None
+
+
+class Store(abc.ABC):
+    """What the daemon needs from a journal. Implementations must be thread-safe."""
+
+    @abc.abstractmethod
+    def create(self, **fields: Any) -> Submission: ...
+
+    @abc.abstractmethod
+    def get(self, sub_id: int) -> Submission: ...
+
+    @abc.abstractmethod
+    def list(self, states: Iterable[State] | None = None, route: str | None = None) -> list[Submission]: ...
+
+    @abc.abstractmethod
+    def transition(self, sub_id: int, state: State, detail: str | None = None, *,
+                   expect: Iterable[State] | None = None, **fields: Any) -> Submission:
+        """Set state (+fields) and append an event, atomically. With ``expect``, only if the
+        current state is one of those (else ``StateConflict``)."""
+
+    @abc.abstractmethod
+    def update(self, sub_id: int, **fields: Any) -> Submission:
+        """Change fields without a state change (no event)."""
+
+    @abc.abstractmethod
+    def events(self, sub_id: int) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
+        """An earlier submission of the same bytes that is pending or ACCEPTED."""
+
+    @abc.abstractmethod
+    def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
+                      remote_modified: str | None) -> bool: ...
+
+    @abc.abstractmethod
+    def record_feedback(self, route: str, remote_name: str, remote_size: int | None,
+                        remote_modified: str | None, local_path: str | None,
+                        submission_id: int | None) -> FeedbackFile: ...
+
+    @abc.abstractmethod
+    def feedback_for(self, sub_id: int) -> list[FeedbackFile]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class StateConflict(Exception):
+    """The submission was not in an expected state (someone else moved it on)."""
+
+
+def open_store(path: Path) -> Store:
+    from filex_agent.store.sqlite import SQLiteStore
+
+    return SQLiteStore(path)

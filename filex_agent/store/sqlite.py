@@ -1,0 +1,225 @@
+"""SQLite journal (WAL, synchronous=FULL): the embedded default store."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import fields as dc_fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+from filex_agent.store import (
+    Event,
+    FeedbackFile,
+    State,
+    StateConflict,
+    Store,
+    Submission,
+    utcnow,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS submissions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    route TEXT NOT NULL, org TEXT NOT NULL, application TEXT NOT NULL, transport TEXT NOT NULL,
+    file_name TEXT NOT NULL, source_path TEXT NOT NULL, local_path TEXT NOT NULL,
+    state TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, sha256 TEXT, reason TEXT,
+    tracking_id TEXT, upload_location TEXT, remote_status TEXT, downstream_status TEXT,
+    move_to TEXT, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, upload_started_at TEXT, uploaded_at TEXT,
+    final_at TEXT, held_by INTEGER, flag TEXT
+);
+CREATE INDEX IF NOT EXISTS submissions_state ON submissions(state);
+CREATE INDEX IF NOT EXISTS submissions_sha ON submissions(org, application, sha256);
+CREATE UNIQUE INDEX IF NOT EXISTS submissions_tracking ON submissions(tracking_id) WHERE tracking_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    submission_id INTEGER NOT NULL REFERENCES submissions(id),
+    at TEXT NOT NULL, state TEXT NOT NULL, detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_sub ON events(submission_id);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    route TEXT NOT NULL, remote_name TEXT NOT NULL, remote_size INTEGER, remote_modified TEXT,
+    local_path TEXT, submission_id INTEGER REFERENCES submissions(id), downloaded_at TEXT,
+    UNIQUE(route, remote_name, remote_size, remote_modified)
+);
+CREATE INDEX IF NOT EXISTS feedback_sub ON feedback(submission_id);
+"""
+
+_DT_FIELDS = {"next_attempt_at", "created_at", "updated_at", "upload_started_at", "uploaded_at", "final_at"}
+_SUB_FIELDS = [f.name for f in dc_fields(Submission)]
+
+
+def _enc(key: str, value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, State):
+        return value.value
+    return value
+
+
+def _row_to_sub(row: sqlite3.Row) -> Submission:
+    data = {k: row[k] for k in _SUB_FIELDS}
+    for k in _DT_FIELDS:
+        if data[k] is not None:
+            data[k] = datetime.fromisoformat(data[k])
+    data["state"] = State(data["state"])
+    return Submission(**data)
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # One connection guarded by a lock: writes are small and serialised anyway.
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a state change is on disk before the action it allows.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _tx(self):
+        return _Tx(self)
+
+    def _check_fields(self, fields: dict[str, Any]) -> None:
+        bad = set(fields) - set(_SUB_FIELDS) - {"id"}
+        if bad:
+            raise KeyError(f"unknown submission fields: {sorted(bad)}")
+
+    # -- submissions ---------------------------------------------------------------------
+    def create(self, **fields: Any) -> Submission:
+        self._check_fields(fields)
+        now = utcnow()
+        fields.setdefault("created_at", now)
+        fields["updated_at"] = now
+        state = fields.setdefault("state", State.CLAIMING)
+        cols = list(fields)
+        with self._tx() as db:
+            cur = db.execute(
+                f"INSERT INTO submissions ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [_enc(k, fields[k]) for k in cols],
+            )
+            sub_id = cur.lastrowid
+            db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
+                       (sub_id, now.isoformat(), str(state), "created"))
+        return self.get(sub_id)
+
+    def get(self, sub_id: int) -> Submission:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM submissions WHERE id = ?", (sub_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no submission {sub_id}")
+        return _row_to_sub(row)
+
+    def list(self, states: Iterable[State] | None = None, route: str | None = None) -> list[Submission]:
+        sql, args = "SELECT * FROM submissions WHERE 1=1", []
+        if states is not None:
+            states = [str(s) for s in states]
+            sql += f" AND state IN ({', '.join('?' for _ in states)})"
+            args += states
+        if route is not None:
+            sql += " AND route = ?"
+            args.append(route)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+        return [_row_to_sub(r) for r in rows]
+
+    def transition(self, sub_id: int, state: State, detail: str | None = None, *,
+                   expect: Iterable[State] | None = None, **fields: Any) -> Submission:
+        self._check_fields(fields)
+        now = utcnow()
+        fields.update(state=state, updated_at=now)
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM submissions WHERE id = ?", (sub_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no submission {sub_id}")
+            if expect is not None and row["state"] not in {str(s) for s in expect}:
+                raise StateConflict(f"submission {sub_id} is {row['state']}, expected one of {sorted(map(str, expect))}")
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            db.execute(f"UPDATE submissions SET {sets} WHERE id = ?", [_enc(k, v) for k, v in fields.items()] + [sub_id])
+            db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
+                       (sub_id, now.isoformat(), str(state), detail))
+        return self.get(sub_id)
+
+    def update(self, sub_id: int, **fields: Any) -> Submission:
+        self._check_fields(fields)
+        fields["updated_at"] = utcnow()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE submissions SET {sets} WHERE id = ?", [_enc(k, v) for k, v in fields.items()] + [sub_id])
+        return self.get(sub_id)
+
+    def events(self, sub_id: int) -> list[Event]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE submission_id = ? ORDER BY id", (sub_id,)).fetchall()
+        return [Event(r["submission_id"], datetime.fromisoformat(r["at"]), r["state"], r["detail"]) for r in rows]
+
+    def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
+        states = ("CLAIMING", "QUEUED", "UPLOADING", "SUBMITTED", "ACCEPTED")
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM submissions WHERE org = ? AND application = ? AND sha256 = ? AND id != ? "
+                f"AND state IN ({', '.join('?' for _ in states)}) ORDER BY id LIMIT 1",
+                (org, application, sha256, exclude_id, *states)).fetchone()
+        return None if row is None else _row_to_sub(row)
+
+    # -- feedback ------------------------------------------------------------------------
+    def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
+                      remote_modified: str | None) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? AND remote_modified IS ?",
+                (route, remote_name, remote_size, remote_modified)).fetchone()
+        return row is not None
+
+    def record_feedback(self, route: str, remote_name: str, remote_size: int | None,
+                        remote_modified: str | None, local_path: str | None,
+                        submission_id: int | None) -> FeedbackFile:
+        now = utcnow().isoformat()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, submission_id, downloaded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (route, remote_name, remote_size, remote_modified, local_path, submission_id, now))
+            fid = cur.lastrowid
+        return FeedbackFile(fid, route, remote_name, remote_size, remote_modified, local_path, submission_id,
+                            datetime.fromisoformat(now))
+
+    def feedback_for(self, sub_id: int) -> list[FeedbackFile]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM feedback WHERE submission_id = ? ORDER BY id", (sub_id,)).fetchall()
+        return [FeedbackFile(r["id"], r["route"], r["remote_name"], r["remote_size"], r["remote_modified"],
+                             r["local_path"], r["submission_id"],
+                             datetime.fromisoformat(r["downloaded_at"]) if r["downloaded_at"] else None)
+                for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT under the store lock (rollback on error)."""
+
+    def __init__(self, store: SQLiteStore):
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store._lock.acquire()
+        self.store._db.execute("BEGIN IMMEDIATE")
+        return self.store._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()

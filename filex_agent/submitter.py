@@ -1,0 +1,224 @@
+"""Claim → validate → upload → archive, one submission at a time, journal first.
+
+Write-ahead: the journal records the intended step before it is taken (CLAIMING before the
+rename, UPLOADING before the first byte, ``move_to`` before a local move) and confirms it
+after, so recovery (``recover()``) can finish or undo any step a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import stat as stat_mod
+from datetime import timedelta
+from pathlib import Path
+
+from filex_agent.config import Config, RouteSettings, valid_remote_name
+from filex_agent.errors import PermanentError, TransientError
+from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
+from filex_agent.hooks import Hooks
+from filex_agent.store import State, StateConflict, Store, Submission, utcnow
+
+log = logging.getLogger(__name__)
+
+SPOOL = ".filex-agent"  # inside the outbox: same filesystem, so the claim is an atomic rename
+MAX_UNEXPECTED = 3  # unexpected (non-classified) errors before a file is failed, not retried forever
+
+
+def spool_dir(route: RouteSettings) -> Path:
+    return Path(route.outbox) / SPOOL
+
+
+class Submitter:
+    def __init__(self, config: Config, store: Store, connections, hooks: Hooks):
+        self.config = config
+        self.store = store
+        self.connections = connections
+        self.hooks = hooks
+
+    # -- claim ---------------------------------------------------------------------------
+    def claim(self, route: RouteSettings, path: Path, trigger: Path | None = None) -> Submission | None:
+        """Take ``path`` out of the outbox by an atomic rename. None if it is gone already."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if stat_mod.S_ISDIR(st.st_mode):
+            return None
+        sub = self.store.create(route=route.name, org=route.org, application=route.application,
+                                transport=route.transports[0], file_name=path.name, source_path=str(path),
+                                local_path=str(path), state=State.CLAIMING)
+        return self.complete_claim(sub, trigger)
+
+    def complete_claim(self, sub: Submission, trigger: Path | None = None) -> Submission:
+        """Second half of a claim (also used by recovery): refuse links, rename into the spool."""
+        route = self.config.route(sub.route)
+        path = Path(sub.source_path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
+                                         reason="the file disappeared from the outbox before it was claimed; nothing was sent")
+        if stat_mod.S_ISLNK(st.st_mode):
+            target = os.readlink(path)
+            return self._fail(sub, path, f"refused: {path.name} is a symbolic link (to {target}); "
+                                         "links are never filed with a regulator — copy the file itself into the outbox")
+        if not stat_mod.S_ISREG(st.st_mode):
+            return self._fail(sub, path, f"refused: {path.name} is not a regular file")
+        target = spool_dir(route) / str(sub.id) / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sub = self.store.update(sub.id, local_path=str(target))
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
+                                         reason="the file disappeared from the outbox before it was claimed; nothing was sent")
+        if trigger is not None:
+            trigger.unlink(missing_ok=True)
+        sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING})
+        self.hooks.submission_changed(sub, "claimed")
+        return self.validate(sub)
+
+    def validate(self, sub: Submission) -> Submission:
+        """Name rules, size, readability, duplicate content. FAILED/HELD or stays QUEUED."""
+        route = self.config.route(sub.route)
+        path = Path(sub.local_path)
+        reason = valid_remote_name(sub.file_name)
+        if reason:
+            return self._fail(sub, path, f"{reason}; the file was not uploaded. Rename it and drop it again.")
+        try:
+            st = path.stat()
+            if st.st_nlink > 1:
+                log.warning("%s has %d hard links: another name can still change it", path, st.st_nlink)
+            if st.st_size == 0:
+                return self._fail(sub, path, "the file is empty; nothing was uploaded")
+            limit = route.max_size_mb * 1024 * 1024
+            if st.st_size > limit:
+                return self._fail(sub, path, f"the file is {st.st_size} bytes, over the route's limit of "
+                                             f"{route.max_size_mb} MB (max_size_mb); not uploaded")
+            digest = sha256_file(path)
+        except PermissionError:
+            return self._fail(sub, path, "the file cannot be read by the agent (permission denied); not uploaded")
+        except OSError as exc:
+            return self._fail(sub, path, f"the file cannot be read: {exc.strerror}; not uploaded")
+        sub = self.store.update(sub.id, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+        earlier = self.store.find_same_content(sub.org, sub.application, digest, exclude_id=sub.id)
+        if earlier is not None:
+            sub = self.store.transition(
+                sub.id, State.HELD, "duplicate", held_by=earlier.id,
+                reason=(f"same content (sha256 {digest[:12]}…) as submission {earlier.id} ({earlier.file_name}, "
+                        f"{earlier.state}); held, not sent. Run `filex-agent release {sub.id}` to send it anyway."))
+            self.hooks.submission_changed(sub, "HELD")
+        return sub
+
+    def release(self, sub_id: int) -> Submission:
+        sub = self.store.transition(sub_id, State.QUEUED, "released by operator", expect={State.HELD},
+                                    reason=None, next_attempt_at=None)
+        self.hooks.submission_changed(sub, "released")
+        return sub
+
+    # -- upload --------------------------------------------------------------------------
+    def upload(self, sub_id: int) -> Submission:
+        try:
+            sub = self.store.transition(sub_id, State.UPLOADING, "upload started", expect={State.QUEUED},
+                                        upload_started_at=utcnow())
+        except StateConflict:
+            return self.store.get(sub_id)
+        sub = self.store.update(sub.id, attempts=sub.attempts + 1)
+        route = self.config.route(sub.route)
+        path = Path(sub.local_path)
+        try:
+            before = path.stat()
+            if (before.st_size, before.st_mtime_ns) != (sub.size, sub.mtime_ns):
+                raise _Changed()
+            with self.connections.transport(route, sub.transport) as transport:
+                result = transport.upload(
+                    path, sub.file_name,
+                    progress=lambda n: self.hooks.bytes_sent(sub.route, sub.transport, n))
+            after = path.stat()
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                # The bytes are already with fileX; say so loudly rather than pretend otherwise.
+                log.error("submission %s: %s changed during its upload", sub.id, path)
+        except _Changed:
+            sub = self.store.transition(sub.id, State.QUEUED, "changed after claim",
+                                        reason="the file changed after it was claimed; re-checked before upload",
+                                        next_attempt_at=utcnow() + timedelta(seconds=route.stable_seconds))
+            return self.validate(sub)
+        except PermanentError as exc:
+            return self._fail(sub, path, f"fileX refused the upload: {exc}")
+        except TransientError as exc:
+            return self._requeue(sub, f"upload attempt {sub.attempts} failed, will retry: {exc}")
+        except FileNotFoundError:
+            return self.store.transition(sub.id, State.FAILED, "lost", final_at=utcnow(),
+                                         reason=f"the claimed file {path} disappeared before upload; nothing was sent")
+        except Exception as exc:  # noqa: BLE001 - unknown: retry a few times, then fail, never forever
+            log.exception("submission %s: unexpected error during upload", sub.id)
+            if sub.attempts >= MAX_UNEXPECTED:
+                return self._fail(sub, path, f"upload failed {sub.attempts} times with an unexpected error: "
+                                             f"{type(exc).__name__}: {exc}")
+            return self._requeue(sub, f"unexpected error, will retry: {type(exc).__name__}: {exc}")
+        sub = self.store.transition(
+            sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, tracking_id=result.tracking_id,
+            upload_location=result.upload_location, uploaded_at=result.finished_at, reason=None, flag=None,
+            next_attempt_at=None)
+        self.hooks.submission_changed(sub, "uploaded")
+        return self.file_original(sub, "sent")
+
+    def _requeue(self, sub: Submission, reason: str) -> Submission:
+        net = self.config.network
+        delay = min(net.backoff_max * 10, net.backoff_initial * (2 ** min(sub.attempts, 16)))
+        delay = random.uniform(delay / 2, delay)  # jitter: many files must not retry in lock-step
+        sub = self.store.transition(sub.id, State.QUEUED, "retry", reason=reason,
+                                    next_attempt_at=utcnow() + timedelta(seconds=delay))
+        self.hooks.submission_changed(sub, "retry")
+        return sub
+
+    def _fail(self, sub: Submission, path: Path, reason: str) -> Submission:
+        """Move the file aside to ``failed`` with a reason file; never delete it."""
+        route = self.config.route(sub.route)
+        failed_dir = route.folder("failed", self.config.agent.data_dir)
+        sub = self.store.transition(sub.id, State.FAILED, "failed", reason=reason, final_at=utcnow(),
+                                    move_to=str(failed_dir))
+        if os.path.lexists(path):
+            dest = move_no_clobber(path, failed_dir)
+            write_reason(dest, reason)
+            sub = self.store.update(sub.id, local_path=str(dest), move_to=None)
+        self.hooks.submission_changed(sub, "FAILED")
+        return sub
+
+    # -- local archive -------------------------------------------------------------------
+    def file_original(self, sub: Submission, kind: str) -> Submission:
+        """Move the original into the route's sent/accepted/rejected folder (journal first)."""
+        route = self.config.route(sub.route)
+        dest_dir = route.folder(kind, self.config.agent.data_dir)
+        sub = self.store.update(sub.id, move_to=str(dest_dir))
+        return self.finish_move(sub)
+
+    def finish_move(self, sub: Submission) -> Submission:
+        if not sub.move_to:
+            return sub
+        src = Path(sub.local_path)
+        dest_dir = Path(sub.move_to)
+        if os.path.lexists(src):
+            dest = move_no_clobber(src, dest_dir, sub.file_name)
+            _remove_empty_spool_dir(src.parent)
+            return self.store.update(sub.id, local_path=str(dest), move_to=None)
+        # Crash after the move but before the journal update: the file is already there.
+        for cand in sorted(dest_dir.glob(f"{Path(sub.file_name).stem}*")):
+            if sub.sha256 and cand.is_file() and cand.stat().st_size == sub.size and sha256_file(cand) == sub.sha256:
+                return self.store.update(sub.id, local_path=str(cand), move_to=None)
+        log.error("submission %s: original %s is missing and not found in %s", sub.id, src, dest_dir)
+        return self.store.update(sub.id, move_to=None, flag=f"original file missing (was {src})")
+
+
+def _remove_empty_spool_dir(d: Path) -> None:
+    if d.parent.name == SPOOL:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+class _Changed(Exception):
+    pass

@@ -1,0 +1,150 @@
+"""Follow SUBMITTED submissions through fileX tracking until a final status.
+
+One ``GET /tracking`` (all submissions of the last 90 days) per credential per cycle when many
+are pending or some have no tracking id (S3/SFTP uploads are matched by file name, upload
+location, size and time); per-id calls otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from datetime import timedelta
+from typing import Callable
+
+from filex_agent.config import Config
+from filex_agent.errors import FilexError
+from filex_agent.hooks import Hooks
+from filex_agent.models import TrackingRecord
+from filex_agent.store import State, Store, Submission, utcnow
+from filex_agent.submitter import Submitter
+
+log = logging.getLogger(__name__)
+
+OUTCOME = {"ACCEPTED": State.ACCEPTED, "REJECTED": State.REJECTED, "PARTIALLY_REJECTED": State.PARTIALLY_REJECTED}
+ARCHIVE = {State.ACCEPTED: "accepted", State.REJECTED: "rejected", State.PARTIALLY_REJECTED: "rejected"}
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _norm_location(loc: str | None) -> str:
+    return "/".join(p for p in (loc or "").split("/") if p)
+
+
+def matches(rec: TrackingRecord, sub: Submission) -> bool:
+    """Is ``rec`` the tracking record of an upload that returned no tracking id?"""
+    if rec.fileName != sub.file_name:
+        return False
+    if _norm_location(rec.uploadLocation) != _norm_location(sub.upload_location):
+        return False
+    if rec.fileSize not in (None, 0) and sub.size is not None and rec.fileSize != sub.size:
+        return False
+    when = rec.submissionTime or rec.statusUpdatedTime
+    if when is not None and sub.upload_started_at is not None and when < sub.upload_started_at - CLOCK_SKEW:
+        return False  # an older submission of the same name
+    return True
+
+
+class Tracker:
+    def __init__(self, config: Config, store: Store, connections, submitter: Submitter, hooks: Hooks,
+                 on_final: Callable[[str], None] | None = None):
+        self.config = config
+        self.store = store
+        self.connections = connections
+        self.submitter = submitter
+        self.hooks = hooks
+        self.on_final = on_final or (lambda route: None)
+
+    def poll(self) -> int:
+        """One tracking cycle; returns the number of submissions that reached a final status."""
+        by_cred: dict[str, list[Submission]] = defaultdict(list)
+        for sub in self.store.list([State.SUBMITTED]):
+            try:
+                route = self.config.route(sub.route)
+            except FilexError:
+                log.warning("submission %s: route %s is no longer configured; not tracked", sub.id, sub.route)
+                continue
+            by_cred[route.credential].append(sub)
+        finals, ok = 0, True
+        for cred, subs in by_cred.items():
+            if not self.connections.has_api(cred):
+                for sub in subs:
+                    self._flag(sub, "no FIP API credential (client_id/client_secret) for tracking; "
+                                    "the outcome will only show in feedback files")
+                continue
+            try:
+                finals += self._poll_credential(cred, subs)
+            except FilexError as exc:
+                ok = False
+                log.warning("tracking poll for credential %s failed: %s", cred, exc)
+        self.hooks.tracking_polled(ok)
+        return finals
+
+    def _poll_credential(self, cred: str, subs: list[Submission]) -> int:
+        api = self.connections.api(cred)
+        need_all = len(subs) >= self.config.tracking.batch_threshold or any(not s.tracking_id for s in subs)
+        records: dict[str, TrackingRecord] = {}
+        if need_all:
+            for rec in api.tracking():
+                records[rec.trackingId] = rec
+        else:
+            for sub in subs:
+                for rec in api.tracking(sub.tracking_id):
+                    records[rec.trackingId] = rec
+        claimed = {s.tracking_id for s in self.store.list() if s.tracking_id}
+        finals = 0
+        for sub in sorted(subs, key=lambda s: s.id):
+            rec = records.get(sub.tracking_id) if sub.tracking_id else None
+            if sub.tracking_id is None:
+                rec = self._match(sub, records.values(), claimed)
+                if rec is not None:
+                    claimed.add(rec.trackingId)
+                    sub = self.store.transition(sub.id, State.SUBMITTED, f"matched tracking record {rec.trackingId}",
+                                                tracking_id=rec.trackingId, flag=None)
+            if rec is None:
+                self._check_overdue(sub)
+                continue
+            if self._apply(sub, rec):
+                finals += 1
+        return finals
+
+    def _match(self, sub: Submission, records, claimed: set[str]) -> TrackingRecord | None:
+        cands = [r for r in records if r.trackingId not in claimed and matches(r, sub)]
+        cands.sort(key=lambda r: (r.submissionTime or r.statusUpdatedTime or utcnow()))
+        return cands[0] if cands else None
+
+    def _apply(self, sub: Submission, rec: TrackingRecord) -> bool:
+        downstream = (rec.downstreamStatus or "").upper() or None
+        if (rec.status, downstream) != (sub.remote_status, sub.downstream_status):
+            sub = self.store.transition(sub.id, State.SUBMITTED, f"tracking: {rec.status} / {downstream}",
+                                        remote_status=rec.status, downstream_status=downstream)
+        final = OUTCOME.get(downstream or "")
+        if final is None:
+            self._check_overdue(sub)
+            return False
+        reason = None
+        if final is State.REJECTED:
+            reason = "FINRA rejected the file: correct it and resubmit the whole file (see feedback)"
+        elif final is State.PARTIALLY_REJECTED:
+            reason = "FINRA partially rejected the file: submit a new file with only the corrected data (see feedback)"
+        sub = self.store.transition(sub.id, final, f"final: {downstream}", expect={State.SUBMITTED},
+                                    final_at=utcnow(), reason=reason, flag=None)
+        sub = self.submitter.file_original(sub, ARCHIVE[final])
+        self.hooks.submission_changed(sub, final.value)
+        self.on_final(sub.route)
+        return True
+
+    def _check_overdue(self, sub: Submission) -> None:
+        now = utcnow()
+        t = self.config.tracking
+        since = sub.uploaded_at or sub.updated_at
+        if sub.tracking_id is None and now - since > timedelta(seconds=t.match_timeout_seconds):
+            self._flag(sub, f"no tracking record matched {sub.file_name} at {sub.upload_location} "
+                            f"within {int(t.match_timeout_seconds)} s of upload; check `filex-agent track`")
+        elif now - since > timedelta(hours=t.final_timeout_hours):
+            self._flag(sub, f"no final status {t.final_timeout_hours:g} h after upload")
+
+    def _flag(self, sub: Submission, text: str) -> None:
+        if sub.flag != text:
+            sub = self.store.update(sub.id, flag=text)
+            log.warning("submission %s: %s", sub.id, text)
+            self.hooks.submission_changed(sub, "flagged")
