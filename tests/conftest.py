@@ -1,0 +1,56 @@
+"""Shared fixtures: a running sandbox fileX and configs pointing at it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
+    """Poll until pred() is truthy; fail with `what` after timeout (no fixed sleeps in tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def sftp_supported() -> bool:
+    try:
+        import filex_agent.sandbox.sftp_server  # noqa: F401
+        import filex_agent.transports.sftp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    from filex_agent.sandbox import Sandbox
+
+    sb = Sandbox(tmp_path_factory.mktemp("sandbox"), processing_delay=0.2, sftp=sftp_supported())
+    sb.start()
+    try:
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture
+def sandbox_config(sandbox, tmp_path):
+    """A Config for the running sandbox with fast polling; routes for every transport available."""
+    from filex_agent.config import load_config
+    from filex_agent.sandbox.agent_config import write_sandbox_config
+
+    def make(**kw):
+        kw.setdefault("poll_seconds", 0.5)
+        kw.setdefault("stable_seconds", 0.5)
+        return load_config(write_sandbox_config(sandbox, tmp_path / "agent", **kw))
+
+    return make

@@ -1,0 +1,144 @@
+"""Issue 2's acceptance test: the daemon against the sandbox, end to end, over REST.
+
+A valid file is ACCEPTED with its feedback filed and linked; a REJECT file is REJECTED with
+feedback; `bad#name.txt` FAILS and is never uploaded; a file written slowly in chunks is
+uploaded once, whole (sha256 compared with what the sandbox stored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from filex_agent.daemon import Daemon
+from filex_agent.store import State
+from tests.conftest import wait_for
+
+
+def _by_name(daemon: Daemon, name: str):
+    subs = [s for s in daemon.store.list() if s.file_name == name]
+    return subs[-1] if subs else None
+
+
+def _final(daemon: Daemon, name: str, state: State, timeout: float = 30):
+    return wait_for(lambda: (s := _by_name(daemon, name)) is not None and s.state is state and s,
+                    timeout=timeout, what=f"{name} to be {state}")
+
+
+@pytest.fixture
+def daemon(sandbox_config):
+    cfg = sandbox_config(transports=("rest",))
+    d = Daemon(cfg, dispatch_interval=0.2)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop(grace=5)
+
+
+def test_pipeline_end_to_end(daemon, sandbox):
+    cfg = daemon.config
+    route = cfg.routes[0]
+    outbox = Path(route.outbox)
+
+    # A file written slowly in chunks (pauses shorter than stable_seconds): taken once, whole.
+    slow = outbox / "SLOW_report.csv"
+    chunks = [os.urandom(64 * 1024) for _ in range(5)]
+    with open(slow, "wb") as f:
+        for c in chunks:
+            f.write(c)
+            f.flush()
+            time.sleep(0.2)
+    slow_sha = hashlib.sha256(b"".join(chunks)).hexdigest()
+
+    (outbox / "GOOD_report.csv").write_bytes(b"id,value\n1,2\n")
+    (outbox / "REJECT_me.csv").write_bytes(b"id,value\nbroken\n")
+    (outbox / "bad#name.txt").write_bytes(b"never sent\n")
+
+    good = _final(daemon, "GOOD_report.csv", State.ACCEPTED)
+    rejected = _final(daemon, "REJECT_me.csv", State.REJECTED)
+    bad = _final(daemon, "bad#name.txt", State.FAILED)
+    slow_sub = _final(daemon, "SLOW_report.csv", State.ACCEPTED)
+
+    # Feedback filed locally and linked to its submission (the tracker fetches it after final).
+    for sub in (good, rejected):
+        fb = wait_for(lambda: daemon.store.feedback_for(sub.id), what=f"feedback of {sub.file_name}")
+        path = Path(fb[0].local_path)
+        assert path.is_file() and path.parent == route.folder("feedback", cfg.agent.data_dir)
+        assert sub.tracking_id in path.name
+    assert "REJECT" in Path(daemon.store.feedback_for(rejected.id)[0].local_path).read_text().upper()
+
+    # Originals filed by outcome.
+    assert Path(daemon.store.get(good.id).local_path).parent == route.folder("accepted", cfg.agent.data_dir)
+    assert Path(daemon.store.get(rejected.id).local_path).parent == route.folder("rejected", cfg.agent.data_dir)
+    failed_path = Path(bad.local_path)
+    assert failed_path.parent == route.folder("failed", cfg.agent.data_dir)
+    reason_file = failed_path.with_name(failed_path.name + ".reason.txt")
+    assert "#" in reason_file.read_text() and "#" in bad.reason
+
+    # What the sandbox really received: each good file once, whole; the bad name never.
+    uploads = sandbox.uploads()
+    names = [u.name for u in uploads]
+    assert names.count("GOOD_report.csv") == 1
+    assert names.count("SLOW_report.csv") == 1
+    assert "bad#name.txt" not in names and not any("bad" in n for n in names)
+    slow_up = next(u for u in uploads if u.name == "SLOW_report.csv")
+    assert slow_up.sha256 == slow_sha == slow_sub.sha256
+    assert slow_up.transport == "rest" and slow_up.tracking_id == slow_sub.tracking_id
+
+    # Nothing left in the outbox but the agent's own spool folder.
+    assert [p.name for p in outbox.iterdir() if p.name != ".filex-agent"] == []
+
+
+def test_status_cli_shows_everything(daemon):
+    outbox = Path(daemon.config.routes[0].outbox)
+    (outbox / "STATUS_check.csv").write_bytes(b"a,b\n")
+    sub = _final(daemon, "STATUS_check.csv", State.ACCEPTED)
+    wait_for(lambda: daemon.store.feedback_for(sub.id), what="feedback")
+    cfg_path = Path(daemon.config.agent.data_dir).parent / "filex-agent.toml"
+    proc = subprocess.run([sys.executable, "-m", "filex_agent", "status", "--config", str(cfg_path), "--json"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    row = next(r for r in json.loads(proc.stdout) if r["id"] == sub.id)
+    assert row["state"] == "ACCEPTED" and row["tracking_id"] == sub.tracking_id
+    assert row["sha256"] == sub.sha256 and row["size"] == 4
+    assert row["org"] == "0001" and row["application"] == "app1" and row["transport"] == "rest"
+    assert row["feedback"] and Path(row["feedback"][0]).is_file()
+
+
+def test_duplicate_content_is_held_until_released(daemon, sandbox):
+    outbox = Path(daemon.config.routes[0].outbox)
+    (outbox / "DUP_a.csv").write_bytes(b"same bytes\n")
+    _final(daemon, "DUP_a.csv", State.ACCEPTED)
+    (outbox / "DUP_b.csv").write_bytes(b"same bytes\n")
+    held = _final(daemon, "DUP_b.csv", State.HELD)
+    assert "DUP_a.csv" in held.reason and f"release {held.id}" in held.reason
+    assert "DUP_b.csv" not in [u.name for u in sandbox.uploads()]
+    daemon.submitter.release(held.id)
+    _final(daemon, "DUP_b.csv", State.ACCEPTED)
+
+
+def test_empty_file_fails_with_reason(daemon, sandbox):
+    outbox = Path(daemon.config.routes[0].outbox)
+    (outbox / "EMPTY.csv").write_bytes(b"")
+    sub = _final(daemon, "EMPTY.csv", State.FAILED)
+    assert "empty" in sub.reason
+    assert "EMPTY.csv" not in [u.name for u in sandbox.uploads()]
+
+
+def test_symlink_is_refused(daemon, sandbox, tmp_path):
+    secret = tmp_path / "shadow"
+    secret.write_text("root:x:0:0\n")
+    outbox = Path(daemon.config.routes[0].outbox)
+    (outbox / "LINK.csv").symlink_to(secret)
+    sub = _final(daemon, "LINK.csv", State.FAILED)
+    assert "symbolic link" in sub.reason
+    assert "LINK.csv" not in [u.name for u in sandbox.uploads()]
+    assert secret.read_text() == "root:x:0:0\n"
