@@ -285,7 +285,8 @@ def test_startup_scan_picks_existing_files(tmp_path: Path, collector: Collector,
     start(watchers, [r1, r2], collector, rescan_interval=3600)
     assert collector.wait_for(lambda: sorted(collector.names) == ["old.csv", "t.csv"])
     # Seen by the scan only: a full stable window of observation first.
-    assert collector.of("old.csv") and [t for t, c in collector.items if c.path.name == "old.csv"][0] - t0 >= STABLE
+    (got_at,) = [t for t, c in collector.items if c.path.name == "old.csv"]
+    assert got_at - t0 >= STABLE
     assert collector.of("t.csv")[0].trigger == r2.outbox / "t.csv.done"
 
 
