@@ -13,8 +13,10 @@ import pytest
 from filex_agent.api import FilexClient
 from filex_agent.auth import FipTokenProvider
 from filex_agent.errors import AuthError, NotEntitledError, PermanentError, TransientError
+from filex_agent.config import NetworkSettings
 from filex_agent.http import (
     HttpTransientError,
+    make_http_client,
     RateLimiter,
     RetryPolicy,
     parse_retry_after,
@@ -357,3 +359,17 @@ def test_retry_policy_permanent_at_once_and_no_nested_multiplication() -> None:
         policy.call("outer", lambda: policy.call("inner", inner))
     assert inner_calls[0] == 3  # not 9
 
+
+
+def test_make_http_client_timeouts(tmp_path) -> None:
+    net = NetworkSettings(connect_timeout=3, read_timeout=7)
+    with make_http_client(net) as c:
+        assert c.timeout.connect == 3 and c.timeout.read == 7
+        assert c.follow_redirects is False
+    import ssl
+    ca = ssl.get_default_verify_paths().cafile
+    if ca:
+        with make_http_client(net, verify=ca) as c:
+            assert c.timeout.read == 7
+    with pytest.raises((FileNotFoundError, OSError)):
+        make_http_client(net, verify=str(tmp_path / "missing.pem"))

@@ -105,9 +105,12 @@ class RestTransport(Transport):
         try:
             presigned, resp = self._retry.call(f"upload {self.upload_location}/{remote_name}", attempt)
         except FilexError as exc:
-            # Orphaned "Request Received" tracking ids: the caller may want to reconcile them.
-            exc.tracking_ids = list(tracking_ids)  # type: ignore[attr-defined]
-            raise
+            confirmed = self._confirm_received(ambiguous.pop()) if ambiguous else None
+            if confirmed is None:
+                # Orphaned "Request Received" tracking ids: the caller may want to reconcile them.
+                exc.tracking_ids = list(tracking_ids)  # type: ignore[attr-defined]
+                raise
+            presigned, resp = confirmed, None
         detail: dict[str, str] = {}
         if resp is not None and resp.headers.get("ETag"):
             detail["etag"] = resp.headers["ETag"].strip('"')
