@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Callable
 
 from filex_agent.config import Config
-from filex_agent.errors import FilexError
+from filex_agent.errors import AuthError, FilexError, PermanentError
 from filex_agent.hooks import Hooks
 from filex_agent.models import TrackingRecord
 from filex_agent.store import State, Store, Submission, utcnow
@@ -88,7 +88,14 @@ class Tracker:
                 records[rec.trackingId] = rec
         else:
             for sub in subs:
-                for rec in api.tracking(sub.tracking_id):
+                try:
+                    found = api.tracking(sub.tracking_id)
+                except AuthError:
+                    raise
+                except PermanentError as exc:  # e.g. 404 for an id fileX does not know (yet)
+                    log.warning("submission %s: tracking %s: %s", sub.id, sub.tracking_id, exc)
+                    continue
+                for rec in found:
                     records[rec.trackingId] = rec
         claimed = {s.tracking_id for s in self.store.list() if s.tracking_id}
         finals = 0
