@@ -149,6 +149,8 @@ class AuditLog:
         expected_prev = GENESIS
         n = 0
         with open(self.path, "rb") as f:
+            # Shared lock: never judge a line an appender is still writing.
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
             for raw in f:
                 n += 1
                 if not raw.endswith(b"\n"):

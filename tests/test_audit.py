@@ -183,3 +183,4 @@ def test_concurrent_appends_keep_chain(tmp_path: Path) -> None:
     assert len(seen) == 300
     log.close()
     other.close()
+
