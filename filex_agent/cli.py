@@ -76,6 +76,7 @@ def _run_sandbox(args) -> int:
         print(f"sandbox fileX at {sb.api_base_url}; config written to {path}")
         print("drop files into these outbox folders (names containing REJECT or PARTIAL get those outcomes):")
         for r in cfg.routes:
+            Path(r.outbox).mkdir(parents=True, exist_ok=True)
             print(f"  {r.outbox}    ({r.transport}, org {r.org}, application {r.application})")
         print(f"status: filex-agent status --config {path}")
         sys.stdout.flush()

@@ -245,7 +245,36 @@ class RouteSettings(_Strict):
 
 class MetricsSettings(_Strict):
     enabled: bool = False
+    # Loopback by default: metrics and health are not for the internet.
     listen: str = "127.0.0.1:9464"
+
+
+class AuditSettings(_Strict):
+    # Append-only, hash-chained JSON lines; default data_dir/audit.jsonl.
+    path: Path | None = None
+
+
+class NotifySettings(_Strict):
+    # A webhook URL often embeds a token (chat webhooks): it is a secret reference.
+    webhook_url: SecretRef | None = None
+    smtp_host: str | None = None
+    smtp_port: int = Field(587, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretRef | None = None
+    smtp_from: str | None = None
+    smtp_to: list[str] = []
+    smtp_starttls: bool = True
+    smtp_ca_file: Path | None = None
+    # The same ongoing problem is re-sent at most this often.
+    realert_seconds: float = Field(3600.0, gt=0)
+    # A route that could not submit for this long raises ROUTE_DOWN.
+    route_down_minutes: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _smtp_complete(self) -> "NotifySettings":
+        if self.smtp_host and not (self.smtp_from and self.smtp_to):
+            raise ConfigError("notify.smtp_from", "smtp_from and smtp_to are required with smtp_host")
+        return self
 
 
 class Config(_Strict):
@@ -257,6 +286,8 @@ class Config(_Strict):
     s3: S3Settings = S3Settings()
     sftp: SftpSettings = SftpSettings()
     metrics: MetricsSettings = MetricsSettings()
+    audit: AuditSettings = AuditSettings()
+    notify: NotifySettings = NotifySettings()
     credentials: dict[str, CredentialSettings] = {}
     routes: list[RouteSettings] = []
 
@@ -294,6 +325,10 @@ class Config(_Strict):
     @property
     def journal_path(self) -> Path:
         return self.agent.data_dir / "journal.sqlite3"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.agent.data_dir / "audit.jsonl"
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -342,7 +377,10 @@ def _absolutise(cfg: Config, base: Path) -> Config:
     ]
     creds = {n: c.model_copy(update={"sftp_private_key": fix(c.sftp_private_key)}) for n, c in cfg.credentials.items()}
     sftp = cfg.sftp.model_copy(update={"known_hosts": fix(cfg.sftp.known_hosts)})
-    return cfg.model_copy(update={"agent": agent, "routes": routes, "credentials": creds, "sftp": sftp})
+    audit = cfg.audit.model_copy(update={"path": fix(cfg.audit.path)})
+    notify = cfg.notify.model_copy(update={"smtp_ca_file": fix(cfg.notify.smtp_ca_file)})
+    return cfg.model_copy(update={"agent": agent, "routes": routes, "credentials": creds, "sftp": sftp,
+                                  "audit": audit, "notify": notify})
 
 
 def load_config(path: Path | str) -> Config:
