@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 import boto3
 import boto3.session
@@ -221,41 +221,45 @@ class _Progress(BaseSubscriber):
 
 
 class _ResponseWatch:
-    """Captures ETag and encryption of the PutObject / CompleteMultipartUpload of one key.
+    """Captures ETag and encryption of the PutObject / CompleteMultipartUpload of watched keys.
 
     Taken from the write responses themselves (botocore's public event hooks), not from a
-    HeadObject: fileX's write-only STS policy may not allow reading ``in/``.
+    HeadObject: fileX's write-only STS policy may not allow reading ``in/``. Registered once per
+    client (registering per upload would mutate the emitter while other threads emit).
     """
 
     _OPS = ("PutObject", "CompleteMultipartUpload")
+    _MARK = "filex_watch_key"
 
-    def __init__(self, bucket: str, key: str):
-        self.bucket, self.key = bucket, key
-        self.etag: str | None = None
-        self.sse: str | None = None
-        self._id = f"filex-watch-{id(self)}"
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[tuple[str, str], dict[str, str]] = {}
 
-    def _mark(self, params: dict, context: dict, **kwargs: object) -> None:
-        if params.get("Bucket") == self.bucket and params.get("Key") == self.key:
-            context[self._id] = True
-
-    def _done(self, parsed: dict, context: dict, **kwargs: object) -> None:
-        if context.get(self._id):
-            self.etag = str(parsed.get("ETag", "")).strip('"') or None
-            self.sse = parsed.get("ServerSideEncryption")
+    def attach(self, client) -> None:  # type: ignore[no-untyped-def]
+        for op in self._OPS:
+            client.meta.events.register(f"before-parameter-build.s3.{op}", self._mark)
+            client.meta.events.register(f"after-call.s3.{op}", self._done)
 
     @contextlib.contextmanager
-    def on(self, client):  # type: ignore[no-untyped-def]
-        events = client.meta.events
-        for op in self._OPS:
-            events.register(f"before-parameter-build.s3.{op}", self._mark, unique_id=f"{self._id}-b-{op}")
-            events.register(f"after-call.s3.{op}", self._done, unique_id=f"{self._id}-a-{op}")
+    def watch(self, bucket: str, key: str) -> Iterator[dict[str, str]]:
+        box: dict[str, str] = {}
+        with self._lock:
+            self._watched[(bucket, key)] = box
         try:
-            yield self
+            yield box
         finally:
-            for op in self._OPS:
-                events.unregister(f"before-parameter-build.s3.{op}", unique_id=f"{self._id}-b-{op}")
-                events.unregister(f"after-call.s3.{op}", unique_id=f"{self._id}-a-{op}")
+            with self._lock:
+                self._watched.pop((bucket, key), None)
+
+    def _mark(self, params: dict, context: dict, **kwargs: object) -> None:
+        context[self._MARK] = (params.get("Bucket"), params.get("Key"))
+
+    def _done(self, parsed: dict, context: dict, **kwargs: object) -> None:
+        with self._lock:
+            box = self._watched.get(context.get(self._MARK))  # type: ignore[arg-type]
+        if box is not None:
+            box["etag"] = str(parsed.get("ETag", "")).strip('"')
+            box["sse"] = str(parsed.get("ServerSideEncryption") or "")
 
 
 def _expected_etag(path: Path, size: int, multipart: bool, part_size: int) -> tuple[str, str]:
@@ -339,6 +343,7 @@ class S3Transport(Transport):
         self._lock = threading.Lock()
         self._client = None  # built lazily: constructing a transport must not call fileX
         self._client_creds: RefreshableCredentials | None = None
+        self._responses = _ResponseWatch()
 
     def __repr__(self) -> str:
         return f"S3Transport(org={self.org!r}, application={self.application!r})"
@@ -356,6 +361,7 @@ class S3Transport(Transport):
                     "s3", endpoint_url=self._endpoint_url, verify=self._verify, config=self._boto_config
                 )
                 self._client_creds = session.get_credentials()
+                self._responses.attach(self._client)
             return self._client
 
     def _write_location(self) -> _Location:
@@ -445,9 +451,8 @@ class S3Transport(Transport):
             hasher = _Hasher(local, size, multipart, part_size)
             hasher.start()
             subscribers = [_Progress(progress)] if progress else None
-            watch = _ResponseWatch(loc.bucket, key)
             try:
-                with watch.on(client):
+                with self._responses.watch(loc.bucket, key) as written:
                     # A failed transfer aborts its multipart upload before result() raises (s3transfer
                     # failure cleanups), so no partial object is ever left.
                     with create_transfer_manager(client, self._transfer_config) as manager:
@@ -458,7 +463,7 @@ class S3Transport(Transport):
             if hasher.error is not None:
                 raise hasher.error
             assert hasher.result is not None
-            return {"etag": watch.etag or "", "sse": watch.sse or "",
+            return {"etag": written.get("etag", ""), "sse": written.get("sse", ""),
                     "expected": hasher.result[0], "md5": hasher.result[1]}
 
         log.info("uploading %s to s3://%s/%s (%d bytes, %s) for %s", local.name, loc.bucket, key, size,
