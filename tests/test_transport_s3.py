@@ -487,3 +487,12 @@ def test_token_cache_refetches_within_margin(moto: Moto) -> None:
     cache.get("0001", "app1")
     cache.get("0001", "app1")
     assert len(fetch.calls) == 3
+
+
+def test_already_expired_credentials_are_transient(moto: Moto, tmp_path: Path) -> None:
+    # fileX (or a wrong local clock) hands out credentials that are already expired.
+    t, _ = make(moto, FakeFileX(moto, ttl_seconds=-30), margin=5)
+    (tmp_path / "f.txt").write_bytes(b"x")
+    with pytest.raises(TransientError, match="clock"):
+        t.upload(tmp_path / "f.txt", "f.txt")
+    assert not exists(moto, "0001/app1/in/f.txt")

@@ -28,7 +28,7 @@ import botocore.session
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config as BotoConfig
 from botocore.credentials import RefreshableCredentials
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import ChunksizeAdjuster
 
@@ -402,6 +402,8 @@ class S3Transport(Transport):
             if code in _TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
                 return TransientError(text)
             return PermanentError(text)
+        if isinstance(exc, ParamValidationError):
+            return PermanentError(f"S3 {action} for {self._who()}: invalid request: {exc}")
         if isinstance(exc, BotoCoreError):
             return TransientError(f"S3 {action} for {self._who()} failed: {type(exc).__name__}: {exc}")
         if isinstance(exc, OSError):
@@ -427,6 +429,12 @@ class S3Transport(Transport):
                 raise self._map(exc, action) from exc
             except (BotoCoreError, OSError) as exc:
                 raise self._map(exc, action) from exc
+            except RuntimeError as exc:
+                if "refreshed credentials are still expired" not in str(exc):
+                    raise
+                # botocore: fetch() returned credentials that are already expired.
+                raise TransientError(f"S3 {action} for {self._who()}: fileX issued credentials that are already "
+                                     "expired (is this machine's clock right?)") from exc
         raise AssertionError("unreachable")
 
     # -- Transport ------------------------------------------------------------------------------
