@@ -9,7 +9,9 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -46,6 +48,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._feedback_due: set[str] = set()
+        self._unconfirmed: set[int] = set()  # interrupted uploads recovery could not decide yet
         self._old_connections: list[Connections] = []
         self.started = False
 
@@ -66,36 +69,49 @@ class Daemon:
         self.started = True
         log.info("filex-agent started: %d route(s)", len(self.config.routes))
 
-    def stop(self, grace: float | None = None) -> None:
-        """Stop taking files; let uploads in flight finish within the grace period."""
+    def stop(self, grace: float | None = None) -> bool:
+        """Stop taking files; let uploads in flight (and a tracking cycle under way) finish within
+        the grace period. True if everything finished; False if work was cut off (the journal
+        has it as UPLOADING and the next start recovers it)."""
         if self._stopping.is_set():
-            return
+            return True
         self._stopping.set()
         grace = self.config.agent.shutdown_grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         if self.watcher is not None:
             self.watcher.stop()
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
         with self._lock:
             pending = list(self._inflight.values())
+        # Jobs not yet started are dropped (their submissions are QUEUED in the journal).
+        self.executor.shutdown(wait=False, cancel_futures=True)
         done = threading.Event()
 
         def _wait() -> None:
             for f in pending:
                 try:
                     f.result()
-                except Exception:  # noqa: BLE001 - already logged by the worker
+                except BaseException:  # noqa: BLE001 - already logged by the worker (or cancelled)
                     pass
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=True)  # a tracking/feedback cycle under way ends cleanly
             done.set()
 
-        threading.Thread(target=_wait, daemon=True).start()
-        if not done.wait(grace):
-            log.warning("shutdown grace of %.0f s over with uploads in flight; they are recovered at next start", grace)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        waiter = threading.Thread(target=_wait, daemon=True)
+        waiter.start()
+        if pending:
+            log.info("stopping: waiting up to %.0f s for %d upload(s) in flight", grace, len(pending))
+        finished = done.wait(max(0.0, deadline - time.monotonic()))
+        if not finished:
+            log.warning("shutdown grace of %.0f s over with work in flight; it is recovered at next start", grace)
         for conns in [*self._old_connections, self.connections]:
-            conns.close()
-        self.store.close()
+            try:
+                conns.close()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                log.debug("closing connections failed", exc_info=True)
+        if finished:
+            self.store.close()
         log.info("filex-agent stopped")
+        return finished
 
     def reload(self, config: Config) -> None:
         """Apply a new config (SIGHUP): routes added or removed; work in flight is kept.
@@ -137,9 +153,13 @@ class Daemon:
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
         self.start()
-        while not stop.wait(1.0):
+        while not stop.wait(0.2):
             pass
-        self.stop()
+        if not self.stop():
+            # Uploads still running would keep the interpreter alive (executor threads are joined
+            # at exit): leave now; every interrupted step is in the journal for recovery.
+            logging.shutdown()
+            os._exit(0)
         return 0
 
     # -- pipeline ------------------------------------------------------------------------
@@ -189,6 +209,10 @@ class Daemon:
 
     def track_and_collect(self) -> None:
         try:
+            self.recheck_interrupted()
+        except Exception:  # noqa: BLE001
+            log.exception("re-checking interrupted uploads failed")
+        try:
             self.tracker.poll()
         except Exception:  # noqa: BLE001
             log.exception("tracking cycle failed")
@@ -202,6 +226,7 @@ class Daemon:
         """Reconcile every non-final submission with the disk and fileX before sending anything."""
         for route in self.config.routes:
             cleanup_partials(route.folder("feedback", self.config.agent.data_dir))
+            _cleanup_spool(route)
         for sub in self.store.list([State.CLAIMING]):
             self._recover_claim(sub)
         for sub in self.store.list([State.UPLOADING]):
@@ -220,37 +245,95 @@ class Daemon:
             # before the watcher starts.
             self.submitter.complete_claim(sub)
 
+    def settle_seconds(self) -> float:
+        """How long fileX may take to show an upload that a crash interrupted (object moved out
+        of ``in`` but no tracking record yet) before the agent concludes it never arrived."""
+        t = self.config.tracking
+        return min(t.match_timeout_seconds, max(30.0, 2 * t.poll_interval_seconds))
+
     def _recover_upload(self, sub: Submission) -> None:
-        """An upload was cut off: submitted only if fileX has it, else queued again."""
+        """An upload was cut off: SUBMITTED if fileX has it, QUEUED again only when it surely has not.
+
+        fileX may not show a just-finished upload at once, so "no evidence" is final only when no
+        byte can have left (REST without a tracking id: the id is journaled before the PUT) or
+        after ``settle_seconds``; until then the submission stays UPLOADING and is checked again
+        every tracking cycle, never re-sent blindly.
+        """
+        with self._lock:
+            self._unconfirmed.discard(sub.id)
         try:
             route = self.config.route(sub.route)
-            evidence = self._remote_evidence(route, sub)
+            evidence, rec_id = self._remote_evidence(route, sub)
         except FilexError as exc:
-            log.warning("submission %s: cannot check fileX during recovery (%s); will check again", sub.id, exc)
-            self.store.update(sub.id, flag=f"upload interrupted; fileX could not be checked yet: {exc}")
-            return  # stays UPLOADING; the next start (or operator) reconciles it, never re-sent blindly
+            log.warning("submission %s: cannot check fileX for an interrupted upload (%s); will check again",
+                        sub.id, exc)
+            self._defer(sub, f"upload interrupted; fileX could not be checked yet: {exc}")
+            return
         if evidence:
+            fields = {"tracking_id": rec_id} if rec_id and rec_id != sub.tracking_id else {}
             sub = self.store.transition(sub.id, State.SUBMITTED, f"recovered: fileX has it ({evidence})",
-                                        uploaded_at=utcnow(), upload_location=f"{route.org}/{route.application}/in")
-            self.submitter.file_original(sub, "sent")
-        else:
-            self.store.transition(sub.id, State.QUEUED, "recovered: not received by fileX, will upload again",
-                                  next_attempt_at=None)
+                                        uploaded_at=utcnow(), upload_location=f"{route.org}/{route.application}/in",
+                                        flag=None, next_attempt_at=None,
+                                        move_to=self.submitter.archive_dir(sub, "sent"), **fields)
+            self.submitter.finish_move(sub)
+            self.hooks.submission_changed(sub, "recovered")
+            return
+        nothing_sent = sub.transport == "rest" and not sub.tracking_id
+        if nothing_sent or (sub.next_attempt_at is not None and utcnow() >= sub.next_attempt_at):
+            why = ("no byte had been sent" if nothing_sent else
+                   f"fileX shows no trace of it {self.settle_seconds():.0f} s after the interruption")
+            sub = self.store.transition(sub.id, State.QUEUED, f"recovered: {why}; will upload again",
+                                        next_attempt_at=None, flag=None)
+            self.hooks.submission_changed(sub, "requeued")
+            return
+        self._defer(sub, "upload interrupted by a stop; waiting for fileX to show whether it arrived "
+                         "before deciding to send it again")
 
-    def _remote_evidence(self, route: RouteSettings, sub: Submission) -> str | None:
+    def _defer(self, sub: Submission, flag: str) -> None:
+        fields: dict = {"flag": flag}
+        if sub.next_attempt_at is None:  # kept across restarts: repeated crashes do not push it back
+            fields["next_attempt_at"] = utcnow() + timedelta(seconds=self.settle_seconds())
+        self.store.update(sub.id, **fields)
+        with self._lock:
+            self._unconfirmed.add(sub.id)
+
+    def recheck_interrupted(self) -> None:
+        """Each tracking cycle: decide the interrupted uploads recovery could not decide yet."""
+        with self._lock:
+            ids = sorted(self._unconfirmed)
+        for sub_id in ids:
+            if self._stopping.is_set():
+                return
+            sub = self.store.get(sub_id)
+            if sub.state is not State.UPLOADING:
+                with self._lock:
+                    self._unconfirmed.discard(sub_id)
+                continue
+            self._recover_upload(sub)
+
+    def _remote_evidence(self, route: RouteSettings, sub: Submission) -> tuple[str | None, str | None]:
+        """(what shows fileX has this upload, its tracking id if known) or (None, None)."""
         location = f"{route.org}/{route.application}/in"
         probe = Submission(**{**sub.__dict__, "upload_location": location})
         if self.connections.has_api(route.credential):
             api = self.connections.api(route.credential)
+            claimed = {s.tracking_id for s in self.store.list() if s.tracking_id and s.id != sub.id}
             for rec in api.tracking():
-                if rec.trackingId == sub.tracking_id or (
-                        matches(rec, probe) and (rec.status or "").lower() != "request received"):
-                    return f"tracking {rec.trackingId}"
+                if rec.trackingId in claimed:
+                    continue
+                received = (rec.status or "").lower() != "request received" or bool(rec.downstreamStatus)
+                if received and (rec.trackingId == sub.tracking_id or matches(rec, probe)):
+                    return f"tracking {rec.trackingId}", rec.trackingId
+            if sub.transport == "rest" and sub.tracking_id:
+                # Landed but not yet processed: still in ``in``.
+                for entry in api.list_files(route.org, route.application, "in").children:
+                    if entry.is_file and entry.name == sub.file_name and entry.metadata.contentLength in (None, sub.size):
+                        return f"in/{sub.file_name} present", None
         with self.connections.transport(route, sub.transport) as transport:
             found = transport.find_uploaded(sub.file_name)
             if found is not None and (found.size is None or found.size == sub.size):
-                return f"{sub.transport} in/{sub.file_name}"
-        return None
+                return f"{sub.transport} in/{sub.file_name}", None
+        return None, None
 
     # -- one-shot ------------------------------------------------------------------------
     def submit_once(self, route: RouteSettings, path: Path, wait_final: bool = False,
@@ -263,6 +346,17 @@ class Daemon:
         if sub.state is State.QUEUED:
             sub = self.submitter.upload(sub.id)
         return sub
+
+
+def _cleanup_spool(route: RouteSettings) -> None:
+    """Temporary files a crash left in the spool (private copies of hard-linked files)."""
+    from filex_agent.submitter import spool_dir
+
+    spool = spool_dir(route)
+    if spool.is_dir():
+        for d in spool.iterdir():
+            if d.is_dir():
+                cleanup_partials(d)
 
 
 def _now_local():

@@ -7,6 +7,7 @@ each remote file is downloaded once.
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def _modified(f: RemoteFile) -> str | None:
     return f.modified.isoformat() if f.modified else None
 
 
+def _key(f: RemoteFile) -> tuple[str, int | None, str | None]:
+    return (f.name, f.size, _modified(f))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no space left on the feedback folder's disk; nothing partial was kept, will retry"
+    return str(exc)
+
+
 class FeedbackCollector:
     def __init__(self, config: Config, store: Store, connections, hooks: Hooks):
         self.config = config
@@ -52,12 +63,13 @@ class FeedbackCollector:
         dest = route.folder("feedback", self.config.agent.data_dir)
         with self.connections.transport(route) as transport:
             listing = transport.list_feedback()
-            new = [f for f in listing if not self.store.feedback_seen(route.name, f.name, f.size, _modified(f))]
+            # One query for the whole route, whatever the size of the listing.
+            filed, doubt = self.store.feedback_keys(route.name)
+            new = [f for f in listing if _key(f) not in filed]
             if not new:
                 return 0
             subs = self.store.list(route=route.name)
-            first_time = not route.download_existing_feedback and not any(
-                self.store.feedback_for(s.id) for s in subs) and not subs
+            first_time = (not subs and not filed and not doubt and not route.download_existing_feedback)
             n = 0
             for f in new:
                 if first_time:
@@ -65,14 +77,23 @@ class FeedbackCollector:
                     self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
                     continue
                 try:
-                    n += self._download(route, transport, f, dest, subs)
+                    n += self._download(route, transport, f, dest, subs, in_doubt=_key(f) in doubt)
                 except (FilexError, OSError) as exc:
-                    log.warning("route %s: feedback %r not downloaded yet: %s", route.name, f.name, exc)
+                    log.warning("route %s: feedback %r not downloaded yet: %s", route.name, f.name, _why(exc))
             return n
 
-    def _download(self, route: RouteSettings, transport, f: RemoteFile, dest: Path, subs: list[Submission]) -> int:
+    def _download(self, route: RouteSettings, transport, f: RemoteFile, dest: Path, subs: list[Submission],
+                  in_doubt: bool = False) -> int:
         local_name = sanitize_remote_name(f.name)
-        with atomic_writer(dest, local_name) as (out, result):
+        if local_name != f.name:
+            log.warning("route %s: feedback name %r is not a safe local name; filed as %r", route.name, f.name,
+                        local_name)
+        if not in_doubt:
+            # Write-ahead: a crash after the file is linked but before it is recorded leaves this
+            # row "in doubt", and the next download then reuses an identical file instead of
+            # filing a second copy.
+            self.store.begin_feedback(route.name, f.name, f.size, _modified(f))
+        with atomic_writer(dest, local_name, reuse_identical=in_doubt) as (out, result):
             transport.download_feedback(f.name, out)
         path = result[0]
         sub = link_submission(f.name, subs)

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import unicodedata
 from contextlib import contextmanager
@@ -47,6 +48,41 @@ def _candidates(dest_dir: Path, name: str) -> Iterator[Path]:
     raise FileExistsError(f"no free name for {name} in {dest_dir}")
 
 
+def _same_inode(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _already_linked(src: Path, dest_dir: Path, name: str) -> Path | None:
+    """A name in dest_dir that already is ``src`` (a crash between link and unlink of a move)."""
+    try:
+        if os.lstat(src).st_nlink < 2:
+            return None
+    except OSError:
+        return None
+    for cand in _candidates(dest_dir, name):
+        if not os.path.lexists(cand):
+            return None
+        if _same_inode(src, cand):
+            return cand
+    return None
+
+
+def find_identical(dest_dir: Path, name: str, size: int, sha256: str) -> Path | None:
+    """A file already filed under ``name`` or one of its ``~N`` names with exactly these bytes."""
+    for cand in _candidates(dest_dir, name):
+        try:
+            st = os.lstat(cand)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISREG(st.st_mode) and st.st_size == size and sha256_file(cand) == sha256:
+            return cand
+    return None
+
+
 def _link_free(src: Path, dest_dir: Path, name: str) -> Path:
     """Hard-link src under the first free name: link() fails rather than overwrite."""
     for cand in _candidates(dest_dir, name):
@@ -67,6 +103,12 @@ def move_no_clobber(src: Path, dest_dir: Path, name: str | None = None) -> Path:
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     name = name or src.name
+    done = _already_linked(src, dest_dir, name)
+    if done is not None:
+        # Interrupted earlier after the link: finishing means dropping the source name only.
+        os.unlink(src)
+        fsync_dir(dest_dir)
+        return done
     if src.is_symlink():
         for cand in _candidates(dest_dir, name):
             if not os.path.lexists(cand):
@@ -93,10 +135,14 @@ def move_no_clobber(src: Path, dest_dir: Path, name: str | None = None) -> Path:
 
 
 @contextmanager
-def atomic_writer(dest_dir: Path, name: str) -> Iterator[tuple[BinaryIO, list[Path]]]:
+def atomic_writer(dest_dir: Path, name: str, *, reuse_identical: bool = False) -> Iterator[tuple[BinaryIO, list[Path]]]:
     """Write into a temporary file in dest_dir; on success fsync and link it under a free
     name (never overwriting). Yields (file, result) — result[0] is the final path afterwards.
-    On any error the temporary file is removed and nothing appears under the final name."""
+    On any error the temporary file is removed and nothing appears under the final name.
+
+    ``reuse_identical``: if ``name`` (or a ``~N`` variant) already holds exactly these bytes,
+    that file is the result and no second copy is linked (redoing a write a crash may have
+    completed)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".filex-partial-", dir=dest_dir)
     result: list[Path] = []
@@ -105,7 +151,10 @@ def atomic_writer(dest_dir: Path, name: str) -> Iterator[tuple[BinaryIO, list[Pa
             yield f, result
             f.flush()
             os.fsync(f.fileno())
-        result.append(_link_free(Path(tmp), dest_dir, name))
+        same = None
+        if reuse_identical:
+            same = find_identical(dest_dir, name, os.stat(tmp).st_size, sha256_file(Path(tmp)))
+        result.append(same if same is not None else _link_free(Path(tmp), dest_dir, name))
         fsync_dir(dest_dir)
     finally:
         try:

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from filex_agent.config import Config, RouteSettings, valid_remote_name
-from filex_agent.errors import PermanentError, TransientError
+from filex_agent.errors import PermanentError, RemoteChangedError, TransientError
 from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
 from filex_agent.store import State, StateConflict, Store, Submission, utcnow
@@ -125,7 +125,7 @@ class Submitter:
     def upload(self, sub_id: int) -> Submission:
         try:
             sub = self.store.transition(sub_id, State.UPLOADING, "upload started", expect={State.QUEUED},
-                                        upload_started_at=utcnow())
+                                        upload_started_at=utcnow(), next_attempt_at=None)
         except StateConflict:
             return self.store.get(sub_id)
         sub = self.store.update(sub.id, attempts=sub.attempts + 1)
@@ -153,6 +153,16 @@ class Submitter:
                                         reason="the file changed after it was claimed; re-checked before upload",
                                         next_attempt_at=utcnow() + timedelta(seconds=route.stable_seconds))
             return self.validate(sub)
+        except RemoteChangedError as exc:
+            # The transport discarded what it sent; wait until the file is stable, then send it whole.
+            log.warning("submission %s: %s; waiting until the file is stable again", sub.id, exc)
+            sub = self.store.transition(
+                sub.id, State.QUEUED, "changed during upload",
+                reason=f"the file changed while it was being uploaded; that upload was discarded ({exc}); "
+                       "it is sent again, whole, once it has been stable",
+                next_attempt_at=utcnow() + timedelta(seconds=max(route.stable_seconds, 1.0)))
+            self.hooks.submission_changed(sub, "retry")
+            return self.validate(sub)
         except PermanentError as exc:
             return self._fail(sub, path, f"fileX refused the upload: {exc}")
         except TransientError as exc:
@@ -173,12 +183,13 @@ class Submitter:
                 return self._fail(sub, path, f"upload failed {sub.attempts} times with an unexpected error: "
                                              f"{type(exc).__name__}: {exc}")
             return self._requeue(sub, f"unexpected error, will retry: {type(exc).__name__}: {exc}")
+        # move_to in the same write as SUBMITTED: a crash right after still files the original.
         sub = self.store.transition(
             sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, tracking_id=result.tracking_id,
             upload_location=result.upload_location, uploaded_at=result.finished_at, reason=None, flag=None,
-            next_attempt_at=None)
+            next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
         self.hooks.submission_changed(sub, "uploaded")
-        return self.file_original(sub, "sent")
+        return self.finish_move(sub)
 
     def _ticket(self, sub_id: int, ticket: str) -> None:
         self.store.update(sub_id, tracking_id=ticket)
@@ -213,6 +224,9 @@ class Submitter:
         return sub
 
     # -- local archive -------------------------------------------------------------------
+    def archive_dir(self, sub: Submission, kind: str) -> str:
+        return str(self.config.route(sub.route).folder(kind, self.config.agent.data_dir))
+
     def file_original(self, sub: Submission, kind: str) -> Submission:
         """Move the original into the route's sent/accepted/rejected folder (journal first)."""
         route = self.config.route(sub.route)

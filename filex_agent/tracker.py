@@ -133,9 +133,12 @@ class Tracker:
             reason = "FINRA rejected the file: correct it and resubmit the whole file (see feedback)"
         elif final is State.PARTIALLY_REJECTED:
             reason = "FINRA partially rejected the file: submit a new file with only the corrected data (see feedback)"
+        # The move is journaled with the final state (write-ahead): a crash between the two
+        # cannot leave the original in the spool of a finished submission.
         sub = self.store.transition(sub.id, final, f"final: {downstream}", expect={State.SUBMITTED},
-                                    final_at=utcnow(), reason=reason, flag=None)
-        sub = self.submitter.file_original(sub, ARCHIVE[final])
+                                    final_at=utcnow(), reason=reason, flag=None,
+                                    move_to=self.submitter.archive_dir(sub, ARCHIVE[final]))
+        sub = self.submitter.finish_move(sub)
         self.hooks.submission_changed(sub, final.value)
         self.on_final(sub.route)
         return True

@@ -135,7 +135,21 @@ class Store(abc.ABC):
     def feedback_for(self, sub_id: int) -> list[FeedbackFile]: ...
 
     @abc.abstractmethod
+    def feedback_keys(self, route: str) -> tuple[set[FeedbackKey], set[FeedbackKey]]:
+        """(filed, in doubt) keys ``(remote_name, remote_size, remote_modified)`` of a route, in one
+        query: a listing of 100,000 files must not cost 100,000 lookups. "In doubt": a download
+        was begun (``begin_feedback``) and never confirmed — a crash may have left it filed."""
+
+    @abc.abstractmethod
+    def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
+                       remote_modified: str | None) -> None:
+        """Write-ahead: a download of this remote file is about to start."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
+
+
+FeedbackKey = tuple[str, "int | None", "str | None"]
 
 
 class StateConflict(Exception):

@@ -177,26 +177,60 @@ class SQLiteStore(Store):
                       remote_modified: str | None) -> bool:
         with self._lock:
             row = self._db.execute(
-                "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? AND remote_modified IS ?",
+                "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
+                "AND remote_modified IS ? AND downloaded_at IS NOT NULL",
                 (route, remote_name, remote_size, remote_modified)).fetchone()
         return row is not None
+
+    def feedback_keys(self, route: str) -> tuple[set, set]:
+        filed: set = set()
+        doubt: set = set()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = ?",
+                (route,)).fetchall()
+        for r in rows:
+            (filed if r[3] is not None else doubt).add((r[0], r[1], r[2]))
+        return filed, doubt
+
+    def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
+                       remote_modified: str | None) -> None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? AND remote_modified IS ?",
+                (route, remote_name, remote_size, remote_modified)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO feedback (route, remote_name, remote_size, remote_modified) VALUES (?, ?, ?, ?)",
+                           (route, remote_name, remote_size, remote_modified))
 
     def record_feedback(self, route: str, remote_name: str, remote_size: int | None,
                         remote_modified: str | None, local_path: str | None,
                         submission_id: int | None) -> FeedbackFile:
+        """Confirm a download (completing a ``begin_feedback`` row if there is one)."""
         now = utcnow().isoformat()
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, submission_id, downloaded_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (route, remote_name, remote_size, remote_modified, local_path, submission_id, now))
-            fid = cur.lastrowid
+            row = db.execute(
+                "SELECT id, downloaded_at FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
+                "AND remote_modified IS ?", (route, remote_name, remote_size, remote_modified)).fetchone()
+            if row is not None and row[1] is not None:
+                # Filed already: a second record would mean a second copy (the invariant is "once").
+                raise sqlite3.IntegrityError(f"feedback {remote_name!r} of route {route} is recorded already")
+            if row is None:
+                fid = db.execute(
+                    "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, submission_id, "
+                    "downloaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (route, remote_name, remote_size, remote_modified, local_path, submission_id, now)).lastrowid
+            else:
+                fid = row[0]
+                db.execute("UPDATE feedback SET local_path = ?, submission_id = ?, downloaded_at = ? WHERE id = ?",
+                           (local_path, submission_id, now, fid))
         return FeedbackFile(fid, route, remote_name, remote_size, remote_modified, local_path, submission_id,
                             datetime.fromisoformat(now))
 
     def feedback_for(self, sub_id: int) -> list[FeedbackFile]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM feedback WHERE submission_id = ? ORDER BY id", (sub_id,)).fetchall()
+            rows = self._db.execute("SELECT * FROM feedback WHERE submission_id = ? AND downloaded_at IS NOT NULL "
+                                    "ORDER BY id", (sub_id,)).fetchall()
         return [FeedbackFile(r["id"], r["route"], r["remote_name"], r["remote_size"], r["remote_modified"],
                              r["local_path"], r["submission_id"],
                              datetime.fromisoformat(r["downloaded_at"]) if r["downloaded_at"] else None)
