@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from filex_agent.config import Config, RouteSettings, valid_remote_name
-from filex_agent.errors import PermanentError, RemoteChangedError, TransientError
+from filex_agent.errors import AuthError, PermanentError, RemoteChangedError, TransientError
 from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
 from filex_agent.store import State, StateConflict, Store, Submission, utcnow
@@ -163,6 +163,12 @@ class Submitter:
                 next_attempt_at=utcnow() + timedelta(seconds=max(route.stable_seconds, 1.0)))
             self.hooks.submission_changed(sub, "retry")
             return self.validate(sub)
+        except AuthError as exc:
+            # A token revoked between its refresh and its use looks exactly like bad credentials:
+            # one more attempt, then fail (fast: no long retry cycle on credentials that are wrong).
+            if sub.attempts < 2:
+                return self._requeue(sub, f"credentials refused ({exc}); one more attempt before failing")
+            return self._fail(sub, path, f"fileX refused the credentials: {exc}")
         except PermanentError as exc:
             return self._fail(sub, path, f"fileX refused the upload: {exc}")
         except TransientError as exc:

@@ -27,7 +27,7 @@ from botocore.config import Config as BotoConfig
 from filex_agent.sandbox.processor import Processor
 from filex_agent.sandbox.server import ApiServer, GuardedMotoServer, S3Grant
 
-__all__ = ["Sandbox", "UploadLogEntry"]
+__all__ = ["Arrival", "Sandbox", "UploadLogEntry"]
 
 log = logging.getLogger("filex_agent.sandbox")
 
@@ -84,6 +84,21 @@ class Fault:
     retry_after: float | None = None
     seconds: float = 0.0
     path_prefix: str | None = None
+    # "api" (FIP + fileX REST) or "s3" (the S3 endpoint: pre-signed URLs and S3 direct).
+    target: str = "api"
+    # kind "garbage": the 200 body sent instead of the real answer.
+    body: str | None = None
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """An object written into some ``{org}/{app}/in/`` through the S3 endpoint, as S3 confirmed it
+    (PutObject or CompleteMultipartUpload answered 200) — before the processor moves it on, so two
+    uploads of one name in quick succession are two arrivals even if the processor sees one."""
+
+    key: str
+    operation: str
+    time: datetime
 
 
 class Sandbox:
@@ -126,6 +141,7 @@ class Sandbox:
         self._tracking: dict[str, dict[str, Any]] = {}
         self._uploads: list[UploadLogEntry] = []
         self._faults: list[Fault] = []
+        self._arrivals: list[Arrival] = []
         self._presign_expire_count = 0
         self._s3_creds_expire_count = 0
         # Signature of an issued pre-signed PUT URL -> tracking id; the S3 guard reports which URL was used.
@@ -491,6 +507,14 @@ class Sandbox:
         with self._lock:
             return list(self._uploads)
 
+    def record_arrival(self, key: str, operation: str) -> None:
+        with self._lock:
+            self._arrivals.append(Arrival(key=key, operation=operation, time=now()))
+
+    def arrivals(self) -> list[Arrival]:
+        with self._lock:
+            return list(self._arrivals)
+
     # ------------------------------------------------------------------ faults
     def inject_fault(self, kind: str, **kw: Any) -> None:
         """Same as ``POST /_sandbox/faults`` with ``{"kind": kind, **kw}``."""
@@ -507,7 +531,7 @@ class Sandbox:
             with self._lock:
                 self._s3_creds_expire_count += int(kw.get("count", 1))
             return
-        if kind not in ("status", "slow"):
+        if kind not in ("status", "slow", "garbage"):
             raise ValueError(f"unknown fault kind {kind!r}")
         fault = Fault(
             kind=kind,
@@ -516,9 +540,15 @@ class Sandbox:
             retry_after=None if kw.get("retry_after") is None else float(kw["retry_after"]),
             seconds=float(kw.get("seconds", 0.0)),
             path_prefix=kw.get("path_prefix"),
+            target=str(kw.get("target", "api")),
+            body=None if kw.get("body") is None else str(kw["body"]),
         )
         if fault.count < 1:
             raise ValueError("count must be >= 1")
+        if fault.target not in ("api", "s3"):
+            raise ValueError("target must be 'api' or 's3'")
+        if fault.target == "s3" and kind == "garbage":
+            raise ValueError("garbage bodies are for the API only")
         with self._lock:
             self._faults.append(fault)
         log.info("fault armed: %s x%d on %s", kind, fault.count, fault.path_prefix or "every path")
@@ -529,15 +559,17 @@ class Sandbox:
             self._presign_expire_count = 0
             self._s3_creds_expire_count = 0
 
-    def take_faults(self, path: str) -> list[Fault]:
-        """Consume one use of each armed fault matching ``path`` (first status fault wins)."""
+    def take_faults(self, path: str, target: str = "api") -> list[Fault]:
+        """Consume one use of each armed fault matching ``path`` (first status/garbage fault wins)."""
         taken: list[Fault] = []
         with self._lock:
             have_status = False
             for f in list(self._faults):
+                if f.target != target:
+                    continue
                 if f.path_prefix and not path.startswith(f.path_prefix):
                     continue
-                if f.kind == "status":
+                if f.kind in ("status", "garbage"):
                     if have_status:
                         continue
                     have_status = True

@@ -94,6 +94,17 @@ class S3Guard:
         except UnicodeError:
             pass
         bucket, _, key = path.lstrip("/").partition("/")
+        # Pre-signed URLs are signed with the admin key but used by clients; the sandbox's own
+        # calls (processor, STS) never get faults and are no arrivals.
+        client = sig is not None or akid != self.sb.admin_access_key
+        if client:
+            for fault in self.sb.take_faults(path, target="s3"):
+                if fault.kind == "slow":
+                    time.sleep(fault.seconds)
+                elif fault.kind == "status":
+                    code = {500: "InternalError", 503: "SlowDown"}.get(fault.status, "ServiceUnavailable")
+                    return _s3_error(start_response, f"{fault.status} {HTTPStatus(fault.status).phrase}", code,
+                                     "injected fault", method)
         if grant is not None and service in (None, "s3"):
             if datetime.now(timezone.utc) >= grant.expires:
                 return _s3_error(start_response, "400 Bad Request", "ExpiredToken",
@@ -108,8 +119,14 @@ class S3Guard:
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         result = self.app(environ, _start)
-        if sig is not None and method == "PUT" and key and status_box and status_box[0].startswith("200"):
+        ok = bool(status_box) and status_box[0].startswith("200")
+        if sig is not None and method == "PUT" and key and ok:
             self.sb.note_presigned_put(key, sig)
+        if client and ok and _is_in_key(key):
+            if method == "PUT" and "partNumber" not in qs and not environ.get("HTTP_X_AMZ_COPY_SOURCE"):
+                self.sb.record_arrival(key, "PutObject")
+            elif method == "POST" and "uploadId" in qs:
+                self.sb.record_arrival(key, "CompleteMultipartUpload")
         return result
 
     def _presign_expired(self, sig: str, qs: dict[str, list[str]]) -> bool:
@@ -140,6 +157,11 @@ class S3Guard:
         if method == "DELETE":  # aborting a multipart upload, never deleting an object
             return "uploadId" in qs and key.startswith(grant.write_prefixes)
         return False
+
+
+def _is_in_key(key: str) -> bool:
+    parts = key.split("/", 3)
+    return len(parts) == 4 and parts[2] == "in" and bool(parts[3])
 
 
 class GuardedMotoServer(ThreadedMotoServer):
@@ -180,6 +202,15 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     sandbox: "Sandbox"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        # A client killed mid-request (the chaos test SIGKILLs the agent) is no sandbox error.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 class ApiServer:
@@ -277,6 +308,9 @@ class _Handler(BaseHTTPRequestHandler):
             for fault in self.sb.take_faults(path):
                 if fault.kind == "slow":
                     time.sleep(fault.seconds)
+                elif fault.kind == "garbage":
+                    self._garbage(fault.body)
+                    return
                 elif fault.kind == "status":
                     hdrs = {}
                     if fault.retry_after is not None:
@@ -286,9 +320,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._route(path, query)
         except _HttpError as err:
             self._error(err)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client went away (killed mid-request, as the chaos test does): nothing to answer.
+            self.close_connection = True
         except Exception as exc:  # a bug in the sandbox must show as 500, not a dropped connection
             log.exception("sandbox API error on %s %s", self.command, path)
             self._error(_HttpError(500, f"sandbox error: {type(exc).__name__}"))
+
+    def _garbage(self, body: str | None) -> None:
+        """A 200 whose body is not what the reference describes (JSON of the wrong shape by default)."""
+        raw = (body if body is not None else json.dumps({"unexpected": True, "children": "not-a-list"})).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(raw)
 
     # ------------------------------------------------------------------ routes
     def _route(self, path: str, query: dict[str, list[str]]) -> None:
@@ -468,6 +515,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _admin(self, path: str, body: bytes) -> None:
         if path == "/_sandbox/uploads" and self.command == "GET":
             self._send(200, [e.to_json() for e in self.sb.uploads()])
+        elif path == "/_sandbox/arrivals" and self.command == "GET":
+            self._send(200, [{"key": a.key, "operation": a.operation, "time": a.time.isoformat()}
+                             for a in self.sb.arrivals()])
         elif path == "/_sandbox/tracking" and self.command == "GET":
             self._send(200, self.sb.tracking_records())
         elif path == "/_sandbox/faults" and self.command == "POST":

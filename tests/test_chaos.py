@@ -1,0 +1,334 @@
+"""Chaos: the daemon, a separate process, SIGKILLed at random moments while fileX misbehaves.
+
+The proof of issue 5: a few hundred files dropped across every transport's route, the daemon
+killed with SIGKILL at least 20 times (some kills land during start-up and recovery, two in a
+row), sandbox faults armed all along (5xx bursts, 429 + Retry-After, slow answers, revoked
+tokens, pre-signed URLs and S3 credentials that expire at once, S3 5xx). Then it is let finish
+and the test counts what fileX really received:
+
+- every file submitted exactly once (the sandbox's upload log, and for REST/S3 every object the
+  S3 endpoint confirmed in ``in/``), whole (sha256);
+- none lost: each file has exactly one journal row, in its expected final state, and its
+  original sits in the matching folder; nothing is left in the outbox or the spool;
+- every feedback file in ``out`` is filed exactly once, linked to its submission.
+
+Seeded: ``FILEX_CHAOS_SEED=<n>`` replays a run (the seed is printed, and shown on failure).
+``FILEX_CHAOS_FILES`` / ``FILEX_CHAOS_KILLS`` change the size of the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from filex_agent.config import load_config
+from filex_agent.sandbox import Sandbox
+from filex_agent.sandbox.agent_config import write_sandbox_config
+from filex_agent.sandbox.processor import outcome_for
+from tests.conftest import sftp_supported
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = {"ACCEPTED": "accepted", "REJECTED": "rejected", "PARTIALLY_REJECTED": "rejected"}
+
+
+def _config(sb: Sandbox, data_dir: Path) -> Path:
+    path = write_sandbox_config(sb, data_dir, poll_seconds=0.5, stable_seconds=0.3)
+    text = path.read_text()
+    # Tighter than the generated defaults: a short settle period after a crash, small grace.
+    for old, new in [
+        ("shutdown_grace_seconds = 10", "shutdown_grace_seconds = 5\nworkers = 4"),
+        ("poll_interval_seconds = 0.5", "poll_interval_seconds = 0.5\nmatch_timeout_seconds = 4\nbatch_threshold = 1"),
+    ]:
+        assert old in text, f"generated config changed: {old!r} not found"
+        text = text.replace(old, new)
+    path.write_text(text)
+    return path
+
+
+def _faults(rng: random.Random) -> list[tuple[str, dict]]:
+    prefix = rng.choice(["/files", "/tracking", "/S3TransferTokens", "/fip", None])
+    return [
+        ("status", {"status": 503, "count": rng.randint(2, 6), "path_prefix": prefix}),
+        ("status", {"status": 500, "count": rng.randint(2, 5), "path_prefix": prefix}),
+        ("status", {"status": 429, "retry_after": 1, "count": rng.randint(1, 3)}),
+        ("slow", {"seconds": rng.uniform(0.3, 1.5), "count": rng.randint(1, 3)}),
+        ("revoke_tokens", {}),
+        ("presign_expire_now", {"count": rng.randint(1, 3)}),
+        ("s3_creds_expire_now", {"count": 1}),
+        ("status", {"target": "s3", "status": 503, "count": rng.randint(2, 5)}),
+        ("status", {"target": "s3", "status": 500, "count": rng.randint(1, 3)}),
+        ("slow", {"target": "s3", "seconds": rng.uniform(0.3, 1.0), "count": rng.randint(1, 3)}),
+    ]
+
+
+class _Daemon:
+    def __init__(self, cfg_path: Path, log_path: Path):
+        self.cfg_path = cfg_path
+        self.log = open(log_path, "ab")
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log.write(f"\n===== start {self.starts} at {time.strftime('%H:%M:%S')} =====\n".encode())
+        self.log.flush()
+        self.offset = self.log.tell()
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "filex_agent", "run", "--config", str(self.cfg_path)],
+                                     cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_started(self, timeout: float) -> bool:
+        """Until this run logged that it is up (recovery done, watcher and scheduler running)."""
+        deadline = time.monotonic() + timeout
+        with open(self.log.name, "rb") as f:
+            while time.monotonic() < deadline:
+                f.seek(self.offset)
+                if b"filex-agent started" in f.read():
+                    return True
+                time.sleep(0.05)
+        return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def _journal(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def _out_objects(sb: Sandbox, org: str, app: str) -> dict[str, bytes]:
+    prefix = f"{org}/{app}/out/"
+    out = {}
+    for page in sb.admin_s3.get_paginator("list_objects_v2").paginate(Bucket=sb.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(prefix):]
+            if name:
+                out[name] = sb.admin_s3.get_object(Bucket=sb.bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_chaos_sigkill_and_faults(tmp_path):
+    seed = int(os.environ.get("FILEX_CHAOS_SEED") or random.randrange(1, 2**31))
+    n_files = int(os.environ.get("FILEX_CHAOS_FILES", "200"))
+    n_kills = int(os.environ.get("FILEX_CHAOS_KILLS", "22"))
+    print(f"\nchaos: FILEX_CHAOS_SEED={seed} files={n_files} kills={n_kills}")
+    rng = random.Random(seed)
+    t0 = time.monotonic()
+
+    sb = Sandbox(tmp_path / "sandbox", processing_delay=0.3, sftp=sftp_supported())
+    sb.start()
+    daemon: _Daemon | None = None
+    try:
+        cfg_path = _config(sb, tmp_path / "agent")
+        cfg = load_config(cfg_path)
+        routes = cfg.routes
+        kinds = sorted({r.transport for r in routes})
+        assert {"rest", "s3"} <= set(kinds)
+        for r in routes:
+            Path(r.outbox).mkdir(parents=True, exist_ok=True)
+
+        # The plan: unique names and contents (same bytes twice would be HELD by design).
+        plan: dict[str, tuple] = {}
+        for i in range(n_files):
+            tag = rng.choice(["", "", "", "", "_REJECT", "_PARTIAL"])
+            route = routes[i % len(routes)]
+            name = f"CHAOS_{i:04d}{tag}.csv"
+            data = f"chaos file {i} seed {seed}\n".encode() + rng.randbytes(rng.randint(50, 4000))
+            plan[name] = (route, data)
+        names = list(plan)
+        rng.shuffle(names)
+
+        dropped: list[str] = []
+        stop_threads = threading.Event()
+
+        def dropper() -> None:
+            # Spread over the kill phase, so files arrive while the daemon runs, dies and recovers.
+            drop_rng = random.Random(seed + 1)
+            pending = list(names)
+            while pending and not stop_threads.is_set():
+                for _ in range(min(len(pending), drop_rng.randint(3, 12))):
+                    name = pending.pop()
+                    route, data = plan[name]
+                    tmp = Path(route.outbox) / f".{name}.tmp"  # dot-files are ignored by the watcher
+                    tmp.write_bytes(data)
+                    os.rename(tmp, Path(route.outbox) / name)
+                    dropped.append(name)
+                stop_threads.wait(drop_rng.uniform(0.1, 0.5))
+
+        def fault_injector() -> None:
+            f_rng = random.Random(seed + 2)
+            while not stop_threads.wait(f_rng.uniform(0.4, 1.2)):
+                kind, kw = f_rng.choice(_faults(f_rng))
+                sb.inject_fault(kind, **kw)
+
+        threads = [threading.Thread(target=dropper, daemon=True), threading.Thread(target=fault_injector, daemon=True)]
+        daemon = _Daemon(cfg_path, tmp_path / "daemon.log")
+        for t in threads:
+            t.start()
+
+        # ---- chaos phase: start, let it live a random while, SIGKILL; again and again.
+        for k in range(n_kills):
+            daemon.start()
+            if k % 5 in (3, 4):
+                time.sleep(rng.uniform(0.1, 1.0))  # dies during start-up or recovery (two in a row)
+            else:
+                daemon.wait_started(timeout=8)
+                time.sleep(rng.uniform(0.2, 2.5))  # dies while working
+            daemon.kill()
+        stop_threads.set()
+        for t in threads:
+            t.join(timeout=30)
+        # Files the dropper had not reached: drop them now, while the daemon is down.
+        for name in names:
+            if name not in dropped:
+                route, data = plan[name]
+                (Path(route.outbox) / name).write_bytes(data)
+                dropped.append(name)
+        sb.clear_faults()
+        chaos_end = time.monotonic()
+
+        # ---- calm phase: let it finish.
+        daemon.start()
+        journal = cfg.journal_path
+
+        def finished() -> bool:
+            out_total = sum(len(_out_objects(sb, r.org, r.application)) for r in routes)
+            with _journal(journal) as db:
+                states = dict(Counter(r[0] for r in db.execute("SELECT state FROM submissions")))
+                final = db.execute("SELECT COUNT(*) FROM submissions WHERE state IN "
+                                   "('ACCEPTED','REJECTED','PARTIALLY_REJECTED','FAILED') AND move_to IS NULL"
+                                   ).fetchone()[0]
+                filed = db.execute("SELECT COUNT(*) FROM feedback WHERE downloaded_at IS NOT NULL").fetchone()[0]
+            finished.last = f"states={states} feedback filed={filed}/{out_total}"  # type: ignore[attr-defined]
+            # Every file final and its original filed; one feedback per file fileX took; all filed.
+            return final >= n_files and out_total >= final - states.get("FAILED", 0) and filed >= out_total
+
+        deadline = time.monotonic() + 150
+        while not finished():
+            assert daemon.proc.poll() is None, "daemon died in the calm phase; see daemon.log"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"seed {seed}: not finished in time: {finished.last}")  # type: ignore[attr-defined]
+            time.sleep(0.5)
+        # Let one more tracking/feedback cycle pass: nothing may be filed twice afterwards.
+        time.sleep(1.5)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=20) == 0, "SIGTERM must end the daemon cleanly (exit 0)"
+        calm_end = time.monotonic()
+
+        _check(seed, sb, cfg, plan)
+        print(f"chaos: seed {seed}: {n_files} files, {daemon.starts} daemon starts ({n_kills} SIGKILLs), "
+              f"chaos phase {chaos_end - t0:.1f} s, calm phase {calm_end - chaos_end:.1f} s, "
+              f"total {time.monotonic() - t0:.1f} s")
+    except BaseException:
+        print(f"chaos: FAILED with FILEX_CHAOS_SEED={seed}; daemon log: {tmp_path / 'daemon.log'}")
+        raise
+    finally:
+        if daemon is not None:
+            daemon.close()
+        sb.stop()
+
+
+def _check(seed: int, sb: Sandbox, cfg, plan: dict[str, tuple]) -> None:
+    problems: list[str] = []
+    uploads = Counter(u.name for u in sb.uploads())
+    upload_by_name = {u.name: u for u in sb.uploads()}
+    arrivals = Counter(a.key for a in sb.arrivals())
+    with _journal(cfg.journal_path) as db:
+        rows = [dict(r) for r in db.execute("SELECT * FROM submissions ORDER BY id")]
+        feedback = [dict(r) for r in db.execute("SELECT * FROM feedback ORDER BY id")]
+    by_name: dict[str, list[dict]] = {}
+    for r in rows:
+        by_name.setdefault(r["file_name"], []).append(r)
+    unexpected = set(by_name) - set(plan)
+    if unexpected:
+        problems.append(f"journal rows for files never dropped: {sorted(unexpected)[:5]}")
+
+    for name, (route, data) in sorted(plan.items()):
+        sha = hashlib.sha256(data).hexdigest()
+        want = outcome_for(name)
+        subs = by_name.get(name, [])
+        if len(subs) != 1:
+            problems.append(f"{name}: {len(subs)} journal rows ({[(s['id'], s['state'], s['reason']) for s in subs]})")
+            continue
+        sub = subs[0]
+        if sub["state"] != want:
+            problems.append(f"{name}: state {sub['state']} (want {want}); reason {sub['reason']!r} flag {sub['flag']!r}")
+        # Exactly once, whole, over the route's transport.
+        if uploads[name] != 1:
+            problems.append(f"{name}: uploaded {uploads[name]} times")
+        elif upload_by_name[name].sha256 != sha or upload_by_name[name].transport != route.transport:
+            problems.append(f"{name}: fileX got {upload_by_name[name].sha256[:12]} over "
+                            f"{upload_by_name[name].transport}, want {sha[:12]} over {route.transport}")
+        elif upload_by_name[name].tracking_id != sub["tracking_id"]:
+            problems.append(f"{name}: journal tracking id {sub['tracking_id']} is not fileX's "
+                            f"{upload_by_name[name].tracking_id}")
+        if route.transport in ("rest", "s3"):
+            key = f"{route.org}/{route.application}/in/{name}"
+            if arrivals[key] != 1:
+                problems.append(f"{name}: the S3 endpoint stored it {arrivals[key]} times")
+        # The original, once, in the folder of its outcome.
+        local = Path(sub["local_path"])
+        folder = route.folder(ARCHIVE.get(want, "failed"), cfg.agent.data_dir)
+        if local.parent != folder or not local.is_file():
+            problems.append(f"{name}: original at {local}, want it in {folder}")
+        elif hashlib.sha256(local.read_bytes()).hexdigest() != sha:
+            problems.append(f"{name}: original at {local} has other bytes")
+        if sub["move_to"]:
+            problems.append(f"{name}: a move is still pending ({sub['move_to']})")
+    for route in cfg.routes:
+        base = cfg.agent.data_dir / "routes" / route.name
+        copies = Counter(p.name for kind in ("sent", "accepted", "rejected", "failed")
+                         for p in (base / kind).glob("*") if p.is_file())
+        extra = [n for n in copies if n not in plan or copies[n] > 1]
+        if extra:
+            problems.append(f"route {route.name}: unexpected files in the archive folders: {extra[:5]}")
+        left = [p for p in Path(route.outbox).rglob("*") if p.is_file()]
+        if left:
+            problems.append(f"route {route.name}: files left in the outbox/spool: {left[:5]}")
+
+    # Feedback: every file in out/ filed exactly once, linked to its submission.
+    subs_by_id = {r["id"]: r for r in rows}
+    for route in cfg.routes:
+        remote = _out_objects(sb, route.org, route.application)
+        rows_fb = [f for f in feedback if f["route"] == route.name]
+        counts = Counter(f["remote_name"] for f in rows_fb)
+        folder = route.folder("feedback", cfg.agent.data_dir)
+        local_files = [p for p in folder.glob("*") if p.is_file()]
+        if len(local_files) != len(remote):
+            problems.append(f"route {route.name}: {len(local_files)} local feedback files for {len(remote)} in out/")
+        for name, body in remote.items():
+            if counts[name] != 1:
+                problems.append(f"feedback {name}: {counts[name]} journal rows")
+                continue
+            fb = next(f for f in rows_fb if f["remote_name"] == name)
+            if not fb["downloaded_at"] or not fb["local_path"] or Path(fb["local_path"]).read_bytes() != body:
+                problems.append(f"feedback {name}: not filed whole ({fb})")
+            sub = subs_by_id.get(fb["submission_id"])
+            if sub is None or not sub["tracking_id"] or sub["tracking_id"] not in name:
+                problems.append(f"feedback {name}: linked to {sub and sub['file_name']}")
+    if problems:
+        shown = "\n  ".join(problems[:40])
+        raise AssertionError(f"seed {seed}: {len(problems)} problem(s):\n  {shown}")
