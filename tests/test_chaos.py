@@ -332,3 +332,194 @@ def _check(seed: int, sb: Sandbox, cfg, plan: dict[str, tuple]) -> None:
     if problems:
         shown = "\n  ".join(problems[:40])
         raise AssertionError(f"seed {seed}: {len(problems)} problem(s):\n  {shown}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Focused regressions: each crash window the chaos test stands for, hit deterministically.
+# ---------------------------------------------------------------------------------------------
+
+from datetime import timedelta  # noqa: E402
+
+import httpx  # noqa: E402
+
+from filex_agent.daemon import Daemon  # noqa: E402
+from filex_agent.fsutil import sha256_file  # noqa: E402
+from filex_agent.store import State, utcnow  # noqa: E402
+from filex_agent.submitter import spool_dir  # noqa: E402
+from tests.conftest import wait_for  # noqa: E402
+
+
+def _spooled(d: Daemon, route, name: str, data: bytes, state: State = State.UPLOADING, **kw):
+    """A journal row + spool file as a crash would leave them."""
+    sub = d.store.create(route=route.name, org=route.org, application=route.application,
+                         transport=route.transports[0], file_name=name,
+                         source_path=str(Path(route.outbox) / name), local_path="-", state=State.CLAIMING)
+    target = spool_dir(route) / str(sub.id) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    st = target.stat()
+    return d.store.transition(sub.id, state, "test", local_path=str(target), size=st.st_size,
+                              mtime_ns=st.st_mtime_ns, sha256=sha256_file(target),
+                              upload_started_at=utcnow(), **kw)
+
+
+def _count(sandbox, name: str) -> int:
+    return sum(1 for u in sandbox.uploads() if u.name == name)
+
+
+def test_rest_ticket_without_put_is_not_taken_for_a_submission(sandbox, sandbox_config):
+    """Crash after the tracking id was journaled, before the PUT: the "Request Received" record
+    is no proof of arrival (it used to be taken as one: the file was then SUBMITTED forever)."""
+    cfg = sandbox_config(transports=("rest",))
+    d = Daemon(cfg, dispatch_interval=0.2)
+    route = cfg.routes[0]
+    name = "CRASH_ticket_noput.csv"
+    ticket = d.connections.api(route.credential).upload_url(route.org, route.application, name).trackingId
+    sub = _spooled(d, route, name, b"never PUT\n", tracking_id=ticket)
+    d.recover()
+    sub = d.store.get(sub.id)
+    assert sub.state is State.UPLOADING and "waiting for fileX" in sub.flag and sub.next_attempt_at is not None
+    d.store.update(sub.id, next_attempt_at=utcnow() - timedelta(seconds=1))  # the settle period is over
+    d.recheck_interrupted()
+    assert d.store.get(sub.id).state is State.QUEUED
+    d.start()
+    try:
+        wait_for(lambda: d.store.get(sub.id).state is State.ACCEPTED, what="accepted")
+    finally:
+        d.stop(grace=5)
+    assert _count(sandbox, name) == 1
+
+
+def test_rest_put_done_before_crash_is_not_sent_again(sandbox, sandbox_config):
+    cfg = sandbox_config(transports=("rest",))
+    d = Daemon(cfg, dispatch_interval=0.2)
+    route = cfg.routes[0]
+    name = "CRASH_put_done.csv"
+    data = b"PUT done, SUBMITTED not journaled\n"
+    presigned = d.connections.api(route.credential).upload_url(route.org, route.application, name)
+    sub = _spooled(d, route, name, data, tracking_id=presigned.trackingId)
+    httpx.put(presigned.url, content=data, timeout=10).raise_for_status()
+    d.recover()  # in/ (not processed yet) or tracking (processed): either proves arrival
+    sub = d.store.get(sub.id)
+    assert sub.state is State.SUBMITTED and sub.move_to is None
+    assert Path(sub.local_path).parent == route.folder("sent", cfg.agent.data_dir)
+    d.start()
+    try:
+        wait_for(lambda: d.store.get(sub.id).state is State.ACCEPTED, what="accepted")
+    finally:
+        d.stop(grace=5)
+    assert _count(sandbox, name) == 1
+
+
+def test_s3_upload_completed_before_crash_is_not_sent_again(sandbox, sandbox_config):
+    cfg = sandbox_config(transports=("s3",))
+    d = Daemon(cfg, dispatch_interval=0.2)
+    route = cfg.routes[0]
+    name = "CRASH_s3_done.csv"
+    sub = _spooled(d, route, name, b"S3 upload completed, then SIGKILL\n")
+    with d.connections.transport(route) as t:
+        t.upload(Path(sub.local_path), name)
+    d.recover()
+    assert d.store.get(sub.id).state is State.SUBMITTED
+    d.start()
+    try:
+        sub = wait_for(lambda: (s := d.store.get(sub.id)).state is State.ACCEPTED and s, what="accepted")
+    finally:
+        d.stop(grace=5)
+    assert _count(sandbox, name) == 1
+    assert next(u for u in sandbox.uploads() if u.name == name).tracking_id == sub.tracking_id
+
+
+def test_interrupted_upload_checked_again_while_running_when_filex_was_down(sandbox, sandbox_config):
+    """Recovery could not reach fileX: no restart needed, the next tracking cycles decide it."""
+    cfg = sandbox_config(transports=("s3",))
+    d = Daemon(cfg, dispatch_interval=0.2)
+    route = cfg.routes[0]
+    name = "CRASH_s3_down.csv"
+    sub = _spooled(d, route, name, b"fileX down during recovery\n")
+    sandbox.inject_fault("status", status=503, count=50, path_prefix="/tracking")
+    try:
+        d.recover()
+    finally:
+        sandbox.clear_faults()
+    sub = d.store.get(sub.id)
+    assert sub.state is State.UPLOADING and "could not be checked" in sub.flag
+    d.store.update(sub.id, next_attempt_at=utcnow() - timedelta(seconds=1))
+    d.start()
+    try:
+        wait_for(lambda: d.store.get(sub.id).state is State.ACCEPTED, what="accepted")
+    finally:
+        d.stop(grace=5)
+    assert _count(sandbox, name) == 1
+
+
+def test_crash_between_final_status_and_archive_move(sandbox, sandbox_config, monkeypatch):
+    """The archive move is journaled with the final state; a crash before the move is finished
+    by recovery (it used to leave the original in the spool of an ACCEPTED submission)."""
+    cfg = sandbox_config(transports=("rest",))
+    d = Daemon(cfg, dispatch_interval=0.2)
+    route = cfg.routes[0]
+    outbox = Path(route.outbox)
+    real = d.store.transition
+    crashed = []
+
+    def crash_after_final(sub_id, state, *a, **kw):
+        sub = real(sub_id, state, *a, **kw)
+        if sub.is_final and not crashed:
+            crashed.append(sub.id)  # the final state is on disk; the process dies right here
+            raise RuntimeError("simulated SIGKILL after the final state was journaled")
+        return sub
+
+    monkeypatch.setattr(d.store, "transition", crash_after_final)
+    d.start()
+    try:
+        (outbox / "CRASH_final_move.csv").write_bytes(b"final then crash\n")
+        wait_for(lambda: crashed, what="the final transition")
+    finally:
+        d.stop(grace=5)
+    d2 = Daemon(cfg)
+    sub = d2.store.get(crashed[0])
+    assert sub.state is State.ACCEPTED and sub.move_to
+    d2.recover()
+    sub = d2.store.get(sub.id)
+    assert sub.move_to is None and Path(sub.local_path).parent == route.folder("accepted", cfg.agent.data_dir)
+    d2.stop(grace=0)
+
+
+def test_move_interrupted_between_link_and_unlink_leaves_one_copy(tmp_path):
+    from filex_agent.fsutil import move_no_clobber
+
+    src = tmp_path / "spool" / "a.csv"
+    src.parent.mkdir()
+    src.write_bytes(b"a")
+    dest = tmp_path / "sent"
+    dest.mkdir()
+    (dest / "a.csv").write_bytes(b"someone else's a.csv")
+    os.link(src, dest / "a~1.csv")  # the crash happened right after this link
+    out = move_no_clobber(src, dest)
+    assert out == dest / "a~1.csv" and not src.exists()
+    assert sorted(p.name for p in dest.iterdir()) == ["a.csv", "a~1.csv"]
+
+
+def test_feedback_filed_but_not_recorded_is_not_filed_twice(sandbox, sandbox_config, monkeypatch):
+    """Crash after the feedback file got its final name, before the journal recorded it."""
+    from filex_agent.feedback import FeedbackCollector
+
+    cfg = sandbox_config(transports=("s3",))
+    d = Daemon(cfg)
+    route = cfg.routes[0]
+    key = f"{route.org}/{route.application}/out/CRASH_fb_{os.getpid()}.txt"
+    sandbox.admin_s3.put_object(Bucket=sandbox.bucket, Key=key, Body=b"feedback body\n")
+    fc = FeedbackCollector(cfg, d.store, d.connections, d.hooks)
+    real = d.store.record_feedback
+    monkeypatch.setattr(d.store, "record_feedback", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        fc.collect(route)
+    monkeypatch.setattr(d.store, "record_feedback", real)
+    folder = route.folder("feedback", cfg.agent.data_dir)
+    assert [p.name for p in folder.iterdir() if p.name.startswith("CRASH_fb")] == [Path(key).name]
+    fc.collect(route)  # the next cycle (or the next start)
+    assert [p.name for p in folder.iterdir() if p.name.startswith("CRASH_fb")] == [Path(key).name]
+    filed, doubt = d.store.feedback_keys(route.name)
+    assert any(k[0] == Path(key).name for k in filed) and not doubt
+    d.stop(grace=0)
