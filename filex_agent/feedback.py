@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from filex_agent.config import Config, RouteSettings
-from filex_agent.errors import FilexError
+from filex_agent.errors import AuthError, FilexError, NotEntitledError, PermanentError
 from filex_agent.fsutil import atomic_writer, sanitize_remote_name
 from filex_agent.hooks import Hooks
 from filex_agent.store import Store, Submission
@@ -78,9 +78,23 @@ class FeedbackCollector:
                     continue
                 try:
                     n += self._download(route, transport, f, dest, subs, in_doubt=_key(f) in doubt)
+                except (AuthError, NotEntitledError):
+                    raise  # the route's credentials, not this file: the whole cycle stops here
+                except PermanentError as exc:
+                    # This file can never be fetched (e.g. a name fileX itself should not allow):
+                    # say so once and do not try again every cycle.
+                    log.error("route %s: feedback %r cannot be downloaded: %s; recorded as not downloadable",
+                              route.name, f.name, exc)
+                    self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
+                    self._flag(link_submission(f.name, subs), f"feedback {f.name!r} cannot be downloaded: {exc}")
                 except (FilexError, OSError) as exc:
                     log.warning("route %s: feedback %r not downloaded yet: %s", route.name, f.name, _why(exc))
+                    self._flag(link_submission(f.name, subs), f"feedback {f.name!r} not downloaded yet: {_why(exc)}")
             return n
+
+    def _flag(self, sub: Submission | None, text: str) -> None:
+        if sub is not None and self.store.get(sub.id).flag != text:
+            self.hooks.submission_changed(self.store.update(sub.id, flag=text), "flagged")
 
     def _download(self, route: RouteSettings, transport, f: RemoteFile, dest: Path, subs: list[Submission],
                   in_doubt: bool = False) -> int:
@@ -101,7 +115,10 @@ class FeedbackCollector:
         log.info("route %s: feedback %s filed as %s%s", route.name, f.name, path,
                  f" (submission {sub.id})" if sub else "")
         if sub is not None:
-            self.hooks.submission_changed(self.store.get(sub.id), "feedback")
+            current = self.store.get(sub.id)
+            if current.flag and current.flag.startswith("feedback "):
+                current = self.store.update(sub.id, flag=None)  # the earlier trouble is over
+            self.hooks.submission_changed(current, "feedback")
         return 1
 
     def collect_all(self) -> int:

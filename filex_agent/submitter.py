@@ -145,9 +145,12 @@ class Submitter:
 
                 result = transport.upload(path, sub.file_name, progress=progress)
             after = path.stat()
+            late_change = None
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 # The bytes are already with fileX; say so loudly rather than pretend otherwise.
-                log.error("submission %s: %s changed during its upload", sub.id, path)
+                late_change = ("the local file changed after its last byte was sent: fileX has the version "
+                               "checked before the upload; the archived copy may differ from it")
+                log.error("submission %s: %s: %s", sub.id, path, late_change)
         except _Changed:
             sub = self.store.transition(sub.id, State.QUEUED, "changed after claim",
                                         reason="the file changed after it was claimed; re-checked before upload",
@@ -192,7 +195,7 @@ class Submitter:
         # move_to in the same write as SUBMITTED: a crash right after still files the original.
         sub = self.store.transition(
             sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, tracking_id=result.tracking_id,
-            upload_location=result.upload_location, uploaded_at=result.finished_at, reason=None, flag=None,
+            upload_location=result.upload_location, uploaded_at=result.finished_at, reason=None, flag=late_change,
             next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
         self.hooks.submission_changed(sub, "uploaded")
         return self.finish_move(sub)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 OUTCOME = {"ACCEPTED": State.ACCEPTED, "REJECTED": State.REJECTED, "PARTIALLY_REJECTED": State.PARTIALLY_REJECTED}
 ARCHIVE = {State.ACCEPTED: "accepted", State.REJECTED: "rejected", State.PARTIALLY_REJECTED: "rejected"}
 CLOCK_SKEW = timedelta(minutes=5)
+_UNREADABLE = "fileX tracking could not be read"
 
 
 def _norm_location(loc: str | None) -> str:
@@ -76,6 +77,8 @@ class Tracker:
             except FilexError as exc:
                 ok = False
                 log.warning("tracking poll for credential %s failed: %s", cred, exc)
+                for sub in subs:  # visible in `status` until a poll succeeds again
+                    self._flag(self.store.get(sub.id), f"{_UNREADABLE}: {exc}")
         self.hooks.tracking_polled(ok)
         return finals
 
@@ -83,6 +86,7 @@ class Tracker:
         api = self.connections.api(cred)
         need_all = len(subs) >= self.config.tracking.batch_threshold or any(not s.tracking_id for s in subs)
         records: dict[str, TrackingRecord] = {}
+        failed: set[int] = set()
         if need_all:
             for rec in api.tracking():
                 records[rec.trackingId] = rec
@@ -94,12 +98,17 @@ class Tracker:
                     raise
                 except PermanentError as exc:  # e.g. 404 for an id fileX does not know (yet)
                     log.warning("submission %s: tracking %s: %s", sub.id, sub.tracking_id, exc)
+                    self._flag(sub, f"{_UNREADABLE}: {exc}")
+                    failed.add(sub.id)
                     continue
                 for rec in found:
                     records[rec.trackingId] = rec
         claimed = {s.tracking_id for s in self.store.list() if s.tracking_id}
         finals = 0
         for sub in sorted(subs, key=lambda s: s.id):
+            if sub.id in failed:
+                continue
+            sub = self._clear_unreadable(self.store.get(sub.id))
             rec = records.get(sub.tracking_id) if sub.tracking_id else None
             if sub.tracking_id is None:
                 rec = self._match(sub, records.values(), claimed)
@@ -113,6 +122,11 @@ class Tracker:
             if self._apply(sub, rec):
                 finals += 1
         return finals
+
+    def _clear_unreadable(self, sub: Submission) -> Submission:
+        if sub.flag and sub.flag.startswith(_UNREADABLE):
+            return self.store.update(sub.id, flag=None)
+        return sub
 
     def _match(self, sub: Submission, records, claimed: set[str]) -> TrackingRecord | None:
         cands = [r for r in records if r.trackingId not in claimed and matches(r, sub)]
