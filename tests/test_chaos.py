@@ -523,3 +523,79 @@ def test_feedback_filed_but_not_recorded_is_not_filed_twice(sandbox, sandbox_con
     filed, doubt = d.store.feedback_keys(route.name)
     assert any(k[0] == Path(key).name for k in filed) and not doubt
     d.stop(grace=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: stop taking files, let uploads in flight finish within the grace, exit 0; a second
+# SIGTERM exits at once and the journal still recovers everything.
+# ---------------------------------------------------------------------------------------------
+
+def _state_of(journal: Path, name: str) -> str | None:
+    if not journal.exists():
+        return None
+    with _journal(journal) as db:
+        row = db.execute("SELECT state FROM submissions WHERE file_name = ? ORDER BY id DESC", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _slow_put(sandbox, route, name: str, seconds: float) -> None:
+    sandbox.inject_fault("slow", target="s3", seconds=seconds, count=1,
+                         path_prefix=f"/{sandbox.bucket}/{route.org}/{route.application}/in/{name}")
+
+
+def test_sigterm_lets_the_upload_in_flight_finish_and_exits_0(sandbox, sandbox_config, tmp_path):
+    cfg = sandbox_config(transports=("rest",))
+    route = cfg.routes[0]
+    cfg_path = Path(cfg.agent.data_dir).parent / "filex-agent.toml"
+    daemon = _Daemon(cfg_path, tmp_path / "daemon.log")
+    name, late = "TERM_inflight.csv", "TERM_after_signal.csv"
+    try:
+        daemon.start()
+        assert daemon.wait_started(timeout=20)
+        _slow_put(sandbox, route, name, 3.0)
+        (Path(route.outbox) / name).write_bytes(b"in flight at SIGTERM\n")
+        wait_for(lambda: _state_of(cfg.journal_path, name) == "UPLOADING", what="upload in flight")
+        t0 = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        (Path(route.outbox) / late).write_bytes(b"dropped after the signal\n")
+        assert daemon.proc.wait(timeout=15) == 0
+        assert time.monotonic() - t0 < cfg.agent.shutdown_grace_seconds + 3
+    finally:
+        sandbox.clear_faults()
+        daemon.close()
+    assert _state_of(cfg.journal_path, name) == "SUBMITTED"  # finished within the grace
+    assert _state_of(cfg.journal_path, late) is None and (Path(route.outbox) / late).exists()  # not taken
+    wait_for(lambda: _count(sandbox, name) == 1, what="the upload at the sandbox")
+
+
+def test_second_sigterm_exits_at_once_and_is_recoverable(sandbox, sandbox_config, tmp_path):
+    cfg = sandbox_config(transports=("rest",))
+    route = cfg.routes[0]
+    cfg_path = Path(cfg.agent.data_dir).parent / "filex-agent.toml"
+    daemon = _Daemon(cfg_path, tmp_path / "daemon.log")
+    name = "TERM_twice.csv"
+    try:
+        daemon.start()
+        assert daemon.wait_started(timeout=20)
+        _slow_put(sandbox, route, name, 4.0)
+        (Path(route.outbox) / name).write_bytes(b"cut off by a second SIGTERM\n")
+        wait_for(lambda: _state_of(cfg.journal_path, name) == "UPLOADING", what="upload in flight")
+        t0 = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.proc.wait(timeout=5)
+        assert time.monotonic() - t0 < 2.5, "the second SIGTERM must not wait for the grace"
+    finally:
+        sandbox.clear_faults()
+        daemon.close()
+    assert _state_of(cfg.journal_path, name) == "UPLOADING"
+    # Next start: whatever happened to the PUT the sandbox was still holding, sent exactly once.
+    d = Daemon(cfg, dispatch_interval=0.2)
+    d.start()
+    try:
+        wait_for(lambda: any(s.file_name == name and s.state is State.ACCEPTED for s in d.store.list()),
+                 timeout=60, what="accepted after recovery")
+    finally:
+        d.stop(grace=5)
+    assert _count(sandbox, name) == 1
