@@ -18,7 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from filex_agent.config import Config, RouteSettings
 from filex_agent.connections import Connections
-from filex_agent.errors import FilexError
+from filex_agent.errors import FilexError, PermanentError
 from filex_agent.feedback import FeedbackCollector
 from filex_agent.fsutil import cleanup_partials
 from filex_agent.hooks import Hooks, LoggingHooks, MultiHooks
@@ -325,8 +325,13 @@ class Daemon:
                 if received and (rec.trackingId == sub.tracking_id or matches(rec, probe)):
                     return f"tracking {rec.trackingId}", rec.trackingId
             if sub.transport == "rest" and sub.tracking_id:
-                # Landed but not yet processed: still in ``in``.
-                for entry in api.list_files(route.org, route.application, "in").children:
+                # Landed but not yet processed: still in ``in`` (if fileX lets us list it at all).
+                try:
+                    children = api.list_files(route.org, route.application, "in").children
+                except PermanentError as exc:
+                    log.debug("listing in/ for %s: %s", sub.file_name, exc)
+                    children = []
+                for entry in children:
                     if entry.is_file and entry.name == sub.file_name and entry.metadata.contentLength in (None, sub.size):
                         return f"in/{sub.file_name} present", None
         with self.connections.transport(route, sub.transport) as transport:

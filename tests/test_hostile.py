@@ -67,6 +67,7 @@ def test_symlinks_are_refused_and_their_target_untouched(target_kind, rest_daemo
     name = f"HOSTILE_link_{target_kind}.csv"
     (outbox / name).symlink_to(target)
     sub = _final(rest_daemon, name, State.FAILED)
+    sub = wait_for(lambda: (s := rest_daemon.store.get(sub.id)).move_to is None and s, what="moved aside")
     # The link itself is moved aside (never followed) with the reason beside it.
     assert "symbolic link" in sub.reason and Path(sub.local_path).is_symlink()
     assert Path(sub.local_path + ".reason.txt").is_file() and not (outbox / name).exists()
