@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from filex_agent.errors import AuthError, PermanentError
+from filex_agent.errors import AuthError, PermanentError, TransientError
 from filex_agent.transports.sftp import SftpSession, SftpTransport, list_profiles
 from tests.sshd_fixture import PasswordUser, Sshd, keygen, skip_reason
 
@@ -143,7 +143,9 @@ def test_cipher_outside_filex_list_refused(keys: dict[str, Path], cipher: str) -
         odd.stop()
 
 
-def test_drop_mid_upload_recovers_without_partial_or_duplicate(sshd: Sshd, keys: dict[str, Path], tmp_path: Path) -> None:
+def test_drop_mid_upload_recovers_without_partial_or_duplicate(
+    sshd: Sshd, keys: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     local = tmp_path / "big_1.bin"
     local.write_bytes(os.urandom(48 * 1024 * 1024))
     in_dir = sshd.root / "0001/app1/in"
@@ -167,3 +169,27 @@ def test_drop_mid_upload_recovers_without_partial_or_duplicate(sshd: Sshd, keys:
     assert r.detail.get("reconnected") == "yes"
     assert set(os.listdir(in_dir)) - before == {local.name}
     assert (in_dir / local.name).read_bytes() == local.read_bytes()
+    # The half file was removed before the retry, not merely overwritten by it.
+    assert any("removing partial" in r.getMessage() for r in caplog.records)
+
+
+def test_gave_up_mid_upload_half_file_removed_on_next_connection(
+    sshd: Sshd, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    local = tmp_path / "half_1.bin"
+    local.write_bytes(os.urandom(24 * 1024 * 1024))
+    half = sshd.root / "0001/app1/in" / local.name
+    sent = [0]
+
+    def progress(n: int) -> None:
+        sent[0] += n
+        if sent[0] >= 4 * 1024 * 1024 and sent[0] - n < 4 * 1024 * 1024:
+            sshd.kill_sessions()
+
+    with _session(sshd, keys["ed25519"], max_attempts=1) as s:
+        t = _transport(sshd, s)
+        with pytest.raises(TransientError, match="partial .* may remain"):
+            t.upload(local, local.name, progress=progress)
+        assert half.exists() and half.stat().st_size < local.stat().st_size
+        assert [f.name for f in t.list_feedback()] == ["ack_1.csv"]  # next operation reconnects...
+        assert not half.exists()  # ...and removes the half file first

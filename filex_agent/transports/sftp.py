@@ -176,6 +176,8 @@ class SftpSession:
         self._idle: queue.LifoQueue[paramiko.SFTPClient] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(self.channels)
         self._closed = False
+        # Half files a failed upload could not remove yet; removed as soon as a channel is up.
+        self._leftovers: set[str] = set()
         # Observability (and tests): how many SSH connections were established.
         self.connects = 0
         self.negotiated: dict[str, str] = {}
@@ -430,6 +432,8 @@ class SftpSession:
                 time.sleep(delay + random.uniform(0, delay))
             try:
                 with self.channel() as sftp:
+                    if self._leftovers:
+                        self._remove_leftovers(sftp)
                     if attempt > 1 and on_retry is not None:
                         on_retry(sftp)
                     return op(sftp)
@@ -438,6 +442,28 @@ class SftpSession:
                 last = e
                 log.warning("%s: %s: connection problem (attempt %d/%d): %s", self.label, what, attempt, self.max_attempts, e)
         raise TransientError(f"{self.label}: {what}: gave up after {self.max_attempts} attempts: {last}")
+
+    def note_leftover(self, path: str) -> None:
+        with self._lock:
+            self._leftovers.add(path)
+
+    def forget_leftover(self, path: str) -> None:
+        with self._lock:
+            self._leftovers.discard(path)
+
+    def _remove_leftovers(self, sftp: paramiko.SFTPClient) -> None:
+        with self._lock:
+            paths = list(self._leftovers)
+        for path in paths:
+            try:
+                sftp.remove(path)
+                log.warning("%s: removed partial upload %s left by an earlier dropped connection", self.label, path)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.error("%s: cannot remove partial upload %s: %s", self.label, path, e)
+                    continue
+            with self._lock:
+                self._leftovers.discard(path)
 
     def close(self) -> None:
         with self._lock:
@@ -599,12 +625,22 @@ class SftpTransport(Transport):
                 raise TransientError(
                     f"{self.session.label}: {remote} has {attr.st_size} bytes after upload, expected {size}; removed"
                 )
+            self.session.forget_leftover(remote)
             return {"remote_size": str(attr.st_size), "remote_path": remote}
 
         try:
             detail = self.session.run(op, f"upload {remote}", on_retry=cleanup)
         except OSError as e:
             raise self._server_error(e, f"upload {remote}") from e
+        except TransientError as e:
+            if state.get("opened") and not state["close_sent"] and not isinstance(e, RemoteChangedError):
+                # Gave up mid-transfer: a half file may sit in in/. Say so, and remove it on the
+                # session's next connection.
+                self.session.note_leftover(remote)
+                raise TransientError(
+                    f"{e}; a partial {remote} may remain until the next connection removes it"
+                ) from e
+            raise
         if state.get("reconnected"):
             detail["reconnected"] = "yes"
         return UploadResult(
@@ -640,6 +676,7 @@ class SftpTransport(Transport):
                 if e.errno is not None:
                     raise self._server_error(e, f"open {remote} for writing") from e
                 raise
+            state["opened"] = True
             try:
                 dst.set_pipelined(True)
                 # Instance attribute: bigger SFTP write requests than paramiko's 32 KiB.
