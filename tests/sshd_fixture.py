@@ -100,8 +100,8 @@ class Sshd:
     """One sshd process with its own config; ``start()`` / ``stop()``."""
 
     def __init__(self, *, ciphers: list[str] | None = None, kex: list[str] | None = None,
-                 macs: list[str] | None = None, password_auth: bool = False):
-        self.dir = Path(tempfile.mkdtemp(prefix="filex-sshd-"))
+                 macs: list[str] | None = None, password_auth: bool = False, base_dir: str | None = None):
+        self.dir = Path(tempfile.mkdtemp(prefix="filex-sshd-", dir=base_dir))
         # Traversable by the password test user (pytest's tmp dirs are 0700).
         os.chmod(self.dir, 0o755)
         self.host = "127.0.0.1"
@@ -190,6 +190,14 @@ class Sshd:
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _zombie(p) is False for p in pids):
             time.sleep(0.02)
         return len(pids)
+
+    def kill(self) -> None:
+        """SIGKILL the listener and its sessions, keeping the files: ``start()`` brings it back."""
+        if self.proc is not None:
+            self.kill_sessions()
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -14,7 +14,7 @@ import paramiko
 import pytest
 from moto.server import ThreadedMotoServer
 
-from filex_agent.errors import AuthError, NotEntitledError, PermanentError
+from filex_agent.errors import AuthError, NotEntitledError, PermanentError, TransientError
 from filex_agent.sandbox.sftp_server import SandboxSftpServer
 from filex_agent.transports import TRANSPORTS
 from filex_agent.transports.sftp import SftpSession, SftpTransport, fingerprint, list_profiles
@@ -211,3 +211,29 @@ def test_concurrent_uploads_share_one_connection(sandbox: Any, session: SftpSess
     s3 = sandbox.s3_client()
     for p in files:
         assert s3.head_object(Bucket=sandbox.bucket, Key=f"0001/app2/in/{p.name}")["ContentLength"] == p.stat().st_size
+
+
+def test_falls_back_to_small_writes_when_server_refuses_big_ones(sandbox: Any, session: SftpSession, tmp_path: Path) -> None:
+    local = _file(tmp_path, "limits_1.bin", 1024 * 1024 + 1)
+    sandbox.sftp.max_write = 40 * 1024
+    try:
+        assert session.write_size() > 40 * 1024
+        SftpTransport("0001", "app1", session=session).upload(local, "limits_1.bin")
+    finally:
+        sandbox.sftp.max_write = None
+    assert session.write_size() == 32 * 1024
+    obj = sandbox.s3_client().get_object(Bucket=sandbox.bucket, Key="0001/app1/in/limits_1.bin")
+    assert obj["Body"].read() == local.read_bytes()
+
+
+def test_refused_writes_fail_loudly_and_leave_nothing(sandbox: Any, session: SftpSession, tmp_path: Path) -> None:
+    # A server that refuses even 32 KiB writes: the upload must fail, never "succeed" with holes.
+    local = _file(tmp_path, "refused_1.bin", 300_000)
+    sandbox.sftp.max_write = 16 * 1024
+    try:
+        with pytest.raises(TransientError, match="server error"):
+            SftpTransport("0001", "app1", session=session).upload(local, "refused_1.bin")
+    finally:
+        sandbox.sftp.max_write = None
+    listed = sandbox.s3_client().list_objects_v2(Bucket=sandbox.bucket, Prefix="0001/app1/in/refused_1")
+    assert listed.get("KeyCount", 0) == 0

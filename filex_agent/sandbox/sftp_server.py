@@ -134,6 +134,12 @@ class _WriteHandle(paramiko.SFTPHandle):
     def chattr(self, attr: paramiko.SFTPAttributes) -> int:
         return SFTP_OK
 
+    def write(self, offset: int, data: bytes) -> int:
+        limit = self.si.server.max_write
+        if limit is not None and len(data) > limit:
+            return SFTP_FAILURE
+        return super().write(offset, data)
+
     def close(self) -> None:
         if self._done:
             return
@@ -318,6 +324,8 @@ class SandboxSftpServer:
         self.spool_dir = self.data_dir / "sftp_spool"
         # Public keys accepted for sandbox.sftp_username: paramiko PKeys or "ssh-ed25519 AAAA..." lines.
         self.authorized_keys: list[paramiko.PKey | str] = list(getattr(sandbox, "sftp_authorized_keys", []) or [])
+        # Refuse write requests bigger than this (to mimic servers with a small limit).
+        self.max_write: int | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._transports: set[paramiko.Transport] = set()
