@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from filex_agent.transports.sftp import SftpSession, SftpTransport  # noqa: E402
+import filex_agent.transports.sftp as sftp_mod  # noqa: E402
 from tests.sshd_fixture import Sshd, keygen, skip_reason  # noqa: E402
 
 CIPHER = "aes128-gcm@openssh.com"
@@ -40,8 +41,11 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--small", type=int, default=1000, help="number of 10 KiB files")
     ap.add_argument("--repeat", type=int, default=2, help="best of N")
-    ap.add_argument("--request-sizes", default="32,64,128,255", help="KiB, paramiko write request sizes to try")
+    ap.add_argument("--request-sizes", default="32,128,255", help="KiB, paramiko write request sizes to try")
+    ap.add_argument("--in-flight-mib", type=int, default=0, help="override sftp.MAX_IN_FLIGHT (MiB)")
     args = ap.parse_args()
+    if args.in_flight_mib:
+        sftp_mod.MAX_IN_FLIGHT = args.in_flight_mib * 1024 * 1024
     if skip_reason():
         print(skip_reason())
         return 1
