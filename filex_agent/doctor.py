@@ -48,8 +48,8 @@ def _describe_error(exc: BaseException) -> str:
 
 
 class Doctor:
-    def __init__(self, out: TextIO = sys.stdout):
-        self.out = out
+    def __init__(self, out: TextIO | None = None):
+        self.out = out if out is not None else sys.stdout
         self.results: list[CheckResult] = []
 
     def report(self, ok: bool, name: str, detail: str, fix: str | None = None) -> CheckResult:
@@ -328,6 +328,6 @@ def _user() -> str:
         return f"uid {os.geteuid()}"
 
 
-def run_doctor(config_path: Path, out: TextIO = sys.stdout) -> int:
+def run_doctor(config_path: Path, out: TextIO | None = None) -> int:
     """Exit code: 0 all OK, 1 if any check failed."""
     return Doctor(out).run(Path(config_path))
