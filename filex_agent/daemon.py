@@ -46,6 +46,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._feedback_due: set[str] = set()
+        self._old_connections: list[Connections] = []
         self.started = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -91,9 +92,31 @@ class Daemon:
         if not done.wait(grace):
             log.warning("shutdown grace of %.0f s over with uploads in flight; they are recovered at next start", grace)
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.connections.close()
+        for conns in [*self._old_connections, self.connections]:
+            conns.close()
         self.store.close()
         log.info("filex-agent stopped")
+
+    def reload(self, config: Config) -> None:
+        """Apply a new config (SIGHUP): routes added or removed; work in flight is kept.
+
+        A removed route with unfinished submissions stays known (not watched) until they end.
+        """
+        new_names = {r.name for r in config.routes}
+        retired = [r for r in self.config.routes if r.name not in new_names
+                   and any(not s.is_final for s in self.store.list(route=r.name))]
+        effective = config.model_copy(update={"routes": list(config.routes) + retired})
+        old = self.connections
+        self.config = effective
+        self.connections = Connections(effective, on_retry=self.hooks.retry)
+        for part in (self.submitter, self.tracker, self.feedback):
+            part.config = effective
+            part.connections = self.connections
+        if self.watcher is not None:
+            self.watcher.set_routes(list(config.routes))
+        self._old_connections.append(old)  # closed at stop: uploads in flight may still use them
+        log.info("configuration reloaded: %d route(s)%s", len(config.routes),
+                 f", {len(retired)} retired route(s) finishing their work" if retired else "")
 
     def healthy(self) -> bool:
         return self.started and self.scheduler.running and (self.watcher is None or self.watcher.healthy())

@@ -90,7 +90,10 @@ class Submitter:
         try:
             st = path.stat()
             if st.st_nlink > 1:
-                log.warning("%s has %d hard links: another name can still change it", path, st.st_nlink)
+                # Another name can still change these bytes: submit a private copy instead.
+                log.warning("%s has %d hard links: submitting a private copy", path, st.st_nlink)
+                _private_copy(path)
+                st = path.stat()
             if st.st_size == 0:
                 return self._fail(sub, path, "the file is empty; nothing was uploaded")
             limit = route.max_size_mb * 1024 * 1024
@@ -128,14 +131,19 @@ class Submitter:
         sub = self.store.update(sub.id, attempts=sub.attempts + 1)
         route = self.config.route(sub.route)
         path = Path(sub.local_path)
+        sent = [0]  # bytes handed to the transport: 0 means nothing can have reached fileX
         try:
             before = path.stat()
             if (before.st_size, before.st_mtime_ns) != (sub.size, sub.mtime_ns):
                 raise _Changed()
             with self.connections.transport(route, sub.transport) as transport:
-                result = transport.upload(
-                    path, sub.file_name,
-                    progress=lambda n: self.hooks.bytes_sent(sub.route, sub.transport, n))
+                transport.on_ticket = lambda ticket: self._ticket(sub.id, ticket)
+
+                def progress(n: int) -> None:
+                    sent[0] += n
+                    self.hooks.bytes_sent(sub.route, sub.transport, n)
+
+                result = transport.upload(path, sub.file_name, progress=progress)
             after = path.stat()
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                 # The bytes are already with fileX; say so loudly rather than pretend otherwise.
@@ -148,6 +156,13 @@ class Submitter:
         except PermanentError as exc:
             return self._fail(sub, path, f"fileX refused the upload: {exc}")
         except TransientError as exc:
+            nxt = self._fallback(route, sub) if sent[0] == 0 else None
+            if nxt is not None:
+                # Safe only because not one byte left: nothing of this attempt can reach fileX.
+                was = sub.transport
+                sub = self.store.update(sub.id, transport=nxt, tracking_id=None)
+                return self._requeue(sub, f"{was} unavailable before any byte was sent ({exc}); "
+                                          f"next attempt over {nxt}")
             return self._requeue(sub, f"upload attempt {sub.attempts} failed, will retry: {exc}")
         except FileNotFoundError:
             return self.store.transition(sub.id, State.FAILED, "lost", final_at=utcnow(),
@@ -164,6 +179,16 @@ class Submitter:
             next_attempt_at=None)
         self.hooks.submission_changed(sub, "uploaded")
         return self.file_original(sub, "sent")
+
+    def _ticket(self, sub_id: int, ticket: str) -> None:
+        self.store.update(sub_id, tracking_id=ticket)
+
+    @staticmethod
+    def _fallback(route: RouteSettings, sub: Submission) -> str | None:
+        kinds = route.transports
+        if len(kinds) < 2 or sub.transport not in kinds:
+            return None
+        return kinds[(kinds.index(sub.transport) + 1) % len(kinds)]
 
     def _requeue(self, sub: Submission, reason: str) -> Submission:
         net = self.config.network
@@ -210,6 +235,23 @@ class Submitter:
                 return self.store.update(sub.id, local_path=str(cand), move_to=None)
         log.error("submission %s: original %s is missing and not found in %s", sub.id, src, dest_dir)
         return self.store.update(sub.id, move_to=None, flag=f"original file missing (was {src})")
+
+
+def _private_copy(path: Path) -> None:
+    import shutil
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=".filex-copy-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(path, tmp)
+        os.replace(tmp, path)  # our own spool name: replacing it drops only our link
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _remove_empty_spool_dir(d: Path) -> None:

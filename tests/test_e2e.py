@@ -142,3 +142,31 @@ def test_symlink_is_refused(daemon, sandbox, tmp_path):
     assert "symbolic link" in sub.reason
     assert "LINK.csv" not in [u.name for u in sandbox.uploads()]
     assert secret.read_text() == "root:x:0:0\n"
+
+
+@pytest.mark.parametrize("kind", ["rest", "s3", "sftp"])
+def test_every_transport_through_the_daemon(kind, sandbox, sandbox_config):
+    """Same outcome whatever the transport; S3/SFTP uploads are matched to tracking by name/size/time."""
+    from tests.conftest import sftp_supported
+
+    if kind == "sftp" and not sftp_supported():
+        pytest.skip("SFTP transport not available")
+    cfg = sandbox_config(transports=(kind,))
+    d = Daemon(cfg, dispatch_interval=0.2)
+    d.start()
+    try:
+        outbox = Path(cfg.routes[0].outbox)
+        (outbox / f"E2E_{kind}_ok.csv").write_bytes(b"ok\n" * 100)
+        (outbox / f"E2E_{kind}_PARTIAL.csv").write_bytes(b"partial\n")
+        ok = _final(d, f"E2E_{kind}_ok.csv", State.ACCEPTED)
+        part = _final(d, f"E2E_{kind}_PARTIAL.csv", State.PARTIALLY_REJECTED)
+        for sub in (ok, part):
+            assert sub.tracking_id
+            fb = wait_for(lambda: d.store.feedback_for(sub.id), what=f"feedback for {sub.file_name}")
+            assert Path(fb[0].local_path).is_file()
+        up = [u for u in sandbox.uploads() if u.name == f"E2E_{kind}_ok.csv"]
+        assert len(up) == 1 and up[0].transport == kind and up[0].tracking_id == ok.tracking_id
+        assert up[0].sha256 == ok.sha256
+        assert "corrected data" in part.reason
+    finally:
+        d.stop(grace=5)

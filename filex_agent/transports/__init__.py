@@ -46,6 +46,10 @@ class Transport(abc.ABC):
     """Moves files for one (org, application)."""
 
     kind: str = ""
+    # Called with an id fileX assigns BEFORE any byte is sent (REST: the tracking id of the
+    # pre-signed URL), so the journal can record it write-ahead; crash recovery then asks
+    # tracking about exactly that id.
+    on_ticket: Callable[[str], None] | None = None
 
     def __init__(self, org: str, application: str):
         self.org = org

@@ -93,6 +93,8 @@ class RestTransport(Transport):
                 presigned = self._api.upload_url(self.org, self.application, remote_name, self.metadata or None)
                 if presigned.trackingId:
                     tracking_ids.append(presigned.trackingId)
+                    if self.on_ticket is not None:
+                        self.on_ticket(presigned.trackingId)
                 resp = self._put(local, size, presigned, progress, ambiguous)
                 if resp is not None:
                     return presigned, resp

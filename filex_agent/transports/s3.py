@@ -1,0 +1,593 @@
+"""S3-direct transport: STS credentials from ``GET /S3TransferTokens/{org}/{app}``, boto3 managed
+(multipart) transfers, credentials that refresh themselves before they expire.
+
+fileX hands out one-hour STS credentials scoped to ``bucket/org/app/sub/`` paths. ``S3TokenCache``
+keeps one set per (credential, org, app) for every worker and wraps it in botocore
+``RefreshableCredentials`` so a long multipart upload or a daemon running for days asks fileX for
+new ones before ``expiration`` instead of failing half-way.
+
+Secrets (secret key, session token) never reach a log line, an exception message or a repr: the
+models hide them (``repr=False``) and every message here is built from error codes and names only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, TypeVar
+
+import boto3
+import boto3.session
+import botocore.session
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config as BotoConfig
+from botocore.credentials import RefreshableCredentials
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import ChunksizeAdjuster
+
+from filex_agent.config import S3Settings, valid_remote_name
+from filex_agent.errors import (
+    AuthError,
+    FilexError,
+    NotEntitledError,
+    PermanentError,
+    RemoteChangedError,
+    TransientError,
+)
+from filex_agent.models import S3TransferTokens
+from filex_agent.transports import ProgressFn, RemoteFile, Transport, UploadResult, register
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+_HASH_BLOCK = 1 * MIB
+_DOWNLOAD_CHUNK = 1 * MIB
+
+# S3 error codes meaning "these credentials are no good (any more)": fetch new ones once, retry once.
+_CREDENTIAL_CODES = frozenset(
+    {"ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId", "InvalidToken", "InvalidClientTokenId",
+     "TokenRefreshRequired"}
+)
+_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden", "403"})
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+     "Throttling", "ThrottlingException", "RequestLimitExceeded", "OperationAborted", "BadDigest",
+     "IncompleteBody"}
+)
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+T = TypeVar("T")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(dt: datetime) -> datetime:
+    # fileX sends offsets; a naive time is taken as UTC rather than local time.
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+class S3TokenCache:
+    """One set of STS credentials per (credential name, org, app), shared by all workers, thread-safe.
+
+    ``fetch(org, app)`` is the fileX client's ``GET /S3TransferTokens/{org}/{app}``; its errors
+    (NotEntitledError, AuthError, TransientError) propagate unchanged and nothing is cached.
+    """
+
+    def __init__(self, fetch: Callable[[str, str], S3TransferTokens], *, credential: str,
+                 refresh_margin_seconds: float = 300):
+        self._fetch = fetch
+        self.credential = credential
+        self.refresh_margin_seconds = float(refresh_margin_seconds)
+        self._lock = threading.Lock()  # guards the dicts and the per-key lock table
+        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._tokens: dict[tuple[str, str], S3TransferTokens] = {}
+        self._creds: dict[tuple[str, str], RefreshableCredentials] = {}
+        self.fetch_count = 0
+
+    def __repr__(self) -> str:
+        return f"S3TokenCache(credential={self.credential!r}, keys={sorted(self._tokens)!r})"
+
+    def _key_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def _stale(self, tokens: S3TransferTokens) -> bool:
+        left = (_aware(tokens.credentials.expiration) - _utcnow()).total_seconds()
+        return left <= self.refresh_margin_seconds
+
+    def _get(self, org: str, app: str, newer_than: datetime | None = None) -> S3TransferTokens:
+        """Cached tokens, fetched anew if within the margin of expiry or not newer than ``newer_than``."""
+        key = (org, app)
+        # One fetch per key at a time: concurrent callers wait for it instead of piling on fileX.
+        with self._key_lock(key):
+            tokens = self._tokens.get(key)
+            if (tokens is None or self._stale(tokens)
+                    or (newer_than is not None and _aware(tokens.credentials.expiration) <= newer_than)):
+                log.debug("fetching S3 transfer tokens for org %s application %s (credential %s)",
+                          org, app, self.credential)
+                tokens = self._fetch(org, app)
+                with self._lock:
+                    self.fetch_count += 1
+                    self._tokens[key] = tokens
+            return tokens
+
+    def get(self, org: str, app: str) -> S3TransferTokens:
+        """Cached tokens; refetched when within ``refresh_margin_seconds`` of expiration."""
+        return self._get(org, app)
+
+    def invalidate(self, org: str, app: str, access_key_id: str | None = None) -> None:
+        """Forget the tokens of (org, app) — only if they are still ``access_key_id`` when given.
+
+        S3 refused them (ExpiredToken, InvalidAccessKeyId): the next ``get``/``session`` fetches new
+        ones. The key check stops N workers that saw the same refusal from fetching N times.
+        """
+        key = (org, app)
+        with self._key_lock(key):
+            tokens = self._tokens.get(key)
+            if tokens is None:
+                return
+            if access_key_id is not None and tokens.credentials.accessKeyId != access_key_id:
+                return
+            with self._lock:
+                self._tokens.pop(key, None)
+                self._creds.pop(key, None)
+
+    def credentials(self, org: str, app: str) -> RefreshableCredentials:
+        """The shared self-refreshing credentials object of (org, app)."""
+        key = (org, app)
+        with self._key_lock(key):
+            creds = self._creds.get(key)
+        if creds is not None:
+            return creds
+        tokens = self._get(org, app)
+        current = {"expiration": _aware(tokens.credentials.expiration)}
+
+        def refresh() -> dict[str, str]:
+            # botocore calls this when its copy is within the margin; the cache may already hold
+            # newer tokens (another worker refreshed, or invalidate() + refetch), else it fetches.
+            fresh = self._get(org, app, newer_than=current["expiration"])
+            current["expiration"] = _aware(fresh.credentials.expiration)
+            return _metadata(fresh)
+
+        margin = self.refresh_margin_seconds
+        creds = RefreshableCredentials.create_from_metadata(
+            metadata=_metadata(tokens),
+            refresh_using=refresh,
+            method="filex-s3-transfer-tokens",
+            # Advisory: one thread refreshes while the others go on with the current set; mandatory
+            # (half the margin): everyone waits for the new set.
+            advisory_timeout=margin,
+            mandatory_timeout=margin / 2,
+        )
+        with self._key_lock(key):
+            # Another thread may have raced us here: keep the first so all share one object.
+            return self._creds.setdefault(key, creds)
+
+    def session(self, org: str, app: str) -> boto3.session.Session:
+        """A boto3 session whose credentials refresh themselves through ``fetch``."""
+        creds = self.credentials(org, app)
+        tokens = self.get(org, app)
+        core = botocore.session.get_session()
+        # The documented-by-usage way to give a session a RefreshableCredentials object.
+        core._credentials = creds  # noqa: SLF001
+        return boto3.session.Session(botocore_session=core, region_name=tokens.region)
+
+
+def _metadata(tokens: S3TransferTokens) -> dict[str, str]:
+    c = tokens.credentials
+    return {
+        "access_key": c.accessKeyId,
+        "secret_key": c.secretAccessKey,
+        "token": c.sessionToken,
+        "expiry_time": _aware(c.expiration).isoformat(),
+    }
+
+
+@dataclass(frozen=True)
+class _Location:
+    bucket: str
+    prefix: str  # "org/app/sub/"
+    sub: str
+
+
+def _parse_path(path: str, org: str, app: str, what: str) -> _Location:
+    parts = path.strip().strip("/").split("/")
+    if len(parts) != 4 or not all(parts) or parts[1] != org or parts[2] != app:
+        raise PermanentError(
+            f"S3 transfer tokens for org {org} application {app}: {what} {path!r} is not "
+            f"'bucket/{org}/{app}/<sub-space>/'"
+        )
+    return _Location(bucket=parts[0], prefix=f"{org}/{app}/{parts[3]}/", sub=parts[3])
+
+
+class _Progress(BaseSubscriber):
+    def __init__(self, fn: ProgressFn):
+        self._fn = fn
+
+    def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:  # type: ignore[override]
+        # s3transfer reports negative amounts when it rewinds a retried part; metrics counters
+        # (prometheus) refuse to go down, so only forward progress is reported.
+        if bytes_transferred > 0:
+            self._fn(bytes_transferred)
+
+
+class _ResponseWatch:
+    """Captures ETag and encryption of the PutObject / CompleteMultipartUpload of watched keys.
+
+    Taken from the write responses themselves (botocore's public event hooks), not from a
+    HeadObject: fileX's write-only STS policy may not allow reading ``in/``. Registered once per
+    client (registering per upload would mutate the emitter while other threads emit).
+    """
+
+    _OPS = ("PutObject", "CompleteMultipartUpload")
+    _MARK = "filex_watch_key"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[tuple[str, str], dict[str, str]] = {}
+
+    def attach(self, client) -> None:  # type: ignore[no-untyped-def]
+        for op in self._OPS:
+            client.meta.events.register(f"before-parameter-build.s3.{op}", self._mark)
+            client.meta.events.register(f"after-call.s3.{op}", self._done)
+
+    @contextlib.contextmanager
+    def watch(self, bucket: str, key: str) -> Iterator[dict[str, str]]:
+        box: dict[str, str] = {}
+        with self._lock:
+            self._watched[(bucket, key)] = box
+        try:
+            yield box
+        finally:
+            with self._lock:
+                self._watched.pop((bucket, key), None)
+
+    def _mark(self, params: dict, context: dict, **kwargs: object) -> None:
+        context[self._MARK] = (params.get("Bucket"), params.get("Key"))
+
+    def _done(self, parsed: dict, context: dict, **kwargs: object) -> None:
+        with self._lock:
+            box = self._watched.get(context.get(self._MARK))  # type: ignore[arg-type]
+        if box is not None:
+            box["etag"] = str(parsed.get("ETag", "")).strip('"')
+            box["sse"] = str(parsed.get("ServerSideEncryption") or "")
+
+
+def _expected_etag(path: Path, size: int, multipart: bool, part_size: int) -> tuple[str, str]:
+    """(expected ETag, hex MD5 of the whole file), reading the file once with flat memory."""
+    whole = hashlib.md5(usedforsecurity=False)
+    parts: list[bytes] = []
+    with open(path, "rb") as f:
+        while True:
+            part = hashlib.md5(usedforsecurity=False)
+            left = part_size if multipart else size + 1
+            got = 0
+            while left > 0:
+                block = f.read(min(_HASH_BLOCK, left))
+                if not block:
+                    break
+                part.update(block)
+                whole.update(block)
+                got += len(block)
+                left -= len(block)
+            if got == 0 and parts:
+                break
+            parts.append(part.digest())
+            if got < part_size or not multipart:
+                break
+    if not multipart:
+        return whole.hexdigest(), whole.hexdigest()
+    combined = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
+    return f"{combined}-{len(parts)}", whole.hexdigest()
+
+
+class _Hasher(threading.Thread):
+    """Computes the expected ETag alongside the upload, so verification adds little wall time."""
+
+    def __init__(self, path: Path, size: int, multipart: bool, part_size: int):
+        super().__init__(name="s3-etag", daemon=True)
+        self._args = (path, size, multipart, part_size)
+        self.result: tuple[str, str] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = _expected_etag(*self._args)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            self.error = exc
+
+
+@register("s3")
+class S3Transport(Transport):
+    """Upload to ``in/``, list and download ``out/`` with fileX's STS credentials."""
+
+    def __init__(self, org: str, application: str, *, tokens: S3TokenCache, settings: S3Settings,
+                 endpoint_url: str | None = None, verify: bool | str = True,
+                 connect_timeout: float = 10, read_timeout: float = 60, max_attempts: int = 5):
+        super().__init__(org, application)
+        self._tokens = tokens
+        self._settings = settings
+        self._endpoint_url = endpoint_url
+        self._verify = verify
+        self._boto_config = BotoConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            # Streamed bodies with trailing checksums and no length are refused by non-AWS S3
+            # servers (MissingContentLength); integrity is checked by ETag below instead.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            # Pre-signed URLs for a custom endpoint would otherwise be SigV2.
+            signature_version="s3v4",
+            s3={"addressing_style": "path"} if endpoint_url else None,
+            # The endpoint comes from our config only, never from AWS_ENDPOINT_URL* on the host.
+            ignore_configured_endpoint_urls=True,
+        )
+        self._transfer_config = TransferConfig(
+            multipart_threshold=settings.multipart_threshold_mb * MIB,
+            multipart_chunksize=settings.part_size_mb * MIB,
+            max_concurrency=settings.max_concurrency,
+            use_threads=True,
+            # Deterministic behaviour (and ETag arithmetic): never switch to the CRT client.
+            preferred_transfer_client="classic",
+        )
+        self._lock = threading.Lock()
+        self._client = None  # built lazily: constructing a transport must not call fileX
+        self._client_creds: RefreshableCredentials | None = None
+        self._responses = _ResponseWatch()
+
+    def __repr__(self) -> str:
+        return f"S3Transport(org={self.org!r}, application={self.application!r})"
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _who(self) -> str:
+        return f"org {self.org} application {self.application}"
+
+    def _s3(self):
+        with self._lock:
+            creds = self._tokens.credentials(self.org, self.application)
+            if self._client is None or creds is not self._client_creds:
+                session = self._tokens.session(self.org, self.application)
+                self._client = session.client(
+                    "s3", endpoint_url=self._endpoint_url, verify=self._verify, config=self._boto_config
+                )
+                self._client_creds = session.get_credentials()
+                self._responses.attach(self._client)
+            return self._client
+
+    def _write_location(self) -> _Location:
+        tokens = self._tokens.get(self.org, self.application)
+        if not tokens.writePaths:
+            raise PermanentError(f"S3 transfer tokens for {self._who()} have no writePaths: not entitled to upload")
+        return _parse_path(tokens.writePaths[0], self.org, self.application, "writePaths[0]")
+
+    def _read_location(self) -> _Location:
+        tokens = self._tokens.get(self.org, self.application)
+        for p in tokens.readPaths:
+            if p.strip().rstrip("/").endswith("/out"):
+                return _parse_path(p, self.org, self.application, "readPaths entry")
+        raise PermanentError(
+            f"S3 transfer tokens for {self._who()} have no readPaths entry ending in out/ "
+            f"(seen: {list(tokens.readPaths)!r})"
+        )
+
+    def _forget_credentials(self) -> None:
+        with self._lock:
+            creds = self._client_creds
+        key_id = creds.get_frozen_credentials().access_key if creds is not None else None
+        self._tokens.invalidate(self.org, self.application, access_key_id=key_id)
+
+    def _map(self, exc: BaseException, action: str) -> FilexError:
+        """Translate a boto error into the agent's taxonomy; messages carry codes, never secrets."""
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            msg = str(err.get("Message", ""))[:200]
+            text = f"S3 {action} for {self._who()} failed: {code or status} {msg}".rstrip()
+            if code in _CREDENTIAL_CODES:
+                return AuthError(text + " (credentials refused again after a refetch)")
+            if code in _DENIED_CODES or status == 403:
+                return NotEntitledError(f"S3 {action} for {self._who()} denied ({code or status}): "
+                                        f"not entitled to this application")
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
+                return TransientError(text)
+            return PermanentError(text)
+        if isinstance(exc, ParamValidationError):
+            return PermanentError(f"S3 {action} for {self._who()}: invalid request: {exc}")
+        if isinstance(exc, BotoCoreError):
+            return TransientError(f"S3 {action} for {self._who()} failed: {type(exc).__name__}: {exc}")
+        if isinstance(exc, OSError):
+            return TransientError(f"S3 {action} for {self._who()} failed: {type(exc).__name__}: {exc}")
+        raise exc
+
+    def _with_credential_retry(self, action: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; on a credential refusal refetch the tokens once and run it again."""
+        for attempt in (1, 2):
+            try:
+                return fn()
+            except FilexError:
+                raise
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                # HEAD errors have no body: an expired or unknown token is a bare 400/403 there.
+                bare = code in ("400", "403") and exc.operation_name == "HeadObject"
+                if (code in _CREDENTIAL_CODES or bare) and attempt == 1:
+                    log.warning("S3 %s for %s: credentials refused (%s); fetching new ones and retrying once",
+                                action, self._who(), code)
+                    self._forget_credentials()
+                    continue
+                raise self._map(exc, action) from exc
+            except (BotoCoreError, OSError) as exc:
+                raise self._map(exc, action) from exc
+            except RuntimeError as exc:
+                if "refreshed credentials are still expired" not in str(exc):
+                    raise
+                # botocore: fetch() returned credentials that are already expired.
+                raise TransientError(f"S3 {action} for {self._who()}: fileX issued credentials that are already "
+                                     "expired (is this machine's clock right?)") from exc
+        raise AssertionError("unreachable")
+
+    # -- Transport ------------------------------------------------------------------------------
+    def upload(self, local: Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+        reason = valid_remote_name(remote_name)
+        if reason:
+            raise PermanentError(f"cannot upload {remote_name!r} for {self._who()}: {reason}")
+        local = Path(local)
+        started = _utcnow()
+        loc = self._write_location()
+        key = loc.prefix + remote_name
+        try:
+            before = os.stat(local)
+        except OSError as exc:
+            raise PermanentError(f"cannot read {local}: {exc.strerror}") from None
+        size = before.st_size
+        multipart = size >= self._transfer_config.multipart_threshold
+        part_size = ChunksizeAdjuster().adjust_chunksize(self._transfer_config.multipart_chunksize, size)
+
+        def attempt() -> dict[str, str]:
+            client = self._s3()
+            hasher = _Hasher(local, size, multipart, part_size)
+            hasher.start()
+            subscribers = [_Progress(progress)] if progress else None
+            try:
+                with self._responses.watch(loc.bucket, key) as written:
+                    # A failed transfer aborts its multipart upload before result() raises (s3transfer
+                    # failure cleanups), so no partial object is ever left.
+                    with create_transfer_manager(client, self._transfer_config) as manager:
+                        future = manager.upload(str(local), loc.bucket, key, subscribers=subscribers)
+                        future.result()
+            finally:
+                hasher.join()
+            if hasher.error is not None:
+                raise hasher.error
+            assert hasher.result is not None
+            return {"etag": written.get("etag", ""), "sse": written.get("sse", ""),
+                    "expected": hasher.result[0], "md5": hasher.result[1]}
+
+        log.info("uploading %s to s3://%s/%s (%d bytes, %s) for %s", local.name, loc.bucket, key, size,
+                 "multipart" if multipart else "single part", self._who())
+        out = self._with_credential_retry("upload", attempt)
+        etag, expected_etag = out["etag"], out["expected"]
+        after = os.stat(local)
+        changed = (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+        # With SSE-KMS the ETag is not an MD5 of the data; S3 checked each part's length, and that
+        # is all it lets us compare without a HeadObject the write-only policy may deny.
+        kms = out["sse"].startswith("aws:kms")
+        problem = None
+        if changed:
+            problem = "local file changed during the upload"
+        elif not etag:
+            problem = "S3 returned no ETag"
+        elif not kms and etag != expected_etag:
+            problem = f"ETag {etag} does not match the expected {expected_etag}"
+        if problem:
+            self._delete_bad_object(loc.bucket, key, problem)
+            if changed:
+                raise RemoteChangedError(f"upload of {local.name} for {self._who()} discarded: {problem}")
+            raise TransientError(f"upload of {local.name} for {self._who()} failed integrity check: {problem}; "
+                                 "object deleted")
+        finished = _utcnow()
+        log.info("uploaded %s to s3://%s/%s (%d bytes, ETag %s) for %s", local.name, loc.bucket, key, size,
+                 etag, self._who())
+        return UploadResult(
+            remote_name=remote_name,
+            upload_location=loc.prefix.rstrip("/"),
+            size=size,
+            started_at=started,
+            finished_at=finished,
+            tracking_id=None,
+            detail={"etag": etag, "md5": out["md5"], "bucket": loc.bucket, "key": key,
+                    "parts": str(etag.split("-")[1]) if "-" in etag else "1",
+                    "integrity": "none (SSE-KMS ETag is not an MD5)" if kms else "etag"},
+        )
+
+    def _delete_bad_object(self, bucket: str, key: str, problem: str) -> None:
+        try:
+            self._with_credential_retry("delete", lambda: self._s3().delete_object(Bucket=bucket, Key=key))
+        except FilexError as exc:
+            # A bad object we cannot remove may be taken as a filing: a person must look at it.
+            raise PermanentError(
+                f"s3://{bucket}/{key} for {self._who()} failed its integrity check ({problem}) and could not "
+                f"be deleted ({exc}): fileX may have received a corrupt file"
+            ) from exc
+        log.warning("deleted s3://%s/%s for %s: %s", bucket, key, self._who(), problem)
+
+    def list_feedback(self) -> list[RemoteFile]:
+        loc = self._read_location()
+
+        def run() -> list[RemoteFile]:
+            files: list[RemoteFile] = []
+            skipped: list[str] = []
+            pages = self._s3().get_paginator("list_objects_v2").paginate(
+                Bucket=loc.bucket, Prefix=loc.prefix, Delimiter="/"
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(loc.prefix):]
+                    if name:
+                        files.append(RemoteFile(name=name, size=int(obj.get("Size", 0)),
+                                                modified=obj.get("LastModified")))
+                skipped.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+            if skipped:
+                # fileX names cannot contain '/': never expected, but never silently ignored either.
+                log.warning("feedback for %s: ignoring %d sub-folder(s) of out/: %s", self._who(), len(skipped),
+                            ", ".join(skipped[:5]))
+            return files
+
+        return self._with_credential_retry("list out/", run)
+
+    def download_feedback(self, name: str, dest: BinaryIO, progress: ProgressFn | None = None) -> int:
+        reason = valid_remote_name(name)
+        if reason:
+            raise PermanentError(f"cannot download {name!r} for {self._who()}: {reason}")
+        loc = self._read_location()
+        key = loc.prefix + name
+        # Credential retry only around the request: once bytes are in dest a retry would duplicate them.
+        resp = self._with_credential_retry(f"download of {name}", lambda: self._s3().get_object(Bucket=loc.bucket, Key=key))
+        expected = int(resp.get("ContentLength", -1))
+        written = 0
+        body = resp["Body"]
+        try:
+            for chunk in body.iter_chunks(_DOWNLOAD_CHUNK):
+                dest.write(chunk)
+                written += len(chunk)
+                if progress:
+                    progress(len(chunk))
+        except (BotoCoreError, OSError) as exc:
+            raise self._map(exc, f"download of {name}") from exc
+        finally:
+            body.close()
+        if expected >= 0 and written != expected:
+            raise TransientError(f"S3 download of {name} for {self._who()}: got {written} of {expected} bytes")
+        return written
+
+    def find_uploaded(self, remote_name: str) -> RemoteFile | None:
+        loc = self._write_location()
+        key = loc.prefix + remote_name
+        try:
+            head = self._with_credential_retry(f"head of {remote_name}", lambda: self._s3().head_object(Bucket=loc.bucket, Key=key))
+        except PermanentError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and (
+                str(cause.response.get("Error", {}).get("Code", "")) in _NOT_FOUND_CODES
+                or cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+            ):
+                return None
+            raise
+        return RemoteFile(name=remote_name, size=int(head.get("ContentLength", 0)), modified=head.get("LastModified"))
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client, self._client_creds = self._client, None, None
+        if client is not None:
+            client.close()
