@@ -238,8 +238,8 @@ class Service:
             return False
         try:
             reload(new)
-        except FilexError as exc:
-            log.error("reload refused, the running configuration is kept: %s", exc)
+        except (FilexError, OSError) as exc:  # e.g. a new outbox that cannot be created
+            log.error("reload failed, the running configuration is kept: %s", exc)
             if notifier is not None:
                 notifier.stop()
             return False

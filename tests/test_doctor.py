@@ -78,3 +78,29 @@ def test_missing_secret_file(sandbox, tmp_path, capsys):
     assert rc == 1
     line = next(line for line in lines if line.startswith("FAIL  credentials.sandbox.client_secret"))
     assert "cannot read secret file" in line and "fix: create" in line
+
+
+def test_sftp_route_login_host_key_and_org(sandbox, tmp_path, capsys):
+    import re
+
+    import pytest
+
+    from tests.conftest import sftp_supported
+
+    if not sftp_supported() or sandbox.sftp is None:
+        pytest.skip("SFTP transport not in this build")
+    path = write_sandbox_config(sandbox, tmp_path / "agent")
+    rc, lines = _run(capsys, path)
+    assert rc == 0, "\n".join(lines)
+    login = next(line for line in lines if "SFTP login" in line)
+    assert login.startswith("OK") and "host key verified" in login and "cipher" in login
+    assert any(line.startswith("OK") and "/0002/app1 visible" in line for line in lines)
+
+    # A server key that does not match the pinned fingerprint: FAIL, with how to pin the right one.
+    path.write_text(re.sub(r"host_key_fingerprints = \[.*\]",
+                           'host_key_fingerprints = ["SHA256:' + "A" * 43 + '"]', path.read_text()))
+    rc, lines = _run(capsys, path)
+    assert rc == 1
+    fail = next(line for line in lines if line.startswith("FAIL"))
+    assert "host key" in fail and "fix: verify the server's key with FINRA" in fail
+    assert sandbox.sftp_password not in "\n".join(lines)
