@@ -57,25 +57,24 @@ class _AuditIndex:
 
     def refresh(self) -> None:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
+            f = open(self.path, "rb")
         except FileNotFoundError:
             return
-        end = data.rfind(b"\n")
-        if end < 0:
-            return
-        for line in data[:end].split(b"\n"):
-            m = _STATE_RE.search(line)
-            if m:
-                sub_id, seq = int(m.group(1)), int(m.group(2))
-                if seq > self.seq.get(sub_id, 0):
-                    self.seq[sub_id] = seq
-                continue
-            m = _FEEDBACK_RE.search(line)
-            if m:
-                self.feedback.add(int(m.group(2)))
-        self.offset += end + 1
+        with f:
+            f.seek(self.offset)
+            for line in f:  # streamed: the file grows for years, never read whole
+                if not line.endswith(b"\n"):
+                    break  # a line being written (or a torn one): read again next time
+                self.offset += len(line)
+                m = _STATE_RE.search(line)
+                if m:
+                    sub_id, seq = int(m.group(1)), int(m.group(2))
+                    if seq > self.seq.get(sub_id, 0):
+                        self.seq[sub_id] = seq
+                    continue
+                m = _FEEDBACK_RE.search(line)
+                if m:
+                    self.feedback.add(int(m.group(2)))
 
 
 def _snapshot(sub: Submission) -> dict[str, Any]:

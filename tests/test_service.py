@@ -242,3 +242,50 @@ def test_sigterm_stops_cleanly_and_the_audit_log_verifies(agent):
     cli = subprocess.run([sys.executable, "-m", "filex_agent", "audit", "--config", str(agent.config), "--verify"],
                          cwd=REPO, capture_output=True, text=True, timeout=30)
     assert cli.returncode == 1 and "line 3" in cli.stdout
+
+
+# -- CLI pieces the service relies on (in-process, fast) -----------------------------------------
+
+def _minimal_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\ndata_dir = {json.dumps(str(tmp_path / "data"))}\n')
+    return cfg
+
+
+def test_audit_cli_since_and_json(tmp_path, capsys):
+    from datetime import datetime, timedelta, timezone
+
+    from filex_agent.cli import main
+
+    cfg = _minimal_config(tmp_path)
+    assert main(["audit", "--config", str(cfg)]) == 1  # no log yet: said, not a crash
+    path = tmp_path / "data" / "audit.jsonl"
+    with AuditLog(path) as audit:
+        audit.append("agent.started", routes=["r1"])
+        audit.append("submission.state", submission_id=1, seq=1, state="QUEUED", file="a.csv")
+    capsys.readouterr()
+    assert main(["audit", "--config", str(cfg), "--json"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["event"] for r in recs] == ["agent.started", "submission.state"]
+    tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()
+    assert main(["audit", "--config", str(cfg), "--json", "--since", tomorrow]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["audit", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "a.csv" in out and "2 record(s)" in out
+    assert main(["audit", "--config", str(cfg), "--since", "last tuesday"]) == 2
+
+
+def test_submit_progress_bar_follows_bytes_and_restarts_on_retry():
+    from types import SimpleNamespace
+
+    from filex_agent.cli import _SubmitProgress
+
+    bar = _SubmitProgress("big.bin", 1000)
+    task = bar._progress.tasks[0]
+    bar.bytes_sent("r", "rest", 600)
+    assert task.completed == 600
+    bar.submission_changed(SimpleNamespace(file_name="big.bin"), "retry")
+    assert task.completed == 0 and "retrying" in task.description
+    bar.bytes_sent("r", "rest", 1000)
+    assert task.completed == task.total == 1000
