@@ -339,9 +339,7 @@ def _audit_reader(path: Path):
     real appender would need write access (auditors may only have read access)."""
     from filex_agent.audit import AuditLog
 
-    reader = object.__new__(AuditLog)
-    reader.path = path
-    return reader
+    return AuditLog.open_readonly(path)
 
 
 def _parse_since(value: str | None):

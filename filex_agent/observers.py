@@ -214,16 +214,12 @@ class MetricsHooks(Hooks):
         The providers only keep running totals (``FipTokenProvider.refreshes``,
         ``S3TokenCache.fetch_count``); keyed by object so a reload that rebuilds them starts over.
         """
-        # Connections has no public accessor for its providers (yet); read-only use of its caches.
-        for kind, cache, attr in (("fip", getattr(connections, "_tokens", {}), "refreshes"),
-                                  ("s3", getattr(connections, "_s3_tokens", {}), "fetch_count")):
-            for provider in list(cache.values()):
-                count = int(getattr(provider, attr, 0) or 0)
-                key = (kind, id(provider))
-                last = self._token_counts.get(key, 0)
-                if count > last:
-                    self.metrics.token_refreshes_total.labels(kind).inc(count - last)
-                self._token_counts[key] = count
+        for kind, provider, count in connections.token_counts():
+            key = (kind, id(provider))
+            last = self._token_counts.get(key, 0)
+            if count > last:
+                self.metrics.token_refreshes_total.labels(kind).inc(count - last)
+            self._token_counts[key] = count
 
 
 # -- notifications -----------------------------------------------------------------------------

@@ -271,5 +271,3 @@ def run_service(cfg: Config, config_path: Path | None) -> int:
 
 def _configure_logging(cfg: Config) -> None:
     configure_logging(cfg.agent.log_level, cfg.agent.log_format)
-    # APScheduler logs every job run at INFO (several lines a second): years of journald noise.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)

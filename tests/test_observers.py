@@ -193,7 +193,16 @@ def test_token_refreshes_polled_as_deltas(store):
     hooks = MetricsHooks(m, store)
     fip = SimpleNamespace(refreshes=1)
     s3 = SimpleNamespace(fetch_count=2)
-    conns = SimpleNamespace(_tokens={"c": fip}, _s3_tokens={"c": s3})
+
+    class Conns:  # the Connections.token_counts() contract
+        def __init__(self):
+            self.fip, self.s3 = {"c": fip}, {"c": s3}
+
+        def token_counts(self):
+            return ([("fip", p, p.refreshes) for p in self.fip.values()]
+                    + [("s3", c, c.fetch_count) for c in self.s3.values()])
+
+    conns = Conns()
     hooks.poll_token_refreshes(conns)
     fip.refreshes = 3
     hooks.poll_token_refreshes(conns)
@@ -201,7 +210,7 @@ def test_token_refreshes_polled_as_deltas(store):
     assert value(m, "filex_token_refreshes_total", kind="fip") == 3
     assert value(m, "filex_token_refreshes_total", kind="s3") == 2
     # A reload builds new providers: their counts start over and are added, not subtracted.
-    conns._tokens = {"c": SimpleNamespace(refreshes=1)}
+    conns.fip = {"c": SimpleNamespace(refreshes=1)}
     hooks.poll_token_refreshes(conns)
     assert value(m, "filex_token_refreshes_total", kind="fip") == 4
 
