@@ -70,6 +70,16 @@ class AuditLog:
         self._lock = threading.Lock()
         self._closed = False
 
+    @classmethod
+    def open_readonly(cls, path: Path | str) -> "AuditLog":
+        """For verify() and read() only: an auditor may have read access and nothing more."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._fd = -1
+        self._lock = threading.Lock()
+        self._closed = True  # append() refuses
+        return self
+
     # -- writing ---------------------------------------------------------------------------
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:

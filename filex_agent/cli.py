@@ -1,4 +1,4 @@
-"""Command line: `filex-agent run|routes|status|submit|ls|track|release|profiles`.
+"""Command line: `filex-agent run|routes|status|submit|ls|track|release|profiles|audit|doctor`.
 
 Exit codes: 0 ok, 1 operation failed, 2 bad configuration or usage.
 """
@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from filex_agent.config import Config, ConfigError, load_config
 from filex_agent.errors import FilexError
+from filex_agent.hooks import Hooks
 
 log = logging.getLogger("filex_agent")
 
@@ -50,20 +51,19 @@ def _emit(args, rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 # -- commands ----------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from filex_agent.daemon import Daemon
+    from filex_agent.service import run_service
 
     if args.sandbox:
         return _run_sandbox(args)
     if not args.config:
         raise ConfigError("--config", "required (or use --sandbox --data-dir DIR)")
     cfg = _load(args)
-    _setup_logging(cfg.agent.log_level, cfg.agent.log_format)
-    return Daemon(cfg).run_forever()
+    return run_service(cfg, Path(args.config))
 
 
 def _run_sandbox(args) -> int:
-    from filex_agent.daemon import Daemon
     from filex_agent.sandbox import Sandbox
+    from filex_agent.service import run_service
     from filex_agent.sandbox.agent_config import write_sandbox_config
 
     _setup_logging("INFO")
@@ -80,7 +80,7 @@ def _run_sandbox(args) -> int:
             print(f"  {r.outbox}    ({r.transport}, org {r.org}, application {r.application})")
         print(f"status: filex-agent status --config {path}")
         sys.stdout.flush()
-        return Daemon(cfg).run_forever()
+        return run_service(cfg, path)
     finally:
         sb.stop()
 
@@ -122,15 +122,47 @@ def status_rows(cfg: Config) -> list[dict[str, Any]]:
         store.close()
 
 
+_STATE_STYLE = {"ACCEPTED": "green", "REJECTED": "bold red", "PARTIALLY_REJECTED": "bold yellow",
+                "FAILED": "bold red", "HELD": "magenta", "SUBMITTED": "cyan", "UPLOADING": "blue", "QUEUED": "blue"}
+
+
+def _human_size(n: int | None) -> str:
+    if n is None:
+        return ""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)  # pragma: no cover
+
+
 def cmd_status(args) -> int:
     cfg = _load(args)
     rows = status_rows(cfg)
-    if not args.json:
-        for r in rows:
-            r["size"] = r["size"] if r["size"] is not None else ""
-            r["note"] = r["reason"] or r["flag"] or ""
-            r["feedback"] = "\n".join(r["feedback"])
-    _emit(args, rows, ["id", "file", "route", "transport", "size", "tracking_id", "state", "note", "feedback"])
+    if args.json:
+        _emit(args, rows, [])
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(width=200 if not sys.stdout.isatty() else None)
+    table = Table("id", "file", "route", "transport", "size", "tracking id", "state", "updated (UTC)",
+                  "reason / flag", "feedback", title=f"filex-agent journal: {cfg.journal_path}",
+                  show_lines=False, expand=False)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+        note = r["reason"] or ""
+        if r["flag"]:
+            note = (note + "\n" if note else "") + "⚑ " + r["flag"]
+        table.add_row(str(r["id"]), r["file"], r["route"], r["transport"], _human_size(r["size"]),
+                      r["tracking_id"] or "", Text(r["state"], style=_STATE_STYLE.get(r["state"], "")),
+                      r["updated_at"][:19].replace("T", " "), note, "\n".join(r["feedback"]))
+    console.print(table)
+    summary = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())) or "no submissions yet"
+    console.print(f"{len(rows)} submission(s): {summary}")
     return 0
 
 
@@ -139,6 +171,7 @@ def cmd_submit(args) -> int:
     import tempfile
 
     from filex_agent.daemon import Daemon
+    from filex_agent.hooks import MultiHooks
     from filex_agent.submitter import spool_dir
 
     cfg = _load(args)
@@ -155,12 +188,22 @@ def cmd_submit(args) -> int:
         shutil.copyfileobj(inp, out, 1 << 20)
     staged = staging / src.name
     Path(tmp).rename(staged)
-    d = Daemon(cfg)
+    audit = _cli_audit_hooks(cfg)
+    progress = _SubmitProgress(src.name, staged.stat().st_size) if _wants_progress(staged) else None
+    hooks = [h for h in (audit, progress) if h is not None]
+    d = Daemon(cfg, hooks=MultiHooks(*hooks) if hooks else None)
     try:
-        sub = d.submit_once(route, staged)
+        if progress is not None:
+            with progress:
+                sub = d.submit_once(route, staged)
+        else:
+            sub = d.submit_once(route, staged)
     finally:
         d.connections.close()
         d.store.close()
+        if audit is not None:
+            audit.audit.close()
+            audit.store.close()
     print(json.dumps({"id": sub.id, "state": sub.state.value, "tracking_id": sub.tracking_id,
                       "reason": sub.reason}))
     return 0 if sub.state.value in ("SUBMITTED", "ACCEPTED") else 1
@@ -206,12 +249,16 @@ def cmd_release(args) -> int:
     from filex_agent.daemon import Daemon
 
     cfg = _load(args)
-    d = Daemon(cfg)
+    audit = _cli_audit_hooks(cfg)
+    d = Daemon(cfg, hooks=audit)
     try:
         sub = d.submitter.release(args.id)
     finally:
         d.connections.close()
         d.store.close()
+        if audit is not None:
+            audit.audit.close()
+            audit.store.close()
     print(f"submission {sub.id} released: it will be uploaded by the running agent")
     return 0
 
@@ -232,6 +279,128 @@ def cmd_profiles(args) -> int:
         conns.close()
     _emit(args, rows, ["credential", "org", "applications"])
     return 0
+
+
+# -- submit helpers ----------------------------------------------------------------------------
+PROGRESS_MIN_BYTES = 8 << 20  # below this an upload is over before a bar is worth drawing
+
+
+def _wants_progress(path: Path) -> bool:
+    return sys.stdout.isatty() and path.stat().st_size >= PROGRESS_MIN_BYTES
+
+
+def _cli_audit_hooks(cfg: Config):
+    """Audit lines for what a CLI command changes in the journal; None if the log is not writable
+    by this user (the running agent then writes them when it next touches the submission)."""
+    from filex_agent.audit import AuditLog
+    from filex_agent.observers import AuditHooks
+    from filex_agent.store import open_store
+
+    try:
+        audit = AuditLog(cfg.audit_path)
+    except OSError as exc:
+        log.warning("audit log %s not writable by this user (%s); the agent records these changes later",
+                    cfg.audit_path, exc.strerror)
+        return None
+    store = open_store(cfg.journal_path)  # the hooks' own handle: read-only use (events, feedback)
+    return AuditHooks(audit, store)
+
+
+class _SubmitProgress(Hooks):
+    """A rich progress bar fed by the upload's ``bytes_sent`` hook; restarts on a retry."""
+
+    def __init__(self, name: str, total: int):
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+        self._task = self._progress.add_task(f"uploading {name}", total=total)
+
+    def __enter__(self) -> "_SubmitProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def submission_changed(self, sub, event: str) -> None:  # noqa: ANN001
+        if event == "retry":
+            self._progress.update(self._task, completed=0, description=f"retrying {sub.file_name}")
+
+    def bytes_sent(self, route: str, transport: str, n: int) -> None:
+        self._progress.advance(self._task, n)
+
+
+
+# -- audit and doctor --------------------------------------------------------------------------
+def _audit_reader(path: Path):
+    """An AuditLog for reading only: verify() and read() need just the path, and opening the
+    real appender would need write access (auditors may only have read access)."""
+    from filex_agent.audit import AuditLog
+
+    return AuditLog.open_readonly(path)
+
+
+def _parse_since(value: str | None):
+    from datetime import datetime, timezone
+
+    if not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError("--since", f"{value!r} is not a date (YYYY-MM-DD) or ISO date-time") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def cmd_audit(args) -> int:
+    cfg = _load(args)
+    path = cfg.audit_path
+    if not path.is_file():
+        print(f"filex-agent: no audit log at {path} (the agent writes it once it runs)", file=sys.stderr)
+        return 1
+    reader = _audit_reader(path)
+    if args.verify:
+        res = reader.verify()
+        if res.ok:
+            print(f"{path}: OK, {res.lines} line(s), hash chain intact")
+            return 0
+        print(f"{path}: line {res.first_bad_line}: {res.problem}")
+        return 1
+    since = _parse_since(args.since)
+    if args.json:
+        for rec in reader.read(since):
+            print(json.dumps(rec, ensure_ascii=False))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("time (UTC)", "event", "id", "file", "route", "state", "detail", "tracking id")
+    n = 0
+    for rec in reader.read(since):
+        n += 1
+        state = rec.get("state") or ""
+        if rec.get("event") == "submission.feedback":
+            detail = f"feedback {rec.get('feedback_file')}"
+        elif rec.get("event") == "submission.flagged":
+            detail = rec.get("flag") or ""
+        elif rec.get("event", "").startswith("agent."):
+            detail = ", ".join(f"{k}={v}" for k, v in rec.items() if k in ("routes", "added", "removed"))
+        else:
+            detail = rec.get("detail") or ""
+        table.add_row(str(rec.get("time", ""))[:19].replace("T", " "), str(rec.get("event", "")),
+                      str(rec.get("submission_id") or ""), rec.get("file") or "", rec.get("route") or "",
+                      state, detail, rec.get("tracking_id") or "")
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    print(f"{n} record(s){' since ' + since.isoformat() if since else ''}; verify with --verify")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from filex_agent.doctor import run_doctor
+
+    return run_doctor(Path(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("id", type=int)
     pr = add("profiles", cmd_profiles, "orgs and applications an SFTP login can act for (OBO)", json_flag=True)
     pr.add_argument("--credential")
+    au = add("audit", cmd_audit, "print the audit trail, or --verify its hash chain", json_flag=True)
+    au.add_argument("--verify", action="store_true", help="check every line; exit 1 naming the first bad one")
+    au.add_argument("--since", metavar="DATE", help="only records at or after DATE (YYYY-MM-DD or ISO time, UTC)")
+    add("doctor", cmd_doctor, "check config, credentials, entitlements and connectivity, one line per check")
     return p
 
 

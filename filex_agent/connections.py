@@ -117,6 +117,13 @@ class Connections:
                     connect_timeout=self.config.network.connect_timeout, channels=s.connections)
             return self._sftp[credential]
 
+    def token_counts(self) -> list[tuple[str, object, int]]:
+        """(kind, provider, tokens fetched so far) for every FIP and S3 token cache (metrics)."""
+        with self._lock:
+            fip = [("fip", p, int(getattr(p, "refreshes", 0))) for p in self._tokens.values()]
+            s3 = [("s3", c, int(getattr(c, "fetch_count", 0))) for c in self._s3_tokens.values()]
+        return fip + s3
+
     def transport(self, route: RouteSettings, kind: str | None = None) -> Transport:
         kind = kind or route.transports[0]
         if kind == "rest":

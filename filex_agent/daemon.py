@@ -122,14 +122,15 @@ class Daemon:
         retired = [r for r in self.config.routes if r.name not in new_names
                    and any(not s.is_final for s in self.store.list(route=r.name))]
         effective = config.model_copy(update={"routes": list(config.routes) + retired})
+        if self.watcher is not None:
+            # First: it raises (new outbox cannot be created) before anything has changed.
+            self.watcher.set_routes(list(config.routes))
         old = self.connections
         self.config = effective
         self.connections = Connections(effective, on_retry=self.hooks.retry)
         for part in (self.submitter, self.tracker, self.feedback):
             part.config = effective
             part.connections = self.connections
-        if self.watcher is not None:
-            self.watcher.set_routes(list(config.routes))
         self._old_connections.append(old)  # closed at stop: uploads in flight may still use them
         log.info("configuration reloaded: %d route(s)%s", len(config.routes),
                  f", {len(retired)} retired route(s) finishing their work" if retired else "")

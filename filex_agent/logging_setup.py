@@ -218,6 +218,7 @@ def configure_logging(level: str = "INFO", fmt: Literal["text", "json"] = "text"
     logging.captureWarnings(True)
     # Libraries that log every request (httpx at INFO) or headers (botocore at DEBUG): the
     # agent logs what matters itself. Redaction would still apply; this is about noise.
-    for noisy in ("httpx", "httpcore", "botocore", "boto3", "s3transfer", "urllib3", "paramiko"):
+    # apscheduler logs every job run at INFO (several lines a second).
+    for noisy in ("httpx", "httpcore", "botocore", "boto3", "s3transfer", "urllib3", "paramiko", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return handler

@@ -380,6 +380,18 @@ def _port_open(url: str) -> bool:
         return False
 
 
+def test_sftp_false_never_imports_the_sftp_server(tmp_path: Path) -> None:
+    # In a fresh interpreter: other tests of this run import the SFTP server on purpose.
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from filex_agent.sandbox import Sandbox\n"
+            f"b = Sandbox(Path({str(tmp_path)!r})); b.start(); b.stop()\n"
+            "assert 'filex_agent.sandbox.sftp_server' not in sys.modules, 'imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_stop_releases_ports_and_threads(tmp_path: Path) -> None:
     import threading
 
@@ -388,7 +400,7 @@ def test_stop_releases_ports_and_threads(tmp_path: Path) -> None:
     box.start()
     api_url, s3_url = box.api_base_url, box.s3_endpoint_url
     assert _port_open(api_url) and _port_open(s3_url)
-    assert box.sftp is None and "filex_agent.sandbox.sftp_server" not in sys.modules
+    assert box.sftp is None
     box.stop()
     assert not _port_open(api_url) and not _port_open(s3_url)
     # A handler thread of a connection just closed (the probes above) may take a moment to see EOF.

@@ -126,6 +126,8 @@ def test_registered_as_rest() -> None:
 def test_upload_streams_file_and_keeps_tracking_id(fake: Fake, sample: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
+    # configure_logging() (other tests) quiets httpx; this test reads httpx's own request line.
+    caplog.set_level(logging.DEBUG, logger="httpx")
     progress: list[int] = []
     result = fake.transport.upload(sample, "report.txt", progress=progress.append)
     assert result.tracking_id == "trk-1"

@@ -1,0 +1,438 @@
+"""The pipeline's observers: audit trail, metrics, notifications and periodic problem checks.
+
+Each is a ``Hooks`` the daemon calls after a journal change (through ``MultiHooks``, which
+logs and swallows their errors: an observer never breaks a filing).
+
+``AuditHooks`` mirrors the journal into the audit log *event by event*: on every call it
+appends each journal event of that submission not yet in the audit file (numbered ``seq``,
+1-based, in journal order). The audit file itself is the index of what was written, re-read
+incrementally before each catch-up, so a restart, a crash between journal and audit, or an
+event written by another process (``filex-agent submit``/``release``) never loses or doubles
+a line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from filex_agent.audit import AuditLog
+from filex_agent.config import Config
+from filex_agent.hooks import Hooks
+from filex_agent.metrics import Metrics
+from filex_agent.notify import Notification, Notifier
+from filex_agent.store import FINAL_STATES, PENDING_STATES, State, Store, Submission, utcnow
+
+log = logging.getLogger(__name__)
+
+# -- audit -------------------------------------------------------------------------------------
+
+STATE_EVENT = "submission.state"
+FEEDBACK_EVENT = "submission.feedback"
+FLAG_EVENT = "submission.flagged"
+# AuditLog writes keys in insertion order, compact: these match the lines AuditHooks writes.
+_STATE_RE = re.compile(rb'"event":"submission\.state","submission_id":(\d+),"seq":(\d+)')
+_FEEDBACK_RE = re.compile(rb'"event":"submission\.feedback","submission_id":(\d+),"feedback_id":(\d+)')
+
+
+class _AuditIndex:
+    """What the audit file already holds: last journal ``seq`` and feedback ids per submission.
+
+    Reads the file from where it stopped last time (whole lines only), so the cost after
+    start-up is proportional to what was appended since.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.seq: dict[int, int] = {}
+        self.feedback: set[int] = set()
+
+    def refresh(self) -> None:
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        with f:
+            f.seek(self.offset)
+            for line in f:  # streamed: the file grows for years, never read whole
+                if not line.endswith(b"\n"):
+                    break  # a line being written (or a torn one): read again next time
+                self.offset += len(line)
+                m = _STATE_RE.search(line)
+                if m:
+                    sub_id, seq = int(m.group(1)), int(m.group(2))
+                    if seq > self.seq.get(sub_id, 0):
+                        self.seq[sub_id] = seq
+                    continue
+                m = _FEEDBACK_RE.search(line)
+                if m:
+                    self.feedback.add(int(m.group(2)))
+
+
+def _snapshot(sub: Submission) -> dict[str, Any]:
+    """The submission as the journal has it now (the event's own fields come separately)."""
+    return {
+        "file": sub.file_name, "size": sub.size, "sha256": sub.sha256, "route": sub.route, "org": sub.org,
+        "application": sub.application, "transport": sub.transport, "tracking_id": sub.tracking_id,
+        "current_state": sub.state.value, "reason": sub.reason, "flag": sub.flag, "local_path": sub.local_path,
+        "remote_status": sub.remote_status, "downstream_status": sub.downstream_status,
+    }
+
+
+class AuditHooks(Hooks):
+    """One audit line per journal event of every submission, plus one per feedback file filed."""
+
+    def __init__(self, audit: AuditLog, store: Store):
+        self.audit = audit
+        self.store = store
+        self._lock = threading.Lock()
+        self._index = _AuditIndex(audit.path)
+        started = time.monotonic()
+        self._index.refresh()
+        log.debug("audit index of %s read in %.2fs", audit.path, time.monotonic() - started)
+
+    def submission_changed(self, sub: Submission, event: str) -> None:
+        self.catch_up(sub.id, flagged=event == "flagged")
+
+    def catch_up(self, sub_id: int, flagged: bool = False) -> int:
+        """Append what the journal has for ``sub_id`` and the audit file lacks; returns lines written."""
+        with self._lock:
+            self._index.refresh()
+            sub = self.store.get(sub_id)
+            events = self.store.events(sub_id)
+            feedback = self.store.feedback_for(sub_id)
+            paths = [f.local_path for f in feedback if f.local_path]
+            snap = _snapshot(sub)
+            written = 0
+            done = self._index.seq.get(sub_id, 0)
+            for seq, ev in enumerate(events[done:], start=done + 1):
+                outcome = ev.state if ev.state in {s.value for s in FINAL_STATES} else None
+                self.audit.append(STATE_EVENT, submission_id=sub_id, seq=seq, at=ev.at.isoformat(),
+                                  state=ev.state, detail=ev.detail, outcome=outcome, **snap, feedback=paths)
+                self._index.seq[sub_id] = seq
+                written += 1
+            for f in feedback:
+                if f.id in self._index.feedback or not f.local_path:
+                    continue
+                self.audit.append(FEEDBACK_EVENT, submission_id=sub_id, feedback_id=f.id,
+                                  remote_name=f.remote_name, feedback_file=f.local_path, **snap, feedback=paths)
+                self._index.feedback.add(f.id)
+                written += 1
+            if flagged and sub.flag:
+                self.audit.append(FLAG_EVENT, submission_id=sub_id, **snap, feedback=paths)
+                written += 1
+            return written
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+_OUTCOME = {"uploaded": "submitted", "ACCEPTED": "accepted", "REJECTED": "rejected",
+            "PARTIALLY_REJECTED": "partially_rejected", "FAILED": "failed", "HELD": "held"}
+WAITING_STATES = (State.CLAIMING, State.QUEUED)
+
+
+def operation_label(op: str) -> str:
+    """A low-cardinality label for a retried operation ("fileX list 0001/app1/out" → "list")."""
+    o = op.lower()
+    for needle, label in (("s3 transfer tokens", "s3_tokens"), ("token", "token"), ("tracking", "tracking"),
+                          ("upload", "upload"), ("download", "download"), ("list", "list")):
+        if needle in o:
+            return label
+    return "other"
+
+
+class MetricsHooks(Hooks):
+    def __init__(self, metrics: Metrics, store: Store, clock: Callable[[], float] = time.time):
+        self.metrics = metrics
+        self.store = store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._routes: set[str] = set()
+        self._token_counts: dict[tuple[str, int], int] = {}
+        self.last_poll: float | None = None  # unix time of the last tracking cycle that succeeded
+        self.last_poll_failed: bool = False
+
+    def submission_changed(self, sub: Submission, event: str) -> None:
+        outcome = _OUTCOME.get(event)
+        if outcome:
+            self.metrics.submissions_total.labels(sub.route, sub.transport, outcome).inc()
+        if event == "uploaded" and sub.uploaded_at is not None:
+            if sub.upload_started_at is not None:
+                self.metrics.upload_seconds.labels(sub.route, sub.transport).observe(
+                    max(0.0, (sub.uploaded_at - sub.upload_started_at).total_seconds()))
+            self.metrics.drop_to_submitted_seconds.labels(sub.route).observe(
+                max(0.0, (sub.uploaded_at - sub.created_at).total_seconds()))
+        self._queue_depth(sub.route)
+
+    def bytes_sent(self, route: str, transport: str, n: int) -> None:
+        if n > 0:
+            self.metrics.bytes_sent_total.labels(route, transport).inc(n)
+
+    def retry(self, operation: str) -> None:
+        self.metrics.retries_total.labels(operation_label(operation)).inc()
+
+    def tracking_polled(self, ok: bool) -> None:
+        self.last_poll_failed = not ok
+        if ok:
+            self.last_poll = self._clock()
+            self.metrics.last_tracking_poll_success.set(self.last_poll)
+
+    def _queue_depth(self, route: str) -> None:
+        n = len(self.store.list(WAITING_STATES, route=route))
+        with self._lock:
+            self._routes.add(route)
+        self.metrics.queue_depth.labels(route).set(n)
+
+    def refresh(self, routes: Iterable[str]) -> None:
+        """Queue depth of every configured route (0 included); routes gone since are removed."""
+        routes = set(routes)
+        counts = {r: 0 for r in routes}
+        for sub in self.store.list(WAITING_STATES):
+            counts[sub.route] = counts.get(sub.route, 0) + 1
+        with self._lock:
+            gone = self._routes - set(counts)
+            self._routes = set(counts)
+        for r in gone:
+            try:
+                self.metrics.queue_depth.remove(r)
+            except KeyError:
+                pass
+        for r, n in counts.items():
+            self.metrics.queue_depth.labels(r).set(n)
+
+    def poll_token_refreshes(self, connections: Any) -> None:
+        """Count new FIP tokens and S3 transfer tokens since the last poll.
+
+        The providers only keep running totals (``FipTokenProvider.refreshes``,
+        ``S3TokenCache.fetch_count``); keyed by object so a reload that rebuilds them starts over.
+        """
+        for kind, provider, count in connections.token_counts():
+            key = (kind, id(provider))
+            last = self._token_counts.get(key, 0)
+            if count > last:
+                self.metrics.token_refreshes_total.labels(kind).inc(count - last)
+            self._token_counts[key] = count
+
+
+# -- notifications -----------------------------------------------------------------------------
+
+_FINAL_TEXT = {
+    "REJECTED": "FINRA rejected {file}: correct it and resubmit the whole file.",
+    "PARTIALLY_REJECTED": "FINRA partially rejected {file}: submit a new file with only the corrected data.",
+}
+
+
+def feedback_wait_seconds(config: Config) -> float:
+    """How long a REJECTED alert waits for its feedback file before it goes out without it.
+
+    The daemon collects feedback right after the tracking poll that saw the final status, so
+    feedback normally arrives within one cycle; two cycles (at least a minute) cover a slow
+    listing or a feedback file FINRA writes a little after the status.
+    """
+    return max(60.0, 2 * config.tracking.poll_interval_seconds)
+
+
+class NotifyHooks(Hooks):
+    """REJECTED / PARTIALLY_REJECTED / FAILED alerts, one per submission, naming the feedback.
+
+    A REJECTED alert is sent when the first feedback file of the submission is filed, or after
+    ``feedback_wait_seconds`` without one (``flush_due``, called every few seconds by the
+    service), so the alert says where the feedback is whenever FINRA provides it promptly and
+    is never held back for long when it does not.
+    """
+
+    def __init__(self, notifier: Notifier, store: Store, config: Config,
+                 clock: Callable[[], float] = time.monotonic, feedback_wait: float | None = None):
+        self.notifier = notifier
+        self.store = store
+        self.config = config
+        self._clock = clock
+        self._feedback_wait = feedback_wait
+        self._lock = threading.Lock()
+        self._pending: dict[int, float] = {}  # submission id -> deadline
+
+    @property
+    def feedback_wait(self) -> float:
+        return self._feedback_wait if self._feedback_wait is not None else feedback_wait_seconds(self.config)
+
+    def submission_changed(self, sub: Submission, event: str) -> None:
+        if event == "FAILED":
+            self._send(sub)
+        elif event in ("REJECTED", "PARTIALLY_REJECTED"):
+            if any(f.local_path for f in self.store.feedback_for(sub.id)):
+                self._send(sub)
+            else:
+                with self._lock:
+                    self._pending[sub.id] = self._clock() + self.feedback_wait
+        elif event == "feedback":
+            with self._lock:
+                due = self._pending.pop(sub.id, None) is not None
+            if due:
+                self._send(self.store.get(sub.id))
+
+    def flush_due(self, force: bool = False) -> int:
+        """Send the REJECTED alerts whose feedback did not come in time (all with ``force``,
+        at shutdown: an alert is never left unsent); returns how many."""
+        now = self._clock()
+        with self._lock:
+            due = [i for i, deadline in self._pending.items() if force or deadline <= now]
+            for i in due:
+                del self._pending[i]
+        for i in due:
+            self._send(self.store.get(i))
+        return len(due)
+
+    def pending(self) -> list[int]:
+        with self._lock:
+            return sorted(self._pending)
+
+    def _feedback_dir(self, sub: Submission) -> Path | None:
+        try:
+            return self.config.route(sub.route).folder("feedback", self.config.agent.data_dir)
+        except Exception:  # noqa: BLE001 - route removed by a reload
+            return None
+
+    def _send(self, sub: Submission) -> None:
+        kind = sub.state.value
+        feedback = [f.local_path for f in self.store.feedback_for(sub.id) if f.local_path]
+        where = f"org {sub.org}, application {sub.application}, route {sub.route}, via {sub.transport}"
+        if kind == "FAILED":
+            reason_file = f"{sub.local_path}.reason.txt"
+            text = (f"{sub.file_name} was not filed with FINRA ({where}).\n"
+                    f"Reason: {sub.reason or 'unknown'}\n"
+                    f"The file is at {sub.local_path}"
+                    + (f" with the reason beside it in {reason_file}" if os.path.exists(reason_file) else "")
+                    + ".\nNothing was uploaded; fix the problem and drop the file into the outbox again.")
+            subject = f"{sub.file_name} failed: not filed ({sub.route})"
+        else:
+            text = _FINAL_TEXT[kind].format(file=sub.file_name) + f"\n{where}; tracking id {sub.tracking_id or '-'}."
+            text += f"\nThe original is at {sub.local_path}."
+            if not feedback:
+                d = self._feedback_dir(sub)
+                text += ("\nNo feedback file from FINRA yet; it will be filed in "
+                         f"{d if d else 'the route feedback folder'} when it arrives "
+                         f"(`filex-agent status` shows it).")
+            subject = f"{sub.file_name} {kind.lower().replace('_', ' ')} by FINRA ({sub.route})"
+        self.notifier.notify(Notification(kind=kind, subject=subject, text=text, submission_id=sub.id,
+                                          file=sub.file_name, route=sub.route, feedback=feedback),
+                             key=f"{kind}:{sub.id}")
+
+
+# -- periodic problem checks -------------------------------------------------------------------
+
+class ProblemChecks(Hooks):
+    """STUCK (no final status after ``tracking.final_timeout_hours``) and ROUTE_DOWN (a route
+    that could not submit for ``notify.route_down_minutes``), checked by ``run()`` every minute.
+
+    An ongoing problem is notified on every run; the Notifier re-sends the same key only after
+    ``realert_seconds``, and ``resolve()`` is called when the problem clears, so its next
+    occurrence alerts at once. Also a ``Hooks``: it remembers each route's last successful upload.
+    """
+
+    def __init__(self, config: Config, store: Store, notifier: Notifier,
+                 clock: Callable[[], datetime] = utcnow):
+        self.config = config
+        self.store = store
+        self.notifier = notifier
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_upload: dict[str, datetime] = {}
+        self._active: set[str] = set()
+        self._seeded = False
+
+    def submission_changed(self, sub: Submission, event: str) -> None:
+        if event == "uploaded":
+            with self._lock:
+                when = sub.uploaded_at or self._clock()
+                if when > self._last_upload.get(sub.route, when - timedelta(seconds=1)):
+                    self._last_upload[sub.route] = when
+
+    def _seed(self) -> None:
+        """Last successful upload per route from the journal (once, at the first run)."""
+        last: dict[str, datetime] = {}
+        for sub in self.store.list():
+            if sub.uploaded_at is not None and (sub.route not in last or sub.uploaded_at > last[sub.route]):
+                last[sub.route] = sub.uploaded_at
+        with self._lock:
+            for route, when in last.items():
+                if route not in self._last_upload or when > self._last_upload[route]:
+                    self._last_upload[route] = when
+            self._seeded = True
+
+    @property
+    def active(self) -> set[str]:
+        """Keys of the problems currently open."""
+        return set(self._active)
+
+    def run(self) -> set[str]:
+        if not self._seeded:
+            self._seed()
+        now = self._clock()
+        problems: dict[str, Notification] = {}
+        self._stuck(now, problems)
+        self._routes_down(now, problems)
+        for key, n in problems.items():
+            self.notifier.notify(n, key)
+        for key in self._active - set(problems):
+            log.info("problem %s cleared", key)
+            self.notifier.resolve(key)
+        self._active = set(problems)
+        return set(problems)
+
+    def _stuck(self, now: datetime, out: dict[str, Notification]) -> None:
+        hours = self.config.tracking.final_timeout_hours
+        limit = timedelta(hours=hours)
+        for sub in self.store.list(PENDING_STATES):
+            since = sub.uploaded_at or sub.created_at
+            if now - since <= limit:
+                continue
+            age_h = (now - since).total_seconds() / 3600
+            what = "uploaded" if sub.uploaded_at else "dropped"
+            text = (f"{sub.file_name} ({sub.route}, org {sub.org}, application {sub.application}) was {what} "
+                    f"{age_h:.1f} h ago and has no final status from FINRA yet (state {sub.state.value}"
+                    + (f", fileX says {sub.remote_status}/{sub.downstream_status}" if sub.remote_status else "")
+                    + f", tracking id {sub.tracking_id or 'not matched'}).\n"
+                    + (f"Note: {sub.flag}\n" if sub.flag else "")
+                    + "Check `filex-agent status` and `filex-agent track`, or ask FINRA about the tracking id.")
+            out[f"STUCK:{sub.id}"] = Notification(
+                kind="STUCK", subject=f"{sub.file_name}: no final status after {hours:g} h ({sub.route})",
+                text=text, submission_id=sub.id, file=sub.file_name, route=sub.route)
+
+    def _failing_since(self, sub: Submission) -> datetime:
+        retries = [e.at for e in self.store.events(sub.id) if e.detail == "retry"]
+        return min(retries) if retries else sub.updated_at
+
+    def _routes_down(self, now: datetime, out: dict[str, Notification]) -> None:
+        minutes = self.config.notify.route_down_minutes
+        limit = timedelta(minutes=minutes)
+        waiting: dict[str, list[tuple[datetime, Submission]]] = {}
+        for sub in self.store.list([State.QUEUED]):
+            if not sub.reason or sub.attempts == 0:
+                continue  # queued for the first time, or released: not a failure
+            waiting.setdefault(sub.route, []).append((self._failing_since(sub), sub))
+        for route, subs in waiting.items():
+            since = min(t for t, _ in subs)
+            with self._lock:
+                last_ok = self._last_upload.get(route)
+            if now - since <= limit or (last_ok is not None and now - last_ok <= limit):
+                continue
+            latest = max(subs, key=lambda ts: ts[1].updated_at)[1]
+            mins = (now - since).total_seconds() / 60
+            text = (f"Route {route} has not been able to submit for {mins:.0f} min; "
+                    f"{len(subs)} file(s) are waiting and retried automatically.\n"
+                    f"Last error ({latest.file_name}): {latest.reason}\n"
+                    + (f"Last successful upload on this route: {last_ok.isoformat(timespec='seconds')}\n"
+                       if last_ok else "")
+                    + "Check the network, the credential and FINRA's service status; "
+                    "`filex-agent doctor` checks the connection step by step.")
+            out[f"ROUTE_DOWN:{route}"] = Notification(
+                kind="ROUTE_DOWN", subject=f"route {route} cannot submit for {mins:.0f} min", text=text,
+                route=route, file=latest.file_name)

@@ -1,0 +1,137 @@
+"""Tracker: batching of /tracking calls, matching of id-less uploads, overdue flags."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from filex_agent.config import parse_config
+from filex_agent.hooks import Hooks
+from filex_agent.models import TrackingRecord
+from filex_agent.store import State, utcnow
+from filex_agent.store.sqlite import SQLiteStore
+from filex_agent.submitter import Submitter
+from filex_agent.tracker import Tracker, matches
+
+
+class FakeApi:
+    def __init__(self):
+        self.records: list[TrackingRecord] = []
+        self.calls: list[str | None] = []
+
+    def tracking(self, tracking_id=None):
+        self.calls.append(tracking_id)
+        return [r for r in self.records if tracking_id is None or r.trackingId == tracking_id]
+
+
+class FakeConnections:
+    def __init__(self, api):
+        self._api = api
+
+    def has_api(self, cred):
+        return True
+
+    def api(self, cred):
+        return self._api
+
+
+def rec(tid, name="a.csv", loc="0001/app1/in", size=10, downstream=None, status="Received by FINRA", when=None):
+    return TrackingRecord.model_validate({
+        "trackingId": tid, "fileName": name, "uploadLocation": loc, "fileSize": size, "status": status,
+        "downstreamStatus": downstream, "submissionTime": (when or utcnow()).isoformat()})
+
+
+@pytest.fixture
+def env(tmp_path):
+    cfg = parse_config({"agent": {"data_dir": str(tmp_path / "data")},
+                        "tracking": {"batch_threshold": 3, "match_timeout_seconds": 60},
+                        "credentials": {"c": {"client_id": "x", "client_secret": "env:X"}},
+                        "routes": [{"name": "r", "outbox": str(tmp_path / "out"), "org": "0001",
+                                    "application": "app1", "credential": "c", "transport": "s3"}]})
+    store = SQLiteStore(tmp_path / "j.sqlite3")
+    api = FakeApi()
+    conns = FakeConnections(api)
+    tracker = Tracker(cfg, store, conns, Submitter(cfg, store, conns, Hooks()), Hooks())
+    return cfg, store, api, tracker, tmp_path
+
+
+def submitted(store, tmp_path, name="a.csv", tracking_id=None, size=10, started=None):
+    f = tmp_path / f"spool-{name}-{tracking_id}"
+    f.write_bytes(b"x" * size)
+    return store.create(route="r", org="0001", application="app1", transport="s3", file_name=name,
+                        source_path=str(f), local_path=str(f), state=State.SUBMITTED, size=size,
+                        tracking_id=tracking_id, upload_location="0001/app1/in",
+                        upload_started_at=started or utcnow() - timedelta(seconds=1), uploaded_at=utcnow())
+
+
+def test_few_pending_with_ids_use_per_id_calls(env):
+    cfg, store, api, tracker, tmp = env
+    a = submitted(store, tmp, "a.csv", "t1")
+    submitted(store, tmp, "b.csv", "t2")
+    api.records = [rec("t1", downstream="ACCEPTED"), rec("t2", "b.csv")]
+    assert tracker.poll() == 1
+    assert sorted(api.calls) == ["t1", "t2"]
+    a = store.get(a.id)
+    assert a.state is State.ACCEPTED and Path(a.local_path).parent.name == "accepted"
+
+
+def test_many_pending_use_one_call_per_credential(env):
+    cfg, store, api, tracker, tmp = env
+    for i in range(5):
+        submitted(store, tmp, f"f{i}.csv", f"t{i}")
+    api.records = [rec(f"t{i}", f"f{i}.csv", downstream="REJECTED") for i in range(5)]
+    assert tracker.poll() == 5
+    assert api.calls == [None]
+    assert {s.state for s in store.list()} == {State.REJECTED}
+
+
+def test_idless_upload_matched_by_name_location_size_and_time(env):
+    cfg, store, api, tracker, tmp = env
+    started = utcnow()
+    sub = submitted(store, tmp, "a.csv", None, size=10, started=started)
+    api.records = [
+        rec("old", when=started - timedelta(hours=2), downstream="ACCEPTED"),  # an earlier same-name file
+        rec("other-size", size=11),
+        rec("other-place", loc="0002/app1/in"),
+        rec("mine", downstream="PARTIALLY_REJECTED", when=started + timedelta(seconds=1)),
+    ]
+    tracker.poll()
+    sub = store.get(sub.id)
+    assert sub.tracking_id == "mine" and sub.state is State.PARTIALLY_REJECTED
+
+
+def test_two_idless_uploads_of_one_name_get_distinct_records(env):
+    cfg, store, api, tracker, tmp = env
+    t0 = utcnow()
+    a = submitted(store, tmp, "same.csv", None, started=t0)
+    b = submitted(store, tmp, "same.csv", None, started=t0 + timedelta(seconds=2))
+    api.records = [rec("r1", "same.csv", when=t0 + timedelta(seconds=1)),
+                   rec("r2", "same.csv", when=t0 + timedelta(seconds=3))]
+    tracker.poll()
+    assert {store.get(a.id).tracking_id, store.get(b.id).tracking_id} == {"r1", "r2"}
+
+
+def test_unmatched_upload_is_flagged_after_the_timeout(env):
+    cfg, store, api, tracker, tmp = env
+    sub = submitted(store, tmp, "lonely.csv", None)
+    tracker.poll()
+    assert store.get(sub.id).flag is None
+    store.update(sub.id, uploaded_at=utcnow() - timedelta(seconds=120))
+    tracker.poll()
+    sub = store.get(sub.id)
+    assert sub.state is State.SUBMITTED and "no tracking record matched lonely.csv" in sub.flag
+
+
+def test_matches_rules():
+    from filex_agent.store import Submission
+
+    now = utcnow()
+    s = Submission(id=1, route="r", org="0001", application="app1", transport="sftp", file_name="a.csv",
+                   source_path="", local_path="", state=State.SUBMITTED, size=10, upload_location="0001/app1/in",
+                   upload_started_at=now)
+    assert matches(rec("x", loc="/0001/app1/in/"), s)  # slashes tolerated
+    assert matches(rec("x", size=0), s)  # "Request Received" records carry size 0
+    assert not matches(rec("x", name="A.csv"), s)  # names are case sensitive
+    assert not matches(rec("x", when=now - timedelta(hours=1)), s)
