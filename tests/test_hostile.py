@@ -38,7 +38,8 @@ def _uploads(sandbox, name: str):
 def _final(d: Daemon, name: str, state: State, timeout: float = 40):
     def find():
         subs = [s for s in d.store.list() if s.file_name == name]
-        return subs and subs[-1].state is state and subs[-1]
+        # move_to None: the journal has also confirmed where the original went
+        return subs and subs[-1].state is state and subs[-1].move_to is None and subs[-1]
 
     return wait_for(find, timeout=timeout, what=f"{name} {state}")
 
