@@ -57,6 +57,7 @@ class Connections:
         self._apis: dict[str, object] = {}
         self._s3_tokens: dict[str, object] = {}
         self._sftp: dict[str, object] = {}
+        self._s3_transports: dict[tuple[str, str, str], Transport] = {}
 
     def credential(self, name: str) -> CredentialSettings:
         try:
@@ -134,11 +135,19 @@ class Connections:
         if kind == "s3":
             from filex_agent.transports.s3 import S3Transport
 
-            net = self.config.network
-            return S3Transport(route.org, route.application, tokens=self.s3_tokens(route.credential),
-                               settings=self.config.s3, endpoint_url=self.config.environment.s3_endpoint_url,
-                               verify=self.verify, connect_timeout=net.connect_timeout,
-                               read_timeout=net.read_timeout, max_attempts=net.max_attempts)
+            # A boto3 client is costly to build (it capped S3 at ~3 uploads/s when built per file)
+            # and S3Transport is thread-safe: one per (credential, org, application), lent out.
+            key = (route.credential, route.org, route.application)
+            tokens = self.s3_tokens(route.credential)
+            with self._lock:
+                if key not in self._s3_transports:
+                    net = self.config.network
+                    self._s3_transports[key] = S3Transport(
+                        route.org, route.application, tokens=tokens, settings=self.config.s3,
+                        endpoint_url=self.config.environment.s3_endpoint_url, verify=self.verify,
+                        connect_timeout=net.connect_timeout, read_timeout=net.read_timeout,
+                        max_attempts=net.max_attempts)
+                return _Borrowed(self._s3_transports[key])
         if kind == "sftp":
             from filex_agent.transports.sftp import SftpTransport
 
@@ -148,9 +157,32 @@ class Connections:
         raise ConfigError("routes.transport", f"unknown transport {kind!r}")
 
     def close(self) -> None:
-        for sess in list(self._sftp.values()):
+        for shared in [*self._s3_transports.values(), *self._sftp.values()]:
             try:
-                sess.close()
+                shared.close()
             except Exception:  # noqa: BLE001 - best effort at shutdown
-                log.debug("closing SFTP session failed", exc_info=True)
+                log.debug("closing %r failed", shared, exc_info=True)
         self.http.close()
+
+
+class _Borrowed:
+    """A shared transport lent for one operation: ending the loan does not close it."""
+
+    def __init__(self, inner: Transport):
+        object.__setattr__(self, "_inner", inner)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Per-operation hooks (on_ticket) stay on the loan, never on the shared transport.
+        object.__setattr__(self, name, value)
+
+    def __enter__(self) -> "_Borrowed":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
