@@ -11,7 +11,7 @@ from typing import Callable
 import httpx
 from pydantic import ValidationError
 
-from filex_agent.errors import AuthError, PermanentError
+from filex_agent.errors import CredentialsRefused, PermanentError
 from filex_agent.http import RetryPolicy, body_excerpt, raise_for_status
 from filex_agent.models import TokenResponse
 
@@ -86,7 +86,7 @@ class FipTokenProvider:
         what = f"FIP token for API credential {self.client_id!r}"
         if resp.status_code in (400, 401, 403):
             excerpt = body_excerpt(resp)
-            raise AuthError(f"{what} refused: HTTP {resp.status_code}" + (f" {excerpt}" if excerpt else ""))
+            raise CredentialsRefused(f"{what} refused: HTTP {resp.status_code}" + (f" {excerpt}" if excerpt else ""))
         raise_for_status(resp, what)
         try:
             return TokenResponse.model_validate_json(resp.content)

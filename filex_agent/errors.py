@@ -32,6 +32,11 @@ class AuthError(PermanentError):
     """Credentials refused by FIP / fileX / SFTP."""
 
 
+class CredentialsRefused(AuthError):
+    """The login itself was refused (FIP token endpoint, SFTP authentication): the configured
+    credentials are wrong. Unlike a fresh token refused by fileX, retrying cannot help."""
+
+
 class NotEntitledError(PermanentError):
     """The login may not act for this org / application (403, missing OBO folder...)."""
 

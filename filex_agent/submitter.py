@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from filex_agent.config import Config, RouteSettings, valid_remote_name
-from filex_agent.errors import AuthError, PermanentError, RemoteChangedError, TransientError
+from filex_agent.errors import AuthError, CredentialsRefused, PermanentError, RemoteChangedError, TransientError
 from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
 from filex_agent.store import State, StateConflict, Store, Submission, utcnow
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SPOOL = ".filex-agent"  # inside the outbox: same filesystem, so the claim is an atomic rename
 MAX_UNEXPECTED = 3  # unexpected (non-classified) errors before a file is failed, not retried forever
+MAX_TOKEN_REFUSALS = 6  # fresh tokens refused by fileX before a file is failed
 
 
 def spool_dir(route: RouteSettings) -> Path:
@@ -166,12 +167,18 @@ class Submitter:
                 next_attempt_at=utcnow() + timedelta(seconds=max(route.stable_seconds, 1.0)))
             self.hooks.submission_changed(sub, "retry")
             return self.validate(sub)
-        except AuthError as exc:
-            # A token revoked between its refresh and its use looks exactly like bad credentials:
-            # one more attempt, then fail (fast: no long retry cycle on credentials that are wrong).
+        except CredentialsRefused as exc:
+            # The login itself was refused: the configured credentials are wrong. Fail fast
+            # (one more attempt covers a password rotated between two reads).
             if sub.attempts < 2:
                 return self._requeue(sub, f"credentials refused ({exc}); one more attempt before failing")
             return self._fail(sub, path, f"fileX refused the credentials: {exc}")
+        except AuthError as exc:
+            # FIP issued a token and fileX refused it (revoked, or a fileX hiccup): the
+            # credentials are valid, so a few more attempts with fresh tokens, then fail.
+            if sub.attempts < MAX_TOKEN_REFUSALS:
+                return self._requeue(sub, f"fileX refused a fresh access token ({exc}); will retry")
+            return self._fail(sub, path, f"fileX refused {sub.attempts} fresh access tokens in a row: {exc}")
         except PermanentError as exc:
             return self._fail(sub, path, f"fileX refused the upload: {exc}")
         except TransientError as exc:

@@ -38,7 +38,7 @@ from paramiko.sftp import CMD_STATUS, CMD_WRITE, int64
 from paramiko.ssh_exception import IncompatiblePeer
 
 from ..config import valid_remote_name
-from ..errors import AuthError, FilexError, NotEntitledError, PermanentError, RemoteChangedError, TransientError
+from ..errors import AuthError, CredentialsRefused, FilexError, NotEntitledError, PermanentError, RemoteChangedError, TransientError
 from . import ProgressFn, RemoteFile, Transport, UploadResult, register
 
 log = logging.getLogger(__name__)
@@ -339,14 +339,14 @@ class SftpSession:
                 assert self._password is not None
                 t.auth_password(self.username, self._password, fallback=False)
         except paramiko.BadAuthenticationType as e:
-            raise AuthError(f"{self.label}: server does not accept this login method; it allows {e.allowed_types}") from None
+            raise CredentialsRefused(f"{self.label}: server does not accept this login method; it allows {e.allowed_types}") from None
         except paramiko.AuthenticationException:
             how = "private key" if self._private_key_path is not None else "password"
-            raise AuthError(f"{self.label}: login refused ({how})") from None
+            raise CredentialsRefused(f"{self.label}: login refused ({how})") from None
         except paramiko.SSHException as e:
             raise TransientError(f"{self.label}: login failed: {e}") from e
         if not t.is_authenticated():
-            raise AuthError(f"{self.label}: login refused")
+            raise CredentialsRefused(f"{self.label}: login refused")
 
     def _ensure(self) -> tuple[paramiko.Transport, int]:
         with self._lock:

@@ -1,0 +1,85 @@
+"""Submitter decisions on classified errors, with a scripted transport."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from filex_agent.config import parse_config
+from filex_agent.errors import AuthError, CredentialsRefused, TransientError
+from filex_agent.hooks import Hooks
+from filex_agent.store import State
+from filex_agent.store.sqlite import SQLiteStore
+from filex_agent.submitter import Submitter
+from filex_agent.transports import UploadResult
+
+
+class Scripted:
+    """Raises the scripted errors in turn, then succeeds."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        self.uploads = 0
+
+    def transport(self, route, kind=None):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def upload(self, path, name, progress=None):
+        if self.errors:
+            raise self.errors.pop(0)
+        self.uploads += 1
+        now = datetime.now(timezone.utc)
+        return UploadResult(name, "0001/app1/in", path.stat().st_size, now, now, tracking_id=f"t{self.uploads}")
+
+
+@pytest.fixture
+def make(tmp_path):
+    def _make(errors):
+        cfg = parse_config({"agent": {"data_dir": str(tmp_path / "d")},
+                            "credentials": {"c": {"client_id": "x", "client_secret": "env:X"}},
+                            "routes": [{"name": "r", "outbox": str(tmp_path / "out"), "org": "0001",
+                                        "application": "app1", "credential": "c"}]})
+        conns = Scripted(errors)
+        sub = Submitter(cfg, SQLiteStore(tmp_path / "j.sqlite3"), conns, Hooks())
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        f = out / "F.csv"
+        f.write_bytes(b"data\n")
+        return sub, sub.claim(cfg.routes[0], f), conns
+    return _make
+
+
+def run_until_settled(sub, s, limit=10):
+    for _ in range(limit):
+        s = sub.upload(s.id)
+        if s.state is not State.QUEUED:
+            return s
+    return s
+
+
+def test_fresh_tokens_refused_by_filex_are_retried_not_failed(make):
+    sub, s, conns = make([AuthError("401 from fileX"), AuthError("401 from fileX"), AuthError("401")])
+    s = run_until_settled(sub, s)
+    assert s.state is State.SUBMITTED and conns.uploads == 1
+
+
+def test_refused_login_fails_fast_with_the_reason(make):
+    sub, s, conns = make([CredentialsRefused("FIP token refused: HTTP 401")] * 5)
+    s = run_until_settled(sub, s)
+    assert s.state is State.FAILED and s.attempts == 2
+    assert "refused the credentials" in s.reason and conns.uploads == 0
+    assert Path(s.local_path).with_name("F.csv.reason.txt").is_file()
+
+
+def test_transient_errors_leave_the_file_queued_with_the_reason(make):
+    sub, s, conns = make([TransientError("HTTP 503 from fileX")] * 3)
+    s = sub.upload(s.id)
+    assert s.state is State.QUEUED and "503" in s.reason and s.next_attempt_at is not None
