@@ -267,14 +267,23 @@ class OutboxWatcher:
             except OSError as exc:
                 raise OSError(exc.errno, f"route {r.name}: cannot create outbox {k}: {exc.strerror}") from None
 
-    @staticmethod
-    def _list(outbox: Path) -> list[str]:
+    # Folders already reported, so a rescan every minute does not repeat the message forever.
+    _reported_dirs: set[Path] = set()
+
+    @classmethod
+    def _list(cls, outbox: Path) -> list[str]:
         names = []
         with os.scandir(outbox) as it:
             for entry in it:
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        continue  # subfolders are not descended
+                        # Subfolders are not descended; say so once (the agent's own spool is dotted).
+                        path = outbox / entry.name
+                        if not entry.name.startswith(".") and path not in cls._reported_dirs:
+                            cls._reported_dirs.add(path)
+                            logger.warning("outbox %s: folder %r ignored: only files directly in an outbox are "
+                                        "submitted (move its files up one level)", outbox, entry.name)
+                        continue
                 except OSError:
                     continue
                 names.append(entry.name)

@@ -484,3 +484,17 @@ def test_stop_before_start_and_duplicate_outboxes(tmp_path: Path, collector: Col
     assert not w.healthy()
     with pytest.raises(ValueError, match="share the outbox"):
         OutboxWatcher([r, r.model_copy(update={"name": "other"})], collector)
+
+
+def test_a_folder_in_an_outbox_is_reported_once(tmp_path, caplog):
+    import logging
+
+    from filex_agent.watcher import OutboxWatcher
+
+    caplog.set_level(logging.WARNING, logger="filex_agent.watcher")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".filex-agent").mkdir()
+    OutboxWatcher._list(tmp_path)
+    OutboxWatcher._list(tmp_path)
+    msgs = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(msgs) == 1 and "'sub'" in msgs[0]
