@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted_parts = {int(p) for p in args.parts.split(",") if p.strip()}
     wanted = [t.strip() for t in args.transports.split(",") if t.strip()]
     tools = ensure_tools(install=not args.no_install)
+    load0 = _loadavg()
     work = Path(tempfile.mkdtemp(prefix="filex-bench-"))  # on disk: journals and outboxes
     shm = Path(tempfile.mkdtemp(prefix="filex-bench-", dir=fast_tmp()))
     cmd = "python -m bench" + ("" if argv is None and len(sys.argv) == 1 else
@@ -160,7 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(shm, ignore_errors=True)
+    res.settings["load average (1 min) at start → end"] = f"{load0} → {_loadavg()} (other work on the machine adds noise)"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(res) + "\n")
     log.info("wrote %s", args.out)
     return 1 if failed else 0
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
