@@ -156,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
                 except Exception:  # noqa: BLE001 - stop the others all the same
                     log.exception("stopping %s failed", type(server).__name__)
+        # The report first: deleting 100,000 journal-tracked files can take minutes on some disks.
+        res.settings["load average (1 min) at start → end"] = (f"{load0} → {_loadavg()} (other work on the "
+                                                                "machine adds noise)")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(res) + "\n")
+        log.info("wrote %s", args.out)
         if args.keep:
             log.info("work folders kept: %s %s", work, shm)
         else:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(shm, ignore_errors=True)
-    res.settings["load average (1 min) at start → end"] = f"{load0} → {_loadavg()} (other work on the machine adds noise)"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(res) + "\n")
-    log.info("wrote %s", args.out)
     return 1 if failed else 0
 
 
