@@ -1,0 +1,179 @@
+"""The agent under test: its config, the daemon in a child process, and its journal read from outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from bench.common import PY, ROOT, cpu_seconds, proc_status_kib
+
+ROUTES = {  # transport -> (route name, org, application); REST and S3 to the sandbox, SFTP to the real sshd
+    "rest": ("bench-rest", "0001", "app1"),
+    "s3": ("bench-s3", "0001", "app2"),
+    "sftp": ("bench-sftp", "0001", "app1"),
+}
+
+
+def _q(value: object) -> str:
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_config(path: Path, data_dir: Path, outboxes: Path, *, sandbox=None, sshd=None,  # noqa: ANN001
+                 transports: tuple[str, ...] = ("rest", "s3", "sftp"), stable_seconds: float = 0.5,
+                 poll_seconds: float = 3600.0, api_override: str | None = None, workers: int | None = None,
+                 max_attempts: int = 3, read_timeout: float = 120.0) -> Path:
+    """A filex-agent.toml for the bench servers. ``api_override`` points the fileX API at an address
+    where nothing listens (part 4: uploads blocked)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    api = api_override or (sandbox.api if sandbox else "http://127.0.0.1:9")
+    token = api_override + "/token" if api_override else (sandbox.token_url if sandbox else api + "/token")
+    lines = ["[agent]", f"data_dir = {_q(data_dir)}", "shutdown_grace_seconds = 5"]
+    if workers:
+        lines.append(f"workers = {workers}")
+    lines += ["", "[environment]", 'name = "custom"', f"fip_token_url = {_q(token)}", f"api_base_url = {_q(api)}"]
+    if sandbox:
+        lines.append(f"s3_endpoint_url = {_q(sandbox.s3_url)}")
+    if sshd:
+        lines += [f"sftp_host = {_q(sshd.host)}", f"sftp_port = {sshd.port}"]
+    lines += ["", "[network]", f"max_attempts = {max_attempts}", "backoff_initial = 0.2", "backoff_max = 2",
+              "connect_timeout = 5", f"read_timeout = {read_timeout:g}", "",
+              "[tracking]", f"poll_interval_seconds = {poll_seconds}", ""]
+    if sshd:
+        lines += ["[sftp]", f"host_key_fingerprints = [{_q(sshd.fingerprint)}]",
+                  f"in_path = {_q(str(sshd.root) + '/{org}/{app}/in')}",
+                  f"out_path = {_q(str(sshd.root) + '/{org}/{app}/out')}", ""]
+    lines += ["[credentials.fip]", 'client_id = "sandbox-client"']
+    secret = sandbox.secret_file if sandbox else data_dir.parent / "no-secret"
+    if not sandbox:
+        secret.write_text("unused\n")
+    lines.append(f"client_secret = {_q('file:' + str(secret))}")
+    if sshd:
+        lines += ["", "[credentials.sshd]", f"sftp_username = {_q(sshd.user)}", f"sftp_private_key = {_q(sshd.key)}"]
+    for kind in transports:
+        name, org, app = ROUTES[kind]
+        lines += ["", "[[routes]]", f"name = {_q(name)}", f"outbox = {_q(outboxes / name)}", f"org = {_q(org)}",
+                  f"application = {_q(app)}", f"transport = {_q(kind)}",
+                  f"credential = {_q('sshd' if kind == 'sftp' else 'fip')}", f"stable_seconds = {stable_seconds}"]
+        (outboxes / name).mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Row:
+    file_name: str
+    state: str
+    created_at: datetime
+    upload_started_at: datetime | None
+    uploaded_at: datetime | None
+
+
+class Journal:
+    """Read-only view of the daemon's SQLite journal (WAL: reading never blocks the daemon)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _rows(self, sql: str, args: tuple[object, ...]) -> list[sqlite3.Row]:
+        if not self.path.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        try:
+            db.row_factory = sqlite3.Row
+            return db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError:  # schema not created yet
+            return []
+        finally:
+            db.close()
+
+    def rows(self, route: str, prefix: str = "") -> list[Row]:
+        out = []
+        for r in self._rows("SELECT file_name, state, created_at, upload_started_at, uploaded_at FROM submissions "
+                            "WHERE route = ? AND file_name LIKE ?", (route, prefix + "%")):
+            out.append(Row(r["file_name"], r["state"], datetime.fromisoformat(r["created_at"]),
+                           datetime.fromisoformat(r["upload_started_at"]) if r["upload_started_at"] else None,
+                           datetime.fromisoformat(r["uploaded_at"]) if r["uploaded_at"] else None))
+        return out
+
+    def count(self, states: tuple[str, ...] | None = None) -> int:
+        if states:
+            rows = self._rows(f"SELECT COUNT(*) FROM submissions WHERE state IN ({','.join('?' * len(states))})",
+                              states)
+        else:
+            rows = self._rows("SELECT COUNT(*) FROM submissions", ())
+        return int(rows[0][0]) if rows else 0
+
+    def wait_uploaded(self, route: str, prefix: str, n: int, timeout: float) -> list[Row]:
+        """Every one of the ``n`` files uploaded (uploaded_at set); raise on a FAILED or HELD one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.rows(route, prefix)
+            bad = [r for r in rows if r.state in ("FAILED", "HELD")]
+            if bad:
+                raise RuntimeError(f"{len(bad)} bench file(s) {bad[0].state} on {route}: see the journal")
+            done = [r for r in rows if r.uploaded_at is not None]
+            if len(done) >= n:
+                return done
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{route}: only {len(done)}/{n} uploaded after {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+class Daemon:
+    """``python -m filex_agent run --config FILE`` in a child process."""
+
+    def __init__(self, config: Path, log: Path):
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_started: float = 120.0) -> "Daemon":
+        f = open(self.log, "wb")
+        self.proc = subprocess.Popen([PY, "-m", "filex_agent", "run", "--config", str(self.config)], stdout=f,
+                                     stderr=f, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        f.close()
+        deadline = time.monotonic() + wait_started
+        while b"filex-agent started" not in self.log.read_bytes():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited {self.proc.returncode}: "
+                                   f"{self.log.read_text(errors='replace')[-1500:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start within {wait_started:.0f} s")
+            time.sleep(0.05)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_mib(self) -> float:
+        return (proc_status_kib(self.pid, "VmRSS") or 0) / 1024
+
+    def hwm_mib(self) -> float:
+        return (proc_status_kib(self.pid, "VmHWM") or 0) / 1024
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def stop(self, wait: float = 60.0) -> tuple[float, bool]:
+        """SIGTERM; (seconds until the process exited, whether it had to be killed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 0.0, False
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(wait)
+            return time.monotonic() - t0, False
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return time.monotonic() - t0, True

