@@ -57,7 +57,8 @@ class Connections:
         self._apis: dict[str, object] = {}
         self._s3_tokens: dict[str, object] = {}
         self._sftp: dict[str, object] = {}
-        self._s3_transports: dict[tuple[str, str, str], Transport] = {}
+        # Transports costly to build, shared by all workers: (kind, credential, org, app).
+        self._shared: dict[tuple[str, str, str, str], Transport] = {}
 
     def credential(self, name: str) -> CredentialSettings:
         try:
@@ -137,27 +138,34 @@ class Connections:
 
             # A boto3 client is costly to build (it capped S3 at ~3 uploads/s when built per file)
             # and S3Transport is thread-safe: one per (credential, org, application), lent out.
-            key = (route.credential, route.org, route.application)
+            key = ("s3", route.credential, route.org, route.application)
             tokens = self.s3_tokens(route.credential)
             with self._lock:
-                if key not in self._s3_transports:
+                if key not in self._shared:
                     net = self.config.network
-                    self._s3_transports[key] = S3Transport(
+                    self._shared[key] = S3Transport(
                         route.org, route.application, tokens=tokens, settings=self.config.s3,
                         endpoint_url=self.config.environment.s3_endpoint_url, verify=self.verify,
                         connect_timeout=net.connect_timeout, read_timeout=net.read_timeout,
                         max_attempts=net.max_attempts)
-                return _Borrowed(self._s3_transports[key])
+                return _Borrowed(self._shared[key])
         if kind == "sftp":
             from filex_agent.transports.sftp import SftpTransport
 
-            s = self.config.sftp
-            return SftpTransport(route.org, route.application, session=self.sftp_session(route.credential),
-                                 in_path=s.in_path, out_path=s.out_path)
+            # Shared like S3: the transport remembers which remote folders it has checked
+            # (a round trip per file otherwise); the SSH connection is per credential anyway.
+            key = ("sftp", route.credential, route.org, route.application)
+            session = self.sftp_session(route.credential)
+            with self._lock:
+                if key not in self._shared:
+                    s = self.config.sftp
+                    self._shared[key] = SftpTransport(route.org, route.application, session=session,
+                                                      in_path=s.in_path, out_path=s.out_path)
+                return _Borrowed(self._shared[key])
         raise ConfigError("routes.transport", f"unknown transport {kind!r}")
 
     def close(self) -> None:
-        for shared in [*self._s3_transports.values(), *self._sftp.values()]:
+        for shared in [*self._shared.values(), *self._sftp.values()]:
             try:
                 shared.close()
             except Exception:  # noqa: BLE001 - best effort at shutdown

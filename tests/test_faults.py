@@ -232,6 +232,6 @@ def test_rate_limiter_keeps_to_20_requests_per_second():
     for t in threads:
         t.join()
     stamps.sort()
-    worst = max(sum(1 for s in stamps if t0 <= s < t0 + 1.0) for t0 in stamps)
-    assert worst <= 21, f"{worst} requests in one second"
-    assert stamps[-1] - stamps[0] >= (len(stamps) - 21) / 20
+    # Real threads on a loaded machine: only the lower bound is robust (stamps taken after
+    # acquire() can bunch up when a thread is descheduled). Exact spacing: tests/test_api.py.
+    assert stamps[-1] - stamps[0] >= (len(stamps) - 2) / 20, "48 requests faster than 20/s"

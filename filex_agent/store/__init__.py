@@ -106,6 +106,10 @@ class Store(abc.ABC):
     def list(self, states: Iterable[State] | None = None, route: str | None = None) -> list[Submission]: ...
 
     @abc.abstractmethod
+    def due(self, now: datetime, limit: int) -> list[int]:
+        """Ids of QUEUED submissions whose next attempt is due, oldest first, at most ``limit``."""
+
+    @abc.abstractmethod
     def transition(self, sub_id: int, state: State, detail: str | None = None, *,
                    expect: Iterable[State] | None = None, **fields: Any) -> Submission:
         """Set state (+fields) and append an event, atomically. With ``expect``, only if the

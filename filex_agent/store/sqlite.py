@@ -132,6 +132,13 @@ class SQLiteStore(Store):
             rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
         return [_row_to_sub(r) for r in rows]
 
+    def due(self, now: datetime, limit: int) -> list[int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM submissions WHERE state = 'QUEUED' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+                "ORDER BY id LIMIT ?", (now.isoformat(), limit)).fetchall()
+        return [r[0] for r in rows]
+
     def transition(self, sub_id: int, state: State, detail: str | None = None, *,
                    expect: Iterable[State] | None = None, **fields: Any) -> Submission:
         self._check_fields(fields)
