@@ -159,7 +159,11 @@ class Service:
                 self._guard(self.periodic)
         log.info("shutting down")
         sdnotify.stopping()
-        self._shutdown()
+        if not self._shutdown():
+            # An upload stuck past the grace would keep the interpreter alive (executor threads
+            # are joined at exit) until its read timeout: leave now; recovery has the journal.
+            logging.shutdown()
+            os._exit(0)
         return 0
 
     def periodic(self) -> None:
@@ -192,14 +196,16 @@ class Service:
         except Exception:  # noqa: BLE001
             log.exception("audit line %s not written", event)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self) -> bool:
+        """False when uploads were cut off at the end of the grace (the journal has them)."""
         self.watchdog.stop()
         self._guard(lambda: self.notify_hooks.flush_due(force=True))
-        self.daemon.stop()  # also closes the journal
-        self._audit_event("agent.stopped", pid=os.getpid())
+        clean = self.daemon.stop()  # also closes the journal
+        self._audit_event("agent.stopped", pid=os.getpid(), clean=bool(clean))
         self.metrics.stop()
         self.notifier.stop(timeout=10)
         self.audit.close()
+        return clean is not False
 
     # -- reload ------------------------------------------------------------------------------
     def reload(self) -> bool:
