@@ -109,7 +109,8 @@ class S3Server:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                      env=dict(os.environ, RCLONE_CONFIG="/dev/null"))
         log.close()
-        wait_port(self.port)
+        # moto_server is a heavy Python import: on a busy 2-core machine it needs more than 15 s.
+        wait_port(self.port, timeout=15.0 if self._rclone else 90.0, proc=self.proc, log=self.dir / "server.log")
         if not self._rclone:
             self.admin().create_bucket(Bucket=S3_BUCKET)
         return self

@@ -31,8 +31,10 @@ class Tools:
     def rclone_serves_s3(self) -> bool:
         if not self.rclone:
             return False
+        # Old rclone (Debian's 1.60) has no `serve s3` but still exits 0 for `serve s3 --help`
+        # (it prints the help of `serve`): look for the flag we use instead.
         r = subprocess.run([self.rclone, "serve", "s3", "--help"], capture_output=True, timeout=30)
-        return r.returncode == 0
+        return r.returncode == 0 and b"--auth-key" in r.stdout
 
 
 def _which(name: str, *extra: str) -> str | None:
@@ -43,7 +45,7 @@ def _which(name: str, *extra: str) -> str | None:
 
 
 def find_tools() -> Tools:
-    return Tools(
+    tools = Tools(
         sshd=_which("sshd", "/usr/sbin/sshd"),
         sftp=_which("sftp"),
         ssh_keygen=_which("ssh-keygen"),
@@ -51,6 +53,11 @@ def find_tools() -> Tools:
         rclone=_which("rclone", str(BIN / "rclone")),
         aws=_which("aws", str(BIN / "aws")),
     )
+    if tools.rclone and not tools.rclone_serves_s3():
+        # An rclone older than `serve s3` (Debian's 1.60) also fails as an S3 client here
+        # (loadcustomcabundleerror): leave its comparisons out rather than report failures.
+        tools.rclone = None
+    return tools
 
 
 def ensure_tools(install: bool) -> Tools:
