@@ -199,11 +199,7 @@ def cmd_submit(args) -> int:
         else:
             sub = d.submit_once(route, staged)
     finally:
-        d.connections.close()
-        d.store.close()
-        if audit is not None:
-            audit.audit.close()
-            audit.store.close()
+        _close_oneshot(d, audit)
     print(json.dumps({"id": sub.id, "state": sub.state.value, "tracking_id": sub.tracking_id,
                       "reason": sub.reason}))
     return 0 if sub.state.value in ("SUBMITTED", "ACCEPTED") else 1
@@ -245,6 +241,15 @@ def cmd_track(args) -> int:
     return 0
 
 
+def _close_oneshot(d, audit) -> None:
+    """Close what a one-shot command (submit, release) opened: connections, journal, audit."""
+    d.connections.close()
+    d.store.close()
+    if audit is not None:
+        audit.audit.close()
+        audit.store.close()
+
+
 def cmd_release(args) -> int:
     from filex_agent.daemon import Daemon
 
@@ -254,11 +259,7 @@ def cmd_release(args) -> int:
     try:
         sub = d.submitter.release(args.id)
     finally:
-        d.connections.close()
-        d.store.close()
-        if audit is not None:
-            audit.audit.close()
-            audit.store.close()
+        _close_oneshot(d, audit)
     print(f"submission {sub.id} released: it will be uploaded by the running agent")
     return 0
 

@@ -299,7 +299,7 @@ class Doctor:
             return
         negotiated = getattr(session, "negotiated", {}) or {}
         detail = ", ".join(f"{k} {v}" for k, v in negotiated.items() if v)
-        self.report(True, f"{name} login", f"connected, host key verified" + (f" ({detail})" if detail else ""))
+        self.report(True, f"{name} login", "connected, host key verified" + (f" ({detail})" if detail else ""))
         apps = profiles.get(route.org)
         if apps is None:
             self.report(False, f"{name} org", f"org folder /{route.org} is not visible to "

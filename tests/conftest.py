@@ -54,3 +54,16 @@ def sandbox_config(sandbox, tmp_path):
         return load_config(write_sandbox_config(sandbox, tmp_path / "agent", **kw))
 
     return make
+
+
+@pytest.fixture
+def rest_daemon(sandbox_config):
+    """A started Daemon on the sandbox's REST route; stopped at the end."""
+    from filex_agent.daemon import Daemon
+
+    d = Daemon(sandbox_config(transports=("rest",)), dispatch_interval=0.2)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop(grace=5)

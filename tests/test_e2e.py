@@ -33,14 +33,8 @@ def _final(daemon: Daemon, name: str, state: State, timeout: float = 30):
 
 
 @pytest.fixture
-def daemon(sandbox_config):
-    cfg = sandbox_config(transports=("rest",))
-    d = Daemon(cfg, dispatch_interval=0.2)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop(grace=5)
+def daemon(rest_daemon):
+    return rest_daemon
 
 
 def test_pipeline_end_to_end(daemon, sandbox):

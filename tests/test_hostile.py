@@ -44,15 +44,6 @@ def _final(d: Daemon, name: str, state: State, timeout: float = 40):
     return wait_for(find, timeout=timeout, what=f"{name} {state}")
 
 
-@pytest.fixture
-def rest_daemon(sandbox_config):
-    cfg = sandbox_config(transports=("rest",))
-    d = Daemon(cfg, dispatch_interval=0.2)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop(grace=5)
 
 
 # ------------------------------------------------------------------ links

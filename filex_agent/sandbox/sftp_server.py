@@ -19,7 +19,6 @@ so a pinned fingerprint stays valid).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hmac
 import logging
 import os
