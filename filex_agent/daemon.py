@@ -38,8 +38,7 @@ class Daemon:
         self.connections = Connections(config, on_retry=self.hooks.retry)
         self.submitter = Submitter(config, self.store, self.connections, self.hooks)
         self.feedback = FeedbackCollector(config, self.store, self.connections, self.hooks)
-        self.tracker = Tracker(config, self.store, self.connections, self.submitter, self.hooks,
-                               on_final=self._final_seen)
+        self.tracker = Tracker(config, self.store, self.connections, self.submitter, self.hooks)
         self.dispatch_interval = dispatch_interval
         self.executor = ThreadPoolExecutor(config.agent.workers, thread_name_prefix="upload")
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -47,7 +46,6 @@ class Daemon:
         self._inflight: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._feedback_due: set[str] = set()
         self._unconfirmed: set[int] = set()  # interrupted uploads recovery could not decide yet
         self._old_connections: list[Connections] = []
         self.started = False
@@ -202,17 +200,12 @@ class Daemon:
 
     def _upload(self, sub_id: int) -> None:
         try:
-            sub = self.submitter.upload(sub_id)
-            if sub.state is State.SUBMITTED:
-                self._feedback_due.add(sub.route)
+            self.submitter.upload(sub_id)
         except Exception:  # noqa: BLE001
             log.exception("submission %s: upload worker failed", sub_id)
         finally:
             with self._lock:
                 self._inflight.pop(sub_id, None)
-
-    def _final_seen(self, route: str) -> None:
-        self._feedback_due.add(route)
 
     def track_and_collect(self) -> None:
         try:

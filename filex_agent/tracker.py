@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from datetime import timedelta
-from typing import Callable
 
 from filex_agent.config import Config
 from filex_agent.errors import AuthError, FilexError, PermanentError
@@ -46,14 +45,12 @@ def matches(rec: TrackingRecord, sub: Submission) -> bool:
 
 
 class Tracker:
-    def __init__(self, config: Config, store: Store, connections, submitter: Submitter, hooks: Hooks,
-                 on_final: Callable[[str], None] | None = None):
+    def __init__(self, config: Config, store: Store, connections, submitter: Submitter, hooks: Hooks):
         self.config = config
         self.store = store
         self.connections = connections
         self.submitter = submitter
         self.hooks = hooks
-        self.on_final = on_final or (lambda route: None)
 
     def poll(self) -> int:
         """One tracking cycle; returns the number of submissions that reached a final status."""
@@ -154,7 +151,6 @@ class Tracker:
                                     move_to=self.submitter.archive_dir(sub, ARCHIVE[final]))
         sub = self.submitter.finish_move(sub)
         self.hooks.submission_changed(sub, final.value)
-        self.on_final(sub.route)
         return True
 
     def _check_overdue(self, sub: Submission) -> None:
