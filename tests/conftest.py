@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -19,6 +18,15 @@ def wait_for(pred: Callable[[], object], timeout: float = 20.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def run_until(daemon, sub_id: int, state, timeout: float = 20.0) -> None:
+    """Start the daemon, wait until submission ``sub_id`` reaches ``state``, stop it."""
+    daemon.start()
+    try:
+        wait_for(lambda: daemon.store.get(sub_id).state is state, timeout=timeout, what=str(state))
+    finally:
+        daemon.stop(grace=5)
 
 
 def sftp_supported() -> bool:

@@ -346,7 +346,7 @@ from filex_agent.daemon import Daemon  # noqa: E402
 from filex_agent.fsutil import sha256_file  # noqa: E402
 from filex_agent.store import State, utcnow  # noqa: E402
 from filex_agent.submitter import spool_dir  # noqa: E402
-from tests.conftest import wait_for  # noqa: E402
+from tests.conftest import run_until, wait_for  # noqa: E402
 
 
 def _spooled(d: Daemon, route, name: str, data: bytes, state: State = State.UPLOADING, **kw):
@@ -382,11 +382,7 @@ def test_rest_ticket_without_put_is_not_taken_for_a_submission(sandbox, sandbox_
     d.store.update(sub.id, next_attempt_at=utcnow() - timedelta(seconds=1))  # the settle period is over
     d.recheck_interrupted()
     assert d.store.get(sub.id).state is State.QUEUED
-    d.start()
-    try:
-        wait_for(lambda: d.store.get(sub.id).state is State.ACCEPTED, what="accepted")
-    finally:
-        d.stop(grace=5)
+    run_until(d, sub.id, State.ACCEPTED)
     assert _count(sandbox, name) == 1
 
 
@@ -403,11 +399,7 @@ def test_rest_put_done_before_crash_is_not_sent_again(sandbox, sandbox_config):
     sub = d.store.get(sub.id)
     assert sub.state is State.SUBMITTED and sub.move_to is None
     assert Path(sub.local_path).parent == route.folder("sent", cfg.agent.data_dir)
-    d.start()
-    try:
-        wait_for(lambda: d.store.get(sub.id).state is State.ACCEPTED, what="accepted")
-    finally:
-        d.stop(grace=5)
+    run_until(d, sub.id, State.ACCEPTED)
     assert _count(sandbox, name) == 1
 
 
@@ -445,11 +437,7 @@ def test_interrupted_upload_checked_again_while_running_when_filex_was_down(sand
     sub = d.store.get(sub.id)
     assert sub.state is State.UPLOADING and "could not be checked" in sub.flag
     d.store.update(sub.id, next_attempt_at=utcnow() - timedelta(seconds=1))
-    d.start()
-    try:
-        wait_for(lambda: d.store.get(sub.id).state is State.ACCEPTED, what="accepted")
-    finally:
-        d.stop(grace=5)
+    run_until(d, sub.id, State.ACCEPTED)
     assert _count(sandbox, name) == 1
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from filex_agent.daemon import Daemon
 from filex_agent.store import State
 from filex_agent.submitter import spool_dir
-from tests.conftest import wait_for
+from tests.conftest import run_until, wait_for
 
 
 @pytest.fixture
@@ -76,11 +75,7 @@ def test_upload_that_reached_filex_is_not_sent_again(cfg, sandbox):
     d.recover()
     sub = d.store.get(sub.id)
     assert sub.state is State.SUBMITTED
-    d.start()
-    try:
-        wait_for(lambda: d.store.get(sub.id).state is State.ACCEPTED, what="accepted")
-    finally:
-        d.stop(grace=5)
+    run_until(d, sub.id, State.ACCEPTED)
     assert len(_uploads(sandbox, "REC_up1.csv")) == 1
 
 
@@ -97,11 +92,7 @@ def test_upload_that_never_arrived_is_sent_once(cfg, sandbox):
                mtime_ns=st.st_mtime_ns, sha256=sha256_file(target))
     d.recover()
     assert d.store.get(sub.id).state is State.QUEUED
-    d.start()
-    try:
-        wait_for(lambda: d.store.get(sub.id).state is State.ACCEPTED, what="accepted")
-    finally:
-        d.stop(grace=5)
+    run_until(d, sub.id, State.ACCEPTED)
     assert len(_uploads(sandbox, "REC_up2.csv")) == 1
 
 
