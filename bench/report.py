@@ -126,7 +126,9 @@ def render(res: Results) -> str:
         add("")
         add("MB/s = size / wall time of the process doing the upload, start-up included, for every tool alike "
             "(a running daemon pays no start-up: the *upload call* column shows the agent's and boto3's time "
-            "inside the process). Peak RSS is the VmHWM of that process.")
+            "inside the process). Peak RSS is the VmHWM of that process. Before the measured runs, one "
+            "uncounted upload per transport by a peer warms each freshly started server (its first upload is "
+            "slower whoever makes it).")
         add("")
         add("| transport | method | MB/s (process) | MB/s (upload call) | peak RSS MiB | note |")
         add("|---|---|---|---|---|---|")

@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = write_config(work / "agent" / "filex-agent.toml", work / "agent" / "data", work / "outbox",
                            sandbox=sandbox, sshd=sshd, transports=tuple(avail), stable_seconds=args.stable_seconds)
         ctx.agent_cfg = cfg
+        ctx.transports = tuple(avail)
         if tools.rclone is None:
             res.skipped.append(("rclone peers", "no rclone binary"))
         if tools.curl is None:

@@ -9,6 +9,8 @@ client-side rate limiter keeps to 20 requests per second.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -75,6 +77,25 @@ def test_s3_5xx_burst_is_retried_and_the_file_sent_once(sandbox, sandbox_config)
         d.stop(grace=5)
     assert _uploads(sandbox, name) == 1
     assert sum(1 for a in sandbox.arrivals() if a.key.endswith("/in/" + name)) == 1
+
+
+def test_s3_part_corrupted_in_transit_is_refused_and_the_file_sent_once_whole(sandbox, sandbox_config):
+    cfg = sandbox_config(transports=("s3",), s3={"multipart_threshold_mb": 5, "part_size_mb": 5})
+    d = _daemon(cfg)
+    try:
+        # One flipped byte in one part: S3 answers BadDigest (Content-MD5), the multipart upload is
+        # aborted, the file stays queued and goes again whole.
+        sandbox.inject_fault("corrupt", target="s3", count=1, path_prefix=f"/{sandbox.bucket}/0001/app2/in/")
+        name = "FAULT_s3_corrupt.dat"
+        data = os.urandom(11 * 1024 * 1024)
+        (Path(cfg.routes[0].outbox) / name).write_bytes(data)
+        sub = _final(d, name, State.ACCEPTED, timeout=90)
+    finally:
+        d.stop(grace=5)
+    ups = [u for u in sandbox.uploads() if u.name == name]
+    assert len(ups) == 1 and ups[0].sha256 == hashlib.sha256(data).hexdigest()
+    assert sum(1 for a in sandbox.arrivals() if a.key.endswith("/in/" + name)) == 1
+    assert sub.attempts == 2
 
 
 def test_429_waits_at_least_retry_after(sandbox, sandbox_config):

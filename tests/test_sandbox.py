@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -363,6 +364,30 @@ def test_fault_s3_creds_expire_now(api: httpx.Client, sb: Sandbox) -> None:
     good = S3TransferTokens.model_validate(api.get("/S3TransferTokens/0001/app1").json())
     assert good.credentials.expiration > datetime.now(timezone.utc)
     temp_s3(sb, good).head_bucket(Bucket=sb.bucket)
+
+
+def test_s3_checks_content_md5_and_corrupt_fault(api: httpx.Client, sb: Sandbox) -> None:
+    tok = S3TransferTokens.model_validate(api.get("/S3TransferTokens/0001/app1").json())
+    s3 = temp_s3(sb, tok)
+    data = b"filing bytes " * 100
+    good = base64.b64encode(hashlib.md5(data).digest()).decode()
+    wrong = base64.b64encode(hashlib.md5(data + b"!").digest()).decode()
+    for md5, code in ((wrong, "BadDigest"), ("not base64!", "InvalidDigest")):
+        with pytest.raises(ClientError) as exc:
+            s3.put_object(Bucket=sb.bucket, Key="0001/app1/in/md5-refused.txt", Body=data, ContentMD5=md5)
+        assert exc.value.response["Error"]["Code"] == code
+    # A byte flipped on the way (fault "corrupt"): refused, and only PUTs take the fault.
+    sb.inject_fault("corrupt", target="s3", count=1, path_prefix=f"/{sb.bucket}/0001/app1/in/md5-")
+    s3.head_bucket(Bucket=sb.bucket)
+    with pytest.raises(ClientError) as exc:
+        s3.put_object(Bucket=sb.bucket, Key="0001/app1/in/md5-corrupt.txt", Body=data, ContentMD5=good)
+    assert exc.value.response["Error"]["Code"] == "BadDigest"
+    assert not any(a.key.endswith("/md5-refused.txt") or a.key.endswith("/md5-corrupt.txt") for a in sb.arrivals())
+    s3.put_object(Bucket=sb.bucket, Key="0001/app1/in/md5-ok.txt", Body=data, ContentMD5=good)
+    entry = wait_for(lambda: next((u for u in sb.uploads() if u.key == "0001/app1/in/md5-ok.txt"), None))
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    with pytest.raises(ValueError, match="s3"):
+        sb.inject_fault("corrupt", target="api")
 
 
 def test_unknown_fault_kind_is_400(sb: Sandbox) -> None:

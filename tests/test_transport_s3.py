@@ -7,6 +7,7 @@ Tests that need S3 to check credentials and policies switch moto's IAM enforceme
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -198,8 +199,10 @@ def test_multipart_upload_is_complete_and_verified(moto: Moto, tmp_path: Path) -
     assert remote_sha256(moto, key) == digest
     assert sum(seen) == local.stat().st_size
     assert res.detail["etag"].endswith("-3") and res.detail["parts"] == "3"  # 5 + 5 + 2 MiB
-    assert res.detail["integrity"] == "etag"
-    assert res.detail["md5"] == hashlib.md5(local.read_bytes()).hexdigest()
+    assert res.detail["integrity"] == "content-md5+etag"
+    data = local.read_bytes()
+    parts = [hashlib.md5(data[i:i + 5 * MIB]).digest() for i in range(0, len(data), 5 * MIB)]
+    assert res.detail["etag"] == hashlib.md5(b"".join(parts)).hexdigest() + "-3"  # computed here, independently
     assert res.upload_location == "0001/app1/in" and res.tracking_id is None
     assert res.size == local.stat().st_size and res.started_at <= res.finished_at
     assert no_multipart_left(moto, "0001/app1/in/")
@@ -213,6 +216,7 @@ def test_small_upload_single_part_and_find_uploaded(moto: Moto, tmp_path: Path) 
     res = t.upload(local, "small.csv")
     assert remote_sha256(moto, "0001/app1/in/small.csv") == digest
     assert res.detail["etag"] == hashlib.md5(local.read_bytes()).hexdigest() and res.detail["parts"] == "1"
+    assert res.detail["md5"] == res.detail["etag"]
     found = t.find_uploaded("small.csv")
     assert found is not None and found.size == 1500 and found.modified is not None
     assert t.find_uploaded("never-sent.csv") is None
@@ -272,27 +276,79 @@ def test_failed_multipart_upload_is_aborted(moto: Moto, tmp_path: Path) -> None:
     assert t.find_uploaded("doomed.dat") is None
 
 
-def test_file_changed_during_upload_is_discarded(moto: Moto, tmp_path: Path) -> None:
+def _count_sends(t: S3Transport, op: str) -> list[dict[str, str]]:
+    """Requests of ``op`` that the transport's client put on the wire (their headers, as text)."""
+    seen: list[dict[str, str]] = []
+
+    def note(request: object, **kw: object) -> None:
+        seen.append({k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()})  # type: ignore[attr-defined]
+
+    t._s3().meta.events.register(f"before-send.s3.{op}", note)
+    return seen
+
+
+def test_every_part_carries_content_md5_and_no_second_hash(moto: Moto, tmp_path: Path) -> None:
+    t, _ = make(moto, FakeFileX(moto))
+    local = tmp_path / "parts.dat"
+    write_random(local, 11 * MIB)
+    sent = _count_sends(t, "UploadPart")
+    t.upload(local, "parts.dat")
+    data = local.read_bytes()
+    want = sorted(base64.b64encode(hashlib.md5(data[i:i + 5 * MIB]).digest()).decode()
+                  for i in range(0, len(data), 5 * MIB))
+    assert sorted(h["Content-MD5"] for h in sent) == want
+    # The signed Content-MD5 binds the body: no SHA-256 of the payload on top of it.
+    assert {h["X-Amz-Content-SHA256"] for h in sent} == {"UNSIGNED-PAYLOAD"}
+    assert all("content-md5" in h["Authorization"].lower() for h in sent)  # a signed header
+
+
+@pytest.mark.parametrize("size", [12 * MIB, 3000], ids=["multipart", "single"])
+def test_file_changed_during_upload_never_becomes_an_object(moto: Moto, tmp_path: Path, size: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     t, _ = make(moto, FakeFileX(moto))
     local = tmp_path / "growing.dat"
-    write_random(local, 12 * MIB)
+    write_random(local, size)
+    completes = _count_sends(t, "CompleteMultipartUpload")
+    puts = _count_sends(t, "PutObject")
+    monkeypatch.setattr(t, "_delete_bad_object", lambda *a: pytest.fail("an object was created and had to be deleted"))
+    real = s3mod._body_md5
+
+    def then_append(body: object) -> tuple[bytes, int]:
+        out = real(body)
+        with open(local, "ab") as f:  # a writer still appending, after the first body was hashed
+            f.write(b"late data")
+        return out
+
+    monkeypatch.setattr(s3mod, "_body_md5", then_append)
+    with pytest.raises(RemoteChangedError, match="changed"):
+        t.upload(local, "growing.dat")
+    assert not exists(moto, "0001/app1/in/growing.dat")
+    assert completes == [] and puts == []  # refused before anything that creates an object was sent
+    assert no_multipart_left(moto, "0001/app1/in/")
+
+
+def test_file_changed_while_sent_is_discarded(moto: Moto, tmp_path: Path) -> None:
+    # A change during the last bytes of the body: plain moto stores it (it does not check Content-MD5),
+    # the transport sees the change afterwards and deletes the object.
+    t, _ = make(moto, FakeFileX(moto))
+    local = tmp_path / "late.dat"
+    write_random(local, 3000)
     done = {"x": False}
 
     def modify(n: int) -> None:
         if not done["x"]:
             done["x"] = True
-            with open(local, "ab") as f:  # a writer still appending
+            with open(local, "ab") as f:
                 f.write(b"late data")
 
     with pytest.raises(RemoteChangedError, match="changed"):
-        t.upload(local, "growing.dat", progress=modify)
-    assert not exists(moto, "0001/app1/in/growing.dat")
+        t.upload(local, "late.dat", progress=modify)
+    assert not exists(moto, "0001/app1/in/late.dat")
 
 
 def test_etag_mismatch_deletes_object(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Stands for bytes corrupted in transit: the local expectation differs from what S3 stored.
-    real = s3mod._expected_etag
-    monkeypatch.setattr(s3mod, "_expected_etag", lambda *a: ("0" * 32, real(*a)[1]))
+    monkeypatch.setattr(s3mod, "_expected_etag", lambda *a: "0" * 32)
     t, _ = make(moto, FakeFileX(moto))
     local = tmp_path / "corrupt.dat"
     write_random(local, 4000)

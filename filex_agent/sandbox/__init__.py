@@ -531,7 +531,7 @@ class Sandbox:
             with self._lock:
                 self._s3_creds_expire_count += int(kw.get("count", 1))
             return
-        if kind not in ("status", "slow", "garbage"):
+        if kind not in ("status", "slow", "garbage", "corrupt"):
             raise ValueError(f"unknown fault kind {kind!r}")
         fault = Fault(
             kind=kind,
@@ -549,6 +549,8 @@ class Sandbox:
             raise ValueError("target must be 'api' or 's3'")
         if fault.target == "s3" and kind == "garbage":
             raise ValueError("garbage bodies are for the API only")
+        if fault.target != "s3" and kind == "corrupt":
+            raise ValueError("corrupt (one flipped byte in a PUT body) is for target 's3' only")
         with self._lock:
             self._faults.append(fault)
         log.info("fault armed: %s x%d on %s", kind, fault.count, fault.path_prefix or "every path")
@@ -559,8 +561,10 @@ class Sandbox:
             self._presign_expire_count = 0
             self._s3_creds_expire_count = 0
 
-    def take_faults(self, path: str, target: str = "api") -> list[Fault]:
-        """Consume one use of each armed fault matching ``path`` (first status/garbage fault wins)."""
+    def take_faults(self, path: str, target: str = "api", method: str = "GET") -> list[Fault]:
+        """Consume one use of each armed fault matching ``path`` (first status/garbage fault wins).
+
+        A ``corrupt`` fault is only taken by a PUT (it flips a byte of the body)."""
         taken: list[Fault] = []
         with self._lock:
             have_status = False
@@ -568,6 +572,8 @@ class Sandbox:
                 if f.target != target:
                     continue
                 if f.path_prefix and not path.startswith(f.path_prefix):
+                    continue
+                if f.kind == "corrupt" and method != "PUT":
                     continue
                 if f.kind in ("status", "garbage"):
                     if have_status:

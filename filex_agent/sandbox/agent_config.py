@@ -12,8 +12,9 @@ def _toml_str(value: str) -> str:
 
 
 def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stable_seconds: float = 1.0,
-                         transports: tuple[str, ...] = ("rest", "s3", "sftp")) -> Path:
-    """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002."""
+                         transports: tuple[str, ...] = ("rest", "s3", "sftp"),
+                         s3: dict[str, int] | None = None) -> Path:
+    """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002; ``s3``: the [s3] keys."""
     data_dir = Path(data_dir).resolve()
     secrets = data_dir / "secrets"
     secrets.mkdir(parents=True, exist_ok=True)
@@ -47,6 +48,8 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
         lines += [f"sftp_host = {_toml_str(sftp.host)}", f"sftp_port = {sftp.port}"]
     lines += ["", "[network]", "max_attempts = 3", "backoff_initial = 0.2", "backoff_max = 2", "",
               "[tracking]", f"poll_interval_seconds = {poll_seconds}", ""]
+    if s3:
+        lines += ["[s3]", *(f"{k} = {int(v)}" for k, v in s3.items()), ""]
     if sftp is not None:
         lines += ["[sftp]", f"host_key_fingerprints = [{_toml_str(sftp.host_key_fingerprint)}]", ""]
     lines += ["[credentials.sandbox]", f"client_id = {_toml_str(sb.client_id)}",

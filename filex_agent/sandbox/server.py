@@ -2,13 +2,16 @@
 
 The guard is a WSGI layer in front of moto that does what moto does not: it refuses expired
 pre-signed URLs, expired STS credentials and, for credentials from ``/S3TransferTokens``, keys
-outside the grant's read/write paths, with the same S3 error codes AWS uses.
+outside the grant's read/write paths, and checks a PUT body against its ``Content-MD5`` (BadDigest),
+with the same S3 error codes AWS uses.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import io
 import json
 import logging
 import threading
@@ -97,9 +100,12 @@ class S3Guard:
         # Pre-signed URLs are signed with the admin key but used by clients; the sandbox's own
         # calls (processor, STS) never get faults and are no arrivals.
         client = sig is not None or akid != self.sb.admin_access_key
+        corrupt = False
         if client:
-            for fault in self.sb.take_faults(path, target="s3"):
-                if fault.kind == "slow":
+            for fault in self.sb.take_faults(path, target="s3", method=method):
+                if fault.kind == "corrupt":
+                    corrupt = True
+                elif fault.kind == "slow":
                     time.sleep(fault.seconds)
                 elif fault.kind == "status":
                     code = {500: "InternalError", 503: "SlowDown"}.get(fault.status, "ServiceUnavailable")
@@ -111,6 +117,10 @@ class S3Guard:
                                  "The provided token has expired.", method)
             if not self._allowed(grant, method, bucket, key, qs):
                 return _s3_error(start_response, "403 Forbidden", "AccessDenied", "Access Denied", method)
+        if method == "PUT" and (corrupt or environ.get("HTTP_CONTENT_MD5")):
+            refused = _check_body(environ, corrupt)
+            if refused:
+                return _s3_error(start_response, "400 Bad Request", refused[0], refused[1], method)
 
         status_box: list[str] = []
 
@@ -157,6 +167,34 @@ class S3Guard:
         if method == "DELETE":  # aborting a multipart upload, never deleting an object
             return "uploadId" in qs and key.startswith(grant.write_prefixes)
         return False
+
+
+def _check_body(environ: dict[str, Any], corrupt: bool) -> tuple[str, str] | None:
+    """Like S3: refuse a PUT body that does not match its Content-MD5; None when it matches.
+
+    ``corrupt`` flips one byte first, as a bad link or proxy would. The body is buffered, then
+    handed on to moto, which buffers it anyway.
+    """
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    body = environ["wsgi.input"].read(length) if length > 0 else b""
+    if corrupt and body:
+        body = bytes([body[0] ^ 0xFF]) + body[1:]
+    environ["wsgi.input"] = io.BytesIO(body)
+    claimed = environ.get("HTTP_CONTENT_MD5")
+    if not claimed:
+        return None
+    try:
+        want = base64.b64decode(claimed, validate=True)
+    except (binascii.Error, ValueError):
+        want = b""
+    if len(want) != 16:
+        return "InvalidDigest", "The Content-MD5 you specified was invalid."
+    if hashlib.md5(body, usedforsecurity=False).digest() != want:
+        return "BadDigest", "The Content-MD5 you specified did not match what we received."
+    return None
 
 
 def _is_in_key(key: str) -> bool:

@@ -12,12 +12,13 @@ models hide them (``repr=False``) and every message here is built from error cod
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, TypeVar
@@ -30,7 +31,6 @@ from botocore.config import Config as BotoConfig
 from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from s3transfer.subscribers import BaseSubscriber
-from s3transfer.utils import ChunksizeAdjuster
 
 from filex_agent.config import S3Settings, valid_remote_name
 from filex_agent.errors import (
@@ -220,29 +220,64 @@ class _Progress(BaseSubscriber):
             self._fn(bytes_transferred)
 
 
-class _ResponseWatch:
-    """Captures ETag and encryption of the PutObject / CompleteMultipartUpload of watched keys.
+@dataclass
+class _Watched:
+    """What the client's event hooks learn about one upload in flight."""
 
-    Taken from the write responses themselves (botocore's public event hooks), not from a
-    HeadObject: fileX's write-only STS policy may not allow reading ``in/``. Registered once per
-    client (registering per upload would mutate the emitter while other threads emit).
+    # Raises RemoteChangedError when the local file is no longer what the upload started from.
+    check: Callable[[], None]
+    # Part number (0 for a single PutObject) -> (MD5 digest sent as Content-MD5, length).
+    parts: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    etag: str = ""
+    sse: str = ""
+
+
+def _body_md5(body: object) -> tuple[bytes, int]:
+    """(MD5 digest, length) of a request body, a file object read in blocks and rewound."""
+    if isinstance(body, (bytes, bytearray)):
+        return hashlib.md5(body, usedforsecurity=False).digest(), len(body)
+    h = hashlib.md5(usedforsecurity=False)
+    start = body.tell()  # type: ignore[attr-defined]
+    n = 0
+    while block := body.read(_HASH_BLOCK):  # type: ignore[attr-defined]
+        h.update(block)
+        n += len(block)
+    body.seek(start)  # type: ignore[attr-defined]
+    return h.digest(), n
+
+
+class _UploadWatch:
+    """botocore event hooks on the writes of watched keys (registered once per client).
+
+    - Every PutObject / UploadPart body gets a ``Content-MD5``: S3 refuses a part whose bytes
+      arrive different (BadDigest), so a corrupt part never becomes part of an object. SigV4 signs
+      that header, which binds the body to the signature, so the client skips the second hash
+      (SHA-256 payload signing) of every byte — what botocore itself does over HTTPS.
+    - The digests, per part, give the ETag the finished object must have; it is taken from the
+      write responses (PutObject / CompleteMultipartUpload), not from a HeadObject that fileX's
+      write-only policy may deny.
+    - Before each write, and last just before CompleteMultipartUpload, the local file is checked:
+      a file that changed makes the call raise, s3transfer aborts the multipart upload, and no
+      object is ever created from a half-old, half-new file.
     """
 
-    _OPS = ("PutObject", "CompleteMultipartUpload")
+    _OPS = ("PutObject", "UploadPart", "CompleteMultipartUpload")
     _MARK = "filex_watch_key"
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._watched: dict[tuple[str, str], dict[str, str]] = {}
+        self._watched: dict[tuple[str, str], _Watched] = {}
 
     def attach(self, client) -> None:  # type: ignore[no-untyped-def]
         for op in self._OPS:
             client.meta.events.register(f"before-parameter-build.s3.{op}", self._mark)
+            client.meta.events.register(f"before-call.s3.{op}", self._before_call)
+        for op in ("PutObject", "CompleteMultipartUpload"):
             client.meta.events.register(f"after-call.s3.{op}", self._done)
 
     @contextlib.contextmanager
-    def watch(self, bucket: str, key: str) -> Iterator[dict[str, str]]:
-        box: dict[str, str] = {}
+    def watch(self, bucket: str, key: str, check: Callable[[], None]) -> Iterator[_Watched]:
+        box = _Watched(check=check)
         with self._lock:
             self._watched[(bucket, key)] = box
         try:
@@ -251,59 +286,51 @@ class _ResponseWatch:
             with self._lock:
                 self._watched.pop((bucket, key), None)
 
+    def _box(self, context: dict) -> _Watched | None:
+        mark = context.get(self._MARK)
+        if mark is None:
+            return None
+        with self._lock:
+            return self._watched.get(mark[:2])
+
     def _mark(self, params: dict, context: dict, **kwargs: object) -> None:
-        context[self._MARK] = (params.get("Bucket"), params.get("Key"))
+        context[self._MARK] = (params.get("Bucket"), params.get("Key"), int(params.get("PartNumber") or 0))
+
+    def _before_call(self, model, params: dict, context: dict, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+        box = self._box(context)
+        body = params.get("body")
+        headers = params.setdefault("headers", {})
+        if model.name != "CompleteMultipartUpload" and body is not None and not any(
+                h.lower() == "content-md5" for h in headers):
+            digest, length = _body_md5(body)
+            headers["Content-MD5"] = base64.b64encode(digest).decode("ascii")
+            if box is not None:
+                with self._lock:
+                    box.parts[context[self._MARK][2]] = (digest, length)
+        if box is not None:
+            box.check()
 
     def _done(self, parsed: dict, context: dict, **kwargs: object) -> None:
-        with self._lock:
-            box = self._watched.get(context.get(self._MARK))  # type: ignore[arg-type]
+        box = self._box(context)
         if box is not None:
-            box["etag"] = str(parsed.get("ETag", "")).strip('"')
-            box["sse"] = str(parsed.get("ServerSideEncryption") or "")
+            box.etag = str(parsed.get("ETag", "")).strip('"')
+            box.sse = str(parsed.get("ServerSideEncryption") or "")
 
 
-def _expected_etag(path: Path, size: int, multipart: bool, part_size: int) -> tuple[str, str]:
-    """(expected ETag, hex MD5 of the whole file), reading the file once with flat memory."""
-    whole = hashlib.md5(usedforsecurity=False)
-    parts: list[bytes] = []
-    with open(path, "rb") as f:
-        while True:
-            part = hashlib.md5(usedforsecurity=False)
-            left = part_size if multipart else size + 1
-            got = 0
-            while left > 0:
-                block = f.read(min(_HASH_BLOCK, left))
-                if not block:
-                    break
-                part.update(block)
-                whole.update(block)
-                got += len(block)
-                left -= len(block)
-            if got == 0 and parts:
-                break
-            parts.append(part.digest())
-            if got < part_size or not multipart:
-                break
-    if not multipart:
-        return whole.hexdigest(), whole.hexdigest()
-    combined = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
-    return f"{combined}-{len(parts)}", whole.hexdigest()
+def _expected_etag(parts: dict[int, tuple[bytes, int]], size: int) -> str | None:
+    """The ETag S3 gives an object made of exactly these parts, or None if they do not cover the file.
 
-
-class _Hasher(threading.Thread):
-    """Computes the expected ETag alongside the upload, so verification adds little wall time."""
-
-    def __init__(self, path: Path, size: int, multipart: bool, part_size: int):
-        super().__init__(name="s3-etag", daemon=True)
-        self._args = (path, size, multipart, part_size)
-        self.result: tuple[str, str] | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.result = _expected_etag(*self._args)
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            self.error = exc
+    One part (a PutObject, key 0): the hex MD5 of the bytes. Multipart: the MD5 of the parts'
+    digests in order, a dash and the number of parts.
+    """
+    if set(parts) == {0}:
+        digest, length = parts[0]
+        return digest.hex() if length == size else None
+    numbers = sorted(parts)
+    if not numbers or numbers != list(range(1, len(numbers) + 1)) or sum(n for _, n in parts.values()) != size:
+        return None
+    combined = hashlib.md5(b"".join(parts[i][0] for i in numbers), usedforsecurity=False).hexdigest()
+    return f"{combined}-{len(numbers)}"
 
 
 @register("s3")
@@ -323,12 +350,17 @@ class S3Transport(Transport):
             read_timeout=read_timeout,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             # Streamed bodies with trailing checksums and no length are refused by non-AWS S3
-            # servers (MissingContentLength); integrity is checked by ETag below instead.
+            # servers (MissingContentLength); every body carries a Content-MD5 instead (_UploadWatch).
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             # Pre-signed URLs for a custom endpoint would otherwise be SigV2.
             signature_version="s3v4",
-            s3={"addressing_style": "path"} if endpoint_url else None,
+            s3={
+                # The signed Content-MD5 binds each body to the signature: no SHA-256 pass over
+                # the payload as well (botocore's own rule over HTTPS, kept for any endpoint).
+                "payload_signing_enabled": False,
+                **({"addressing_style": "path"} if endpoint_url else {}),
+            },
             # The endpoint comes from our config only, never from AWS_ENDPOINT_URL* on the host.
             ignore_configured_endpoint_urls=True,
         )
@@ -343,7 +375,7 @@ class S3Transport(Transport):
         self._lock = threading.Lock()
         self._client = None  # built lazily: constructing a transport must not call fileX
         self._client_creds: RefreshableCredentials | None = None
-        self._responses = _ResponseWatch()
+        self._writes = _UploadWatch()
 
     def __repr__(self) -> str:
         return f"S3Transport(org={self.org!r}, application={self.application!r})"
@@ -361,7 +393,7 @@ class S3Transport(Transport):
                     "s3", endpoint_url=self._endpoint_url, verify=self._verify, config=self._boto_config
                 )
                 self._client_creds = session.get_credentials()
-                self._responses.attach(self._client)
+                self._writes.attach(self._client)
             return self._client
 
     def _write_location(self) -> _Location:
@@ -452,53 +484,74 @@ class S3Transport(Transport):
             raise PermanentError(f"cannot read {local}: {exc.strerror}") from None
         size = before.st_size
         multipart = size >= self._transfer_config.multipart_threshold
-        part_size = ChunksizeAdjuster().adjust_chunksize(self._transfer_config.multipart_chunksize, size)
 
-        def attempt() -> dict[str, str]:
-            client = self._s3()
-            hasher = _Hasher(local, size, multipart, part_size)
-            hasher.start()
-            subscribers = [_Progress(progress)] if progress else None
+        def changed() -> bool:
             try:
-                with self._responses.watch(loc.bucket, key) as written:
-                    # A failed transfer aborts its multipart upload before result() raises (s3transfer
-                    # failure cleanups), so no partial object is ever left.
-                    with create_transfer_manager(client, self._transfer_config) as manager:
-                        future = manager.upload(str(local), loc.bucket, key, subscribers=subscribers)
-                        future.result()
-            finally:
-                hasher.join()
-            if hasher.error is not None:
-                raise hasher.error
-            assert hasher.result is not None
-            return {"etag": written.get("etag", ""), "sse": written.get("sse", ""),
-                    "expected": hasher.result[0], "md5": hasher.result[1]}
+                now = os.stat(local)
+            except OSError:
+                return True
+            return (now.st_size, now.st_mtime_ns, now.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
+
+        def discarded() -> RemoteChangedError:
+            return RemoteChangedError(f"upload of {local.name} for {self._who()} discarded: local file changed "
+                                      "during the upload")
+
+        def check() -> None:
+            # Called by the hooks before every write and before CompleteMultipartUpload.
+            if changed():
+                raise discarded()
+
+        def attempt() -> _Watched:
+            client = self._s3()
+            subscribers = [_Progress(progress)] if progress else None
+            with self._writes.watch(loc.bucket, key, check) as written:
+                # A failed transfer aborts its multipart upload before result() raises (s3transfer
+                # failure cleanups), so no partial object is ever left.
+                with create_transfer_manager(client, self._transfer_config) as manager:
+                    future = manager.upload(str(local), loc.bucket, key, subscribers=subscribers)
+                    future.result()
+            return written
 
         log.info("uploading %s to s3://%s/%s (%d bytes, %s) for %s", local.name, loc.bucket, key, size,
                  "multipart" if multipart else "single part", self._who())
-        out = self._with_credential_retry("upload", attempt)
-        etag, expected_etag = out["etag"], out["expected"]
-        after = os.stat(local)
-        changed = (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
-        # With SSE-KMS the ETag is not an MD5 of the data; S3 checked each part's length, and that
-        # is all it lets us compare without a HeadObject the write-only policy may deny.
-        kms = out["sse"].startswith("aws:kms")
+        try:
+            written = self._with_credential_retry("upload", attempt)
+        except RemoteChangedError:
+            raise
+        except FilexError:
+            # e.g. BadDigest: a body that no longer matched its Content-MD5 because the file changed.
+            if changed():
+                raise discarded() from None
+            raise
+        etag = written.etag
+        expected_etag = _expected_etag(written.parts, size)
+        # With SSE-KMS the ETag is not an MD5 of the data; S3 checked each part's Content-MD5, and
+        # that is all it lets us compare without a HeadObject the write-only policy may deny.
+        kms = written.sse.startswith("aws:kms")
         problem = None
-        if changed:
+        if changed():
+            # Only a change between the last check and CompleteMultipartUpload gets here.
             problem = "local file changed during the upload"
         elif not etag:
             problem = "S3 returned no ETag"
+        elif expected_etag is None:
+            problem = f"the parts sent do not cover the {size} bytes of the file"
         elif not kms and etag != expected_etag:
             problem = f"ETag {etag} does not match the expected {expected_etag}"
         if problem:
             self._delete_bad_object(loc.bucket, key, problem)
-            if changed:
-                raise RemoteChangedError(f"upload of {local.name} for {self._who()} discarded: {problem}")
+            if problem.startswith("local file changed"):
+                raise discarded()
             raise TransientError(f"upload of {local.name} for {self._who()} failed integrity check: {problem}; "
                                  "object deleted")
         finished = _utcnow()
         log.info("uploaded %s to s3://%s/%s (%d bytes, ETag %s) for %s", local.name, loc.bucket, key, size,
                  etag, self._who())
+        detail = {"etag": etag, "bucket": loc.bucket, "key": key,
+                  "parts": str(etag.split("-")[1]) if "-" in etag else "1",
+                  "integrity": "content-md5 (SSE-KMS ETag is not an MD5)" if kms else "content-md5+etag"}
+        if set(written.parts) == {0}:
+            detail["md5"] = written.parts[0][0].hex()  # of the whole file: it went as one part
         return UploadResult(
             remote_name=remote_name,
             upload_location=loc.prefix.rstrip("/"),
@@ -506,9 +559,7 @@ class S3Transport(Transport):
             started_at=started,
             finished_at=finished,
             tracking_id=None,
-            detail={"etag": etag, "md5": out["md5"], "bucket": loc.bucket, "key": key,
-                    "parts": str(etag.split("-")[1]) if "-" in etag else "1",
-                    "integrity": "none (SSE-KMS ETag is not an MD5)" if kms else "etag"},
+            detail=detail,
         )
 
     def _delete_bad_object(self, bucket: str, key: str, problem: str) -> None:
