@@ -386,6 +386,26 @@ def test_rest_ticket_without_put_is_not_taken_for_a_submission(sandbox, sandbox_
     assert _count(sandbox, name) == 1
 
 
+def _recovered_as_submitted(d: Daemon, sub_id: int):
+    """recover(), then the tracking cycle's rechecks until the interrupted upload is SUBMITTED.
+
+    recover() may look in the instant between the sandbox processor taking the object out of in/
+    and its tracking update: no evidence then, so the agent rightly waits (never re-sends) and the
+    next check finds it. It must never be QUEUED again.
+    """
+    d.recover()
+
+    def decided():
+        sub = d.store.get(sub_id)
+        assert sub.state in (State.UPLOADING, State.SUBMITTED), f"interrupted upload became {sub.state}"
+        if sub.state is State.UPLOADING:
+            d.recheck_interrupted()
+            sub = d.store.get(sub_id)
+        return sub.state is State.SUBMITTED and sub
+
+    return wait_for(decided, timeout=20, interval=0.2, what="recovered as SUBMITTED")
+
+
 def test_rest_put_done_before_crash_is_not_sent_again(sandbox, sandbox_config):
     cfg = sandbox_config(transports=("rest",))
     d = Daemon(cfg, dispatch_interval=0.2)
@@ -395,9 +415,9 @@ def test_rest_put_done_before_crash_is_not_sent_again(sandbox, sandbox_config):
     presigned = d.connections.api(route.credential).upload_url(route.org, route.application, name)
     sub = _spooled(d, route, name, data, tracking_id=presigned.trackingId)
     httpx.put(presigned.url, content=data, timeout=10).raise_for_status()
-    d.recover()  # in/ (not processed yet) or tracking (processed): either proves arrival
-    sub = d.store.get(sub.id)
-    assert sub.state is State.SUBMITTED and sub.move_to is None
+    # in/ (not processed yet) or tracking (processed): either proves arrival
+    sub = _recovered_as_submitted(d, sub.id)
+    assert sub.move_to is None
     assert Path(sub.local_path).parent == route.folder("sent", cfg.agent.data_dir)
     run_until(d, sub.id, State.ACCEPTED)
     assert _count(sandbox, name) == 1
@@ -411,8 +431,7 @@ def test_s3_upload_completed_before_crash_is_not_sent_again(sandbox, sandbox_con
     sub = _spooled(d, route, name, b"S3 upload completed, then SIGKILL\n")
     with d.connections.transport(route) as t:
         t.upload(Path(sub.local_path), name)
-    d.recover()
-    assert d.store.get(sub.id).state is State.SUBMITTED
+    _recovered_as_submitted(d, sub.id)
     d.start()
     try:
         sub = wait_for(lambda: (s := d.store.get(sub.id)).state is State.ACCEPTED and s, what="accepted")
