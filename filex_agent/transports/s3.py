@@ -6,6 +6,10 @@ keeps one set per (credential, org, app) for every worker and wraps it in botoco
 ``RefreshableCredentials`` so a long multipart upload or a daemon running for days asks fileX for
 new ones before ``expiration`` instead of failing half-way.
 
+Integrity rides on one MD5 per part, sent as ``Content-MD5`` and checked by S3 on arrival, then
+against the object's ETag (``_UploadWatch``); the local file is re-checked before every write, so a
+file that changes aborts the upload before an object exists.
+
 Secrets (secret key, session token) never reach a log line, an exception message or a repr: the
 models hide them (``repr=False``) and every message here is built from error codes and names only.
 """
@@ -226,8 +230,12 @@ class _Watched:
 
     # Raises RemoteChangedError when the local file is no longer what the upload started from.
     check: Callable[[], None]
-    # Part number (0 for a single PutObject) -> (MD5 digest sent as Content-MD5, length).
+    # Part number (0 for a single PutObject) -> (MD5 digest of the bytes sent, length).
     parts: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    # Parts hashed while they are sent, checked against their UploadPart ETag.
+    readers: dict[int, "_HashingReader"] = field(default_factory=dict)
+    # SSE-KMS (said by CreateMultipartUpload): part ETags are no MD5, so parts carry Content-MD5.
+    kms: bool = False
     etag: str = ""
     sse: str = ""
 
@@ -246,22 +254,78 @@ def _body_md5(body: object) -> tuple[bytes, int]:
     return h.digest(), n
 
 
+class _HashingReader:
+    """A part's body (s3transfer's ReadFileChunk) that MD5s each byte the first time it is sent.
+
+    botocore rewinds a body to resend it after a dropped connection; bytes below the high-water
+    mark are not hashed twice. Everything else is the wrapped object's (length, s3transfer's
+    progress signals).
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._hashed = 0  # bytes [0, _hashed) of the body are in _md5
+        self._gap = False  # a read began beyond _hashed: the digest would miss bytes
+
+    def read(self, amount: int | None = None) -> bytes:
+        pos = self._raw.tell()
+        data = self._raw.read() if amount is None or amount < 0 else self._raw.read(amount)
+        end = pos + len(data)
+        if end > self._hashed:
+            if pos > self._hashed:
+                self._gap = True
+            else:
+                self._md5.update(memoryview(data)[self._hashed - pos:])
+            self._hashed = end
+        return data
+
+    def digest(self) -> tuple[bytes, int] | None:
+        """(MD5, length) once every byte was read exactly in order at least once, else None."""
+        if self._gap or self._hashed != len(self._raw):  # type: ignore[arg-type]
+            return None
+        return self._md5.digest(), self._hashed
+
+    def seek(self, where: int, whence: int = 0) -> int:
+        return self._raw.seek(where, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def __len__(self) -> int:
+        return len(self._raw)  # type: ignore[arg-type]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        # As ReadFileChunk: http.client must read() the body, never iterate over it (bpo-17575).
+        return iter([])
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._raw, name)
+
+
 class _UploadWatch:
     """botocore event hooks on the writes of watched keys (registered once per client).
 
-    - Every PutObject / UploadPart body gets a ``Content-MD5``: S3 refuses a part whose bytes
-      arrive different (BadDigest), so a corrupt part never becomes part of an object. SigV4 signs
-      that header, which binds the body to the signature, so the client skips the second hash
-      (SHA-256 payload signing) of every byte — what botocore itself does over HTTPS.
-    - The digests, per part, give the ETag the finished object must have; it is taken from the
-      write responses (PutObject / CompleteMultipartUpload), not from a HeadObject that fileX's
+    Integrity with one MD5 of each byte, and no SHA-256 of the payload on top of it (the client
+    config turns payload signing off: over HTTPS, TLS protects the bytes in transit):
+
+    - A single PutObject carries a ``Content-MD5``: S3 refuses a body that arrives different
+      (BadDigest) before any object exists. SigV4 signs that header, binding the body to the
+      signature.
+    - A multipart part is hashed while it is sent, and its MD5 is compared with the ETag S3 gives
+      that part (the MD5 of what S3 stored). A mismatch fails the upload, s3transfer aborts it, and
+      no object is made of a corrupt part. This costs S3 nothing: the measured alternative,
+      ``Content-MD5`` on every part, made the server hash every byte a second time. With SSE-KMS
+      (part ETags are not MD5s, CreateMultipartUpload says so), parts carry ``Content-MD5``.
+    - The digests give the ETag the finished object must have; it is taken from the write
+      responses (PutObject / CompleteMultipartUpload), not from a HeadObject that fileX's
       write-only policy may deny.
     - Before each write, and last just before CompleteMultipartUpload, the local file is checked:
       a file that changed makes the call raise, s3transfer aborts the multipart upload, and no
       object is ever created from a half-old, half-new file.
     """
 
-    _OPS = ("PutObject", "UploadPart", "CompleteMultipartUpload")
+    _OPS = ("PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload")
     _MARK = "filex_watch_key"
 
     def __init__(self) -> None:
@@ -271,9 +335,9 @@ class _UploadWatch:
     def attach(self, client) -> None:  # type: ignore[no-untyped-def]
         for op in self._OPS:
             client.meta.events.register(f"before-parameter-build.s3.{op}", self._mark)
+            client.meta.events.register(f"after-call.s3.{op}", self._after_call)
+        for op in ("PutObject", "UploadPart", "CompleteMultipartUpload"):
             client.meta.events.register(f"before-call.s3.{op}", self._before_call)
-        for op in ("PutObject", "CompleteMultipartUpload"):
-            client.meta.events.register(f"after-call.s3.{op}", self._done)
 
     @contextlib.contextmanager
     def watch(self, bucket: str, key: str, check: Callable[[], None]) -> Iterator[_Watched]:
@@ -302,19 +366,53 @@ class _UploadWatch:
         headers = params.setdefault("headers", {})
         if model.name != "CompleteMultipartUpload" and body is not None and not any(
                 h.lower() == "content-md5" for h in headers):
-            digest, length = _body_md5(body)
-            headers["Content-MD5"] = base64.b64encode(digest).decode("ascii")
-            if box is not None:
+            part = context[self._MARK][2]
+            if model.name == "UploadPart" and box is not None and not box.kms and hasattr(body, "read"):
+                reader = _HashingReader(body)
+                params["body"] = reader
                 with self._lock:
-                    box.parts[context[self._MARK][2]] = (digest, length)
+                    box.readers[part] = reader
+            else:
+                digest, length = _body_md5(body)
+                headers["Content-MD5"] = base64.b64encode(digest).decode("ascii")
+                if box is not None:
+                    with self._lock:
+                        box.parts[part] = (digest, length)
         if box is not None:
-            box.check()
+            box.check()  # after the MD5 pass: a change during it is caught too
 
-    def _done(self, parsed: dict, context: dict, **kwargs: object) -> None:
+    def _after_call(self, parsed: dict, model, context: dict, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
         box = self._box(context)
-        if box is not None:
-            box.etag = str(parsed.get("ETag", "")).strip('"')
-            box.sse = str(parsed.get("ServerSideEncryption") or "")
+        if box is None or "Error" in parsed:
+            return
+        sse = str(parsed.get("ServerSideEncryption") or "")
+        if model.name == "CreateMultipartUpload":
+            box.kms = sse.startswith("aws:kms")
+            return
+        etag = str(parsed.get("ETag", "")).strip('"')
+        if model.name != "UploadPart":
+            box.etag, box.sse = etag, sse
+            return
+        part = context[self._MARK][2]
+        with self._lock:
+            reader = box.readers.pop(part, None)
+        if reader is None:
+            return  # sent with Content-MD5: S3 checked it, and its digest is recorded
+        got = reader.digest()
+        if got is None:
+            raise TransientError(f"part {part} of s3://{context[self._MARK][0]}/{context[self._MARK][1]} was "
+                                 "not read whole and in order: its bytes could not be checked")
+        if not sse.startswith("aws:kms") and etag != got[0].hex():
+            raise TransientError(f"part {part} of s3://{context[self._MARK][0]}/{context[self._MARK][1]}: S3 "
+                                 f"stored ETag {etag}, the bytes sent have MD5 {got[0].hex()}; upload aborted")
+        with self._lock:
+            box.parts[part] = got
+
+
+def _integrity(written: _Watched, kms: bool) -> str:
+    """How the bytes of a finished upload were checked, for the journal (detail["integrity"])."""
+    how = "content-md5" if set(written.parts) == {0} or written.kms else "part-etag"
+    return f"{how} (SSE-KMS: the ETag is not an MD5)" if kms else f"{how}+etag"
 
 
 def _expected_etag(parts: dict[int, tuple[bytes, int]], size: int) -> str | None:
@@ -549,7 +647,7 @@ class S3Transport(Transport):
                  etag, self._who())
         detail = {"etag": etag, "bucket": loc.bucket, "key": key,
                   "parts": str(etag.split("-")[1]) if "-" in etag else "1",
-                  "integrity": "content-md5 (SSE-KMS ETag is not an MD5)" if kms else "content-md5+etag"}
+                  "integrity": _integrity(written, kms)}
         if set(written.parts) == {0}:
             detail["md5"] = written.parts[0][0].hex()  # of the whole file: it went as one part
         return UploadResult(
