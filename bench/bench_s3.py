@@ -160,7 +160,7 @@ def main() -> None:
         aws_env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                        AWS_DEFAULT_REGION="us-east-1", AWS_REQUEST_CHECKSUM_CALCULATION="when_required")
         methods: dict[str, list[str]] = {
-            "S3Transport (64 MiB parts, 4 threads, Content-MD5 per part, ETag verified)":
+            "S3Transport (64 MiB parts, 4 threads, parts hashed as sent, ETags verified)":
                 [sys.executable, __file__, "--child", "transport", "--url", url, "--file", str(data), "--key", "t.dat"],
             "aws s3 cp (defaults: 8 MiB parts, 10 threads)":
                 [str(BIN / "aws"), "--endpoint-url", url, "s3", "cp", "--only-show-errors", str(data),

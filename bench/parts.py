@@ -156,7 +156,7 @@ def big_methods(ctx: Ctx, big: Path) -> list[Method]:
                               lambda: clear_dir(in_dir)))
     if ctx.s3 is not None:
         s3 = ctx.s3
-        out.append(Method("s3", "agent S3Transport (64 MiB parts, 4 threads, Content-MD5 per part, ETag checked)", True,
+        out.append(Method("s3", "agent S3Transport (64 MiB parts, 4 threads, parts hashed as sent, ETags checked)", True,
                           lambda r: ([*CHILD, "agent-s3", "--endpoint", s3.url, "--bucket", "sandbox-filex",
                                       "--file", str(big), "--name", f"agent{r}.dat"], s3.env()), s3.clear))
         if t.aws:
