@@ -151,6 +151,7 @@ class Service:
                 self._reload_requested = False
                 self.reload()
             self._guard(self.notify_hooks.flush_due)
+            self._guard(self.metrics_hooks.flush)
             if now - last_status >= STATUS_SECONDS:
                 last_status = now
                 self._guard(self._status)

@@ -181,6 +181,25 @@ def test_metrics_hooks(tmp_path, store):
     assert value(m, "filex_queue_depth", route="r2") is None and value(m, "filex_queue_depth", route="r1") == 0
 
 
+def test_queue_depth_counted_at_most_once_a_second_then_caught_up(store):
+    m = Metrics()
+    now = [1000.0]
+    hooks = MetricsHooks(m, store, clock=lambda: now[0])
+    counts = []
+    real = store.count
+    store.count = lambda *a, **kw: counts.append(a) or real(*a, **kw)  # type: ignore[method-assign]
+    for i in range(50):  # a burst: 50 files claimed in the same second
+        hooks.submission_changed(new_sub(store, f"f{i}.csv"), "claimed")
+    assert len(counts) == 1 and value(m, "filex_queue_depth", route="r1") == 1  # stale, on purpose
+    hooks.flush()  # the service's next tick, still within the second: nothing to do yet
+    assert len(counts) == 1
+    now[0] += 1.0
+    hooks.flush()
+    assert len(counts) == 2 and value(m, "filex_queue_depth", route="r1") == 50
+    hooks.flush()  # nothing changed since
+    assert len(counts) == 2
+
+
 def test_operation_labels_are_few():
     assert operation_label("fileX S3 transfer tokens for 0001/app2") == "s3_tokens"
     assert operation_label("fileX tracking (last 90 days)") == "tracking"

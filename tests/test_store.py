@@ -95,3 +95,15 @@ def test_unknown_field_is_an_error(tmp_path):
     sub = _new(s)
     with pytest.raises(KeyError):
         s.update(sub.id, nonsense=1)
+
+
+def test_count_per_route_without_listing(tmp_path):
+    s = SQLiteStore(tmp_path / "j.sqlite3")
+    for i in range(3):
+        _new(s, route="a", file_name=f"a{i}.csv", state=State.QUEUED)
+    _new(s, route="a", file_name="up.csv", state=State.UPLOADING)
+    _new(s, route="b", file_name="b.csv", state=State.QUEUED)
+    _new(s, route="c", file_name="c.csv", state=State.FAILED)
+    assert s.count([State.QUEUED]) == {"a": 3, "b": 1}
+    assert s.count([State.QUEUED, State.UPLOADING], route="a") == {"a": 4}
+    assert s.count([State.QUEUED], route="c") == {}

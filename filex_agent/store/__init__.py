@@ -106,6 +106,11 @@ class Store(abc.ABC):
     def list(self, states: Iterable[State] | None = None, route: str | None = None) -> list[Submission]: ...
 
     @abc.abstractmethod
+    def count(self, states: Iterable[State], route: str | None = None) -> dict[str, int]:
+        """Submissions in ``states`` per route (``route``'s only, when given); routes with none are
+        absent. A count in the journal, not a listing: it must stay cheap with 100,000 rows."""
+
+    @abc.abstractmethod
     def due(self, now: datetime, limit: int) -> list[int]:
         """Ids of QUEUED submissions whose next attempt is due, oldest first, at most ``limit``."""
 

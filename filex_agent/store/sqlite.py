@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS submissions (
     final_at TEXT, held_by INTEGER, flag TEXT
 );
 CREATE INDEX IF NOT EXISTS submissions_state ON submissions(state);
+CREATE INDEX IF NOT EXISTS submissions_route_state ON submissions(route, state);
 CREATE INDEX IF NOT EXISTS submissions_sha ON submissions(org, application, sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_tracking ON submissions(tracking_id) WHERE tracking_id IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
@@ -131,6 +132,17 @@ class SQLiteStore(Store):
         with self._lock:
             rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
         return [_row_to_sub(r) for r in rows]
+
+    def count(self, states: Iterable[State], route: str | None = None) -> dict[str, int]:
+        states = [str(s) for s in states]
+        sql = f"SELECT route, COUNT(*) FROM submissions WHERE state IN ({', '.join('?' for _ in states)})"
+        args: list[Any] = list(states)
+        if route is not None:
+            sql += " AND route = ?"
+            args.append(route)
+        with self._lock:
+            rows = self._db.execute(sql + " GROUP BY route", args).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     def due(self, now: datetime, limit: int) -> list[int]:
         with self._lock:

@@ -617,14 +617,15 @@ class S3Transport(Transport):
         except RemoteChangedError:
             raise
         except FilexError:
-            # e.g. BadDigest: a body that no longer matched its Content-MD5 because the file changed.
+            # e.g. BadDigest or a part ETag mismatch: bytes that changed on disk while being sent.
             if changed():
                 raise discarded() from None
             raise
         etag = written.etag
         expected_etag = _expected_etag(written.parts, size)
-        # With SSE-KMS the ETag is not an MD5 of the data; S3 checked each part's Content-MD5, and
-        # that is all it lets us compare without a HeadObject the write-only policy may deny.
+        # With SSE-KMS the ETag is not an MD5 of the data: S3 checked each body's Content-MD5 instead
+        # (parts get one when CreateMultipartUpload says SSE-KMS), the one check it allows without
+        # a HeadObject that the write-only policy may deny.
         kms = written.sse.startswith("aws:kms")
         problem = None
         if changed():
