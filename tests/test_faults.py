@@ -79,14 +79,13 @@ def test_s3_5xx_burst_is_retried_and_the_file_sent_once(sandbox, sandbox_config)
     assert sum(1 for a in sandbox.arrivals() if a.key.endswith("/in/" + name)) == 1
 
 
-def test_s3_part_corrupted_in_transit_is_refused_and_the_file_sent_once_whole(sandbox, sandbox_config):
+def _s3_multipart_through_fault(sandbox, sandbox_config, name: str, kind: str, **fault):
+    """An 11 MiB file over the S3 route in 5 MiB parts while ``fault`` is armed on in/: (its
+    submission once ACCEPTED, the one upload the sandbox logged for it). Asserts it went once, whole."""
     cfg = sandbox_config(transports=("s3",), s3={"multipart_threshold_mb": 5, "part_size_mb": 5})
     d = _daemon(cfg)
     try:
-        # One flipped byte in one part: S3 answers BadDigest (Content-MD5), the multipart upload is
-        # aborted, the file stays queued and goes again whole.
-        sandbox.inject_fault("corrupt", target="s3", count=1, path_prefix=f"/{sandbox.bucket}/0001/app2/in/")
-        name = "FAULT_s3_corrupt.dat"
+        sandbox.inject_fault(kind, target="s3", path_prefix=f"/{sandbox.bucket}/0001/app2/in/", **fault)
         data = os.urandom(11 * 1024 * 1024)
         (Path(cfg.routes[0].outbox) / name).write_bytes(data)
         sub = _final(d, name, State.ACCEPTED, timeout=90)
@@ -95,7 +94,22 @@ def test_s3_part_corrupted_in_transit_is_refused_and_the_file_sent_once_whole(sa
     ups = [u for u in sandbox.uploads() if u.name == name]
     assert len(ups) == 1 and ups[0].sha256 == hashlib.sha256(data).hexdigest()
     assert sum(1 for a in sandbox.arrivals() if a.key.endswith("/in/" + name)) == 1
+    return sub
+
+
+def test_s3_part_corrupted_in_transit_is_refused_and_the_file_sent_once_whole(sandbox, sandbox_config):
+    # One flipped byte in one part: its ETag is not the MD5 of what was sent, the multipart upload
+    # is aborted before completion, the file stays queued and goes again whole.
+    sub = _s3_multipart_through_fault(sandbox, sandbox_config, "FAULT_s3_corrupt.dat", "corrupt", count=1)
     assert sub.attempts == 2
+
+
+def test_s3_multipart_5xx_bursts_are_retried_and_the_file_sent_once_whole(sandbox, sandbox_config):
+    # 503s on the multipart calls (the first two on CreateMultipartUpload, one more on a part):
+    # botocore resends the part, rewinding its body, which must not be hashed twice.
+    sub = _s3_multipart_through_fault(sandbox, sandbox_config, "FAULT_s3_parts_503.dat", "status", status=503,
+                                      count=3)
+    assert sub.attempts == 1  # inside one attempt's retry budget
 
 
 def test_429_waits_at_least_retry_after(sandbox, sandbox_config):
