@@ -196,6 +196,16 @@ def _curl_cmd(ctx: Ctx, big: Path, name: str) -> list[str]:
     return [ctx.tools.curl, "-sS", "-f", "-o", "/dev/null", "-H", "Expect:", "-T", str(big), "-K", str(conf)]
 
 
+def _run_method(ctx: Ctx, m: Method, run: int):  # noqa: ANN202 - run_child's result
+    """One upload by ``m``, then its clean-up (and the curl config's, which holds a signed URL)."""
+    try:
+        cmd, env = m.prepare(run)
+        return run_child(cmd, env=ctx.env(env), cwd=ROOT)
+    finally:
+        (ctx.work / "curl.conf").unlink(missing_ok=True)
+        m.after()
+
+
 def _warm_up(ctx: Ctx, methods: list[Method]) -> None:
     """One uncounted upload per transport, by a peer, before the measured runs.
 
@@ -208,14 +218,10 @@ def _warm_up(ctx: Ctx, methods: list[Method]) -> None:
         if m is None:
             continue
         try:
-            cmd, env = m.prepare(-1)
-            run_child(cmd, env=ctx.env(env), cwd=ROOT)
+            _run_method(ctx, m, -1)
             log.info("warm-up (not counted): %s", m.name)
         except ChildFailed as exc:
             log.warning("warm-up %s: %s", m.name, exc)
-        finally:
-            (ctx.work / "curl.conf").unlink(missing_ok=True)
-            m.after()
 
 
 def part_big(ctx: Ctx) -> list[BigRow]:
@@ -231,15 +237,11 @@ def part_big(ctx: Ctx) -> list[BigRow]:
         for run in range(ctx.runs):
             for i, m in enumerate(methods):  # interleaved: drift over time hits every method alike
                 try:
-                    cmd, env = m.prepare(run)
-                    res = run_child(cmd, env=ctx.env(env), cwd=ROOT)
+                    res = _run_method(ctx, m, run)
                 except ChildFailed as exc:
                     notes[i] = f"failed: {exc}"[:300]
                     log.warning("%s: %s", m.name, exc)
                     continue
-                finally:
-                    (ctx.work / "curl.conf").unlink(missing_ok=True)
-                    m.after()
                 walls[i].append(_mb(size, res.wall))
                 peaks[i].append(res.peak_mib)
                 line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
