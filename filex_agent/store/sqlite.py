@@ -61,6 +61,19 @@ def _enc(key: str, value: Any) -> Any:
     return value
 
 
+def _where(states: Iterable[State] | None, route: str | None) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its arguments) selecting submissions in ``states`` on ``route``."""
+    sql, args = "1=1", []
+    if states is not None:
+        names = [str(s) for s in states]
+        sql += f" AND state IN ({', '.join('?' for _ in names)})"
+        args += names
+    if route is not None:
+        sql += " AND route = ?"
+        args.append(route)
+    return sql, args
+
+
 def _row_to_sub(row: sqlite3.Row) -> Submission:
     data = {k: row[k] for k in _SUB_FIELDS}
     for k in _DT_FIELDS:
@@ -121,27 +134,16 @@ class SQLiteStore(Store):
         return _row_to_sub(row)
 
     def list(self, states: Iterable[State] | None = None, route: str | None = None) -> list[Submission]:
-        sql, args = "SELECT * FROM submissions WHERE 1=1", []
-        if states is not None:
-            states = [str(s) for s in states]
-            sql += f" AND state IN ({', '.join('?' for _ in states)})"
-            args += states
-        if route is not None:
-            sql += " AND route = ?"
-            args.append(route)
+        where, args = _where(states, route)
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+            rows = self._db.execute(f"SELECT * FROM submissions WHERE {where} ORDER BY id", args).fetchall()
         return [_row_to_sub(r) for r in rows]
 
     def count(self, states: Iterable[State], route: str | None = None) -> dict[str, int]:
-        states = [str(s) for s in states]
-        sql = f"SELECT route, COUNT(*) FROM submissions WHERE state IN ({', '.join('?' for _ in states)})"
-        args: list[Any] = list(states)
-        if route is not None:
-            sql += " AND route = ?"
-            args.append(route)
+        where, args = _where(states, route)
         with self._lock:
-            rows = self._db.execute(sql + " GROUP BY route", args).fetchall()
+            rows = self._db.execute(f"SELECT route, COUNT(*) FROM submissions WHERE {where} GROUP BY route",
+                                    args).fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
     def due(self, now: datetime, limit: int) -> list[int]:
