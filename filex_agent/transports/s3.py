@@ -6,9 +6,10 @@ keeps one set per (credential, org, app) for every worker and wraps it in botoco
 ``RefreshableCredentials`` so a long multipart upload or a daemon running for days asks fileX for
 new ones before ``expiration`` instead of failing half-way.
 
-Integrity rides on one MD5 per part, sent as ``Content-MD5`` and checked by S3 on arrival, then
-against the object's ETag (``_UploadWatch``); the local file is re-checked before every write, so a
-file that changes aborts the upload before an object exists.
+Integrity rides on one MD5 of each byte (``_UploadWatch``): a part is hashed while it is sent and
+checked against the ETag S3 gives it, a single PUT (and an SSE-KMS part) carries ``Content-MD5``,
+and the object's ETag must match the digests. The local file is re-checked before every write, so
+a file that changes aborts the upload before an object exists.
 
 Secrets (secret key, session token) never reach a log line, an exception message or a repr: the
 models hide them (``repr=False``) and every message here is built from error codes and names only.
@@ -239,6 +240,11 @@ class _Watched:
     etag: str = ""
     sse: str = ""
 
+    @property
+    def object_kms(self) -> bool:
+        """The finished object is SSE-KMS encrypted: its ETag is no MD5 of the data."""
+        return self.sse.startswith("aws:kms")
+
 
 def _body_md5(body: object) -> tuple[bytes, int]:
     """(MD5 digest, length) of a request body, a file object read in blocks and rewound."""
@@ -393,26 +399,26 @@ class _UploadWatch:
         if model.name != "UploadPart":
             box.etag, box.sse = etag, sse
             return
-        part = context[self._MARK][2]
+        bucket, key, part = context[self._MARK]
         with self._lock:
             reader = box.readers.pop(part, None)
         if reader is None:
             return  # sent with Content-MD5: S3 checked it, and its digest is recorded
         got = reader.digest()
         if got is None:
-            raise TransientError(f"part {part} of s3://{context[self._MARK][0]}/{context[self._MARK][1]} was "
-                                 "not read whole and in order: its bytes could not be checked")
+            raise TransientError(f"part {part} of s3://{bucket}/{key} was not read whole and in order: its bytes "
+                                 "could not be checked")
         if not sse.startswith("aws:kms") and etag != got[0].hex():
-            raise TransientError(f"part {part} of s3://{context[self._MARK][0]}/{context[self._MARK][1]}: S3 "
-                                 f"stored ETag {etag}, the bytes sent have MD5 {got[0].hex()}; upload aborted")
+            raise TransientError(f"part {part} of s3://{bucket}/{key}: S3 stored ETag {etag}, the bytes sent have "
+                                 f"MD5 {got[0].hex()}; upload aborted")
         with self._lock:
             box.parts[part] = got
 
 
-def _integrity(written: _Watched, kms: bool) -> str:
+def _integrity(written: _Watched) -> str:
     """How the bytes of a finished upload were checked, for the journal (detail["integrity"])."""
     how = "content-md5" if set(written.parts) == {0} or written.kms else "part-etag"
-    return f"{how} (SSE-KMS: the ETag is not an MD5)" if kms else f"{how}+etag"
+    return f"{how} (SSE-KMS: the ETag is not an MD5)" if written.object_kms else f"{how}+etag"
 
 
 def _expected_etag(parts: dict[int, tuple[bytes, int]], size: int) -> str | None:
@@ -448,14 +454,14 @@ class S3Transport(Transport):
             read_timeout=read_timeout,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             # Streamed bodies with trailing checksums and no length are refused by non-AWS S3
-            # servers (MissingContentLength); every body carries a Content-MD5 instead (_UploadWatch).
+            # servers (MissingContentLength); _UploadWatch checks every byte by MD5 instead.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             # Pre-signed URLs for a custom endpoint would otherwise be SigV2.
             signature_version="s3v4",
             s3={
-                # The signed Content-MD5 binds each body to the signature: no SHA-256 pass over
-                # the payload as well (botocore's own rule over HTTPS, kept for any endpoint).
+                # The MD5 checks cover every byte: no SHA-256 pass over the payload as well
+                # (UNSIGNED-PAYLOAD, as botocore does over HTTPS when a checksum goes with a body).
                 "payload_signing_enabled": False,
                 **({"addressing_style": "path"} if endpoint_url else {}),
             },
@@ -621,26 +627,24 @@ class S3Transport(Transport):
             if changed():
                 raise discarded() from None
             raise
+        if changed():
+            # Only a change between the last check and CompleteMultipartUpload gets here.
+            self._delete_bad_object(loc.bucket, key, "local file changed during the upload")
+            raise discarded()
         etag = written.etag
         expected_etag = _expected_etag(written.parts, size)
         # With SSE-KMS the ETag is not an MD5 of the data: S3 checked each body's Content-MD5 instead
         # (parts get one when CreateMultipartUpload says SSE-KMS), the one check it allows without
         # a HeadObject that the write-only policy may deny.
-        kms = written.sse.startswith("aws:kms")
         problem = None
-        if changed():
-            # Only a change between the last check and CompleteMultipartUpload gets here.
-            problem = "local file changed during the upload"
-        elif not etag:
+        if not etag:
             problem = "S3 returned no ETag"
         elif expected_etag is None:
             problem = f"the parts sent do not cover the {size} bytes of the file"
-        elif not kms and etag != expected_etag:
+        elif not written.object_kms and etag != expected_etag:
             problem = f"ETag {etag} does not match the expected {expected_etag}"
         if problem:
             self._delete_bad_object(loc.bucket, key, problem)
-            if problem.startswith("local file changed"):
-                raise discarded()
             raise TransientError(f"upload of {local.name} for {self._who()} failed integrity check: {problem}; "
                                  "object deleted")
         finished = _utcnow()
@@ -648,7 +652,7 @@ class S3Transport(Transport):
                  etag, self._who())
         detail = {"etag": etag, "bucket": loc.bucket, "key": key,
                   "parts": str(etag.split("-")[1]) if "-" in etag else "1",
-                  "integrity": _integrity(written, kms)}
+                  "integrity": _integrity(written)}
         if set(written.parts) == {0}:
             detail["md5"] = written.parts[0][0].hex()  # of the whole file: it went as one part
         return UploadResult(
