@@ -63,7 +63,7 @@ def cmd_run(args) -> int:
 
 def _run_sandbox(args) -> int:
     from filex_agent.sandbox import Sandbox
-    from filex_agent.service import run_service
+    from filex_agent.service import prepare_service
     from filex_agent.sandbox.agent_config import write_sandbox_config
 
     _setup_logging("INFO")
@@ -79,8 +79,12 @@ def _run_sandbox(args) -> int:
             Path(r.outbox).mkdir(parents=True, exist_ok=True)
             print(f"  {r.outbox}    ({r.transport}, org {r.org}, application {r.application})")
         print(f"status: filex-agent status --config {path}")
+        service = prepare_service(cfg, path)
+        url = service.start_web()
+        if url:
+            print(f"status web page: {url}")
         sys.stdout.flush()
-        return run_service(cfg, path)
+        return service.run()
     finally:
         sb.stop()
 

@@ -7,6 +7,7 @@ Secrets are never inlined: a secret field holds a *reference* — ``env:VAR``, `
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 import tomllib
@@ -249,6 +250,53 @@ class MetricsSettings(_Strict):
     listen: str = "127.0.0.1:9464"
 
 
+class WebSettings(_Strict):
+    """The read-only status web page (filex_agent/web)."""
+
+    enabled: bool = False
+    # Loopback by default. Any other address needs authentication and TLS (checked below).
+    listen: str = "127.0.0.1:8470"
+    # Authentication, either or both: a bearer token (also accepted as the password of HTTP Basic,
+    # with any user name, so a browser can sign in), or a password hash for HTTP Basic with
+    # `username` (make one with `python -m filex_agent.web.password`). Secret references.
+    token: SecretRef | None = None
+    password_hash: SecretRef | None = None
+    username: str = Field("compliance", min_length=1, pattern=r"^[^:]+$")
+    # TLS: PEM certificate (chain) and key files.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # How often an open page fetches fresh figures.
+    refresh_seconds: float = Field(5.0, ge=1, le=300)
+
+    @model_validator(mode="after")
+    def _safe(self) -> "WebSettings":
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError("web.listen", f"expected host:port (e.g. 127.0.0.1:8470), got {self.listen!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("web.tls_key" if self.tls_key is None else "web.tls_cert",
+                              "tls_cert and tls_key go together")
+        if self.enabled and not is_loopback(host):
+            if self.token is None and self.password_hash is None:
+                raise ConfigError("web.token", f"web.listen {self.listen} is not a loopback address: "
+                                  "set web.token or web.password_hash (authentication is required)")
+            if self.tls_cert is None:
+                raise ConfigError("web.tls_cert", f"web.listen {self.listen} is not a loopback address: "
+                                  "set web.tls_cert and web.tls_key (TLS is required)")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1); "0.0.0.0" is not."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
 class AuditSettings(_Strict):
     # Append-only, hash-chained JSON lines; default data_dir/audit.jsonl.
     path: Path | None = None
@@ -286,6 +334,7 @@ class Config(_Strict):
     s3: S3Settings = S3Settings()
     sftp: SftpSettings = SftpSettings()
     metrics: MetricsSettings = MetricsSettings()
+    web: WebSettings = WebSettings()
     audit: AuditSettings = AuditSettings()
     notify: NotifySettings = NotifySettings()
     credentials: dict[str, CredentialSettings] = {}
@@ -378,9 +427,10 @@ def _absolutise(cfg: Config, base: Path) -> Config:
     creds = {n: c.model_copy(update={"sftp_private_key": fix(c.sftp_private_key)}) for n, c in cfg.credentials.items()}
     sftp = cfg.sftp.model_copy(update={"known_hosts": fix(cfg.sftp.known_hosts)})
     audit = cfg.audit.model_copy(update={"path": fix(cfg.audit.path)})
+    web = cfg.web.model_copy(update={"tls_cert": fix(cfg.web.tls_cert), "tls_key": fix(cfg.web.tls_key)})
     notify = cfg.notify.model_copy(update={"smtp_ca_file": fix(cfg.notify.smtp_ca_file)})
     return cfg.model_copy(update={"agent": agent, "routes": routes, "credentials": creds, "sftp": sftp,
-                                  "audit": audit, "notify": notify})
+                                  "audit": audit, "notify": notify, "web": web})
 
 
 def load_config(path: Path | str) -> Config:

@@ -73,6 +73,9 @@ class Service:
         self.daemon = Daemon(cfg, store=self.store, hooks=MultiHooks(
             self.audit_hooks, self.metrics_hooks, self.notify_hooks, self.checks))
         self.watchdog = sdnotify.Watchdog()
+        self.web = None  # the status page (filex_agent/web), when [web] enables it
+        # Its secrets are resolved now: a missing one stops the start (exit 2), like [notify]'s.
+        self._web_auth = _web_authenticator(cfg) if cfg.web.enabled else None
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
@@ -103,6 +106,27 @@ class Service:
                      + (" (failing)" if self.metrics_hooks.last_poll_failed else ""))
         return ", ".join(parts)
 
+    def start_web(self) -> str | None:
+        """Start the status page if [web] enables it (once); its URL, or None. A port in use is
+        logged, not fatal: filings matter more than the page."""
+        if not self.cfg.web.enabled:
+            return None
+        if self.web is None:
+            from filex_agent.web.app import Sources
+            from filex_agent.web.server import WebServer
+
+            web = WebServer(self.cfg.web, Sources(self.store, lambda: self.cfg,
+                                                  last_poll=lambda: self.metrics_hooks.last_poll,
+                                                  active_problems=lambda: self.checks.active),
+                            auth=self._web_auth)
+            try:
+                web.start()
+            except OSError as exc:
+                log.error("status page on %s not started: %s", self.cfg.web.listen, exc)
+                return None
+            self.web = web
+        return self.web.url
+
     # -- signals -----------------------------------------------------------------------------
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
         self._signals += 1
@@ -129,6 +153,7 @@ class Service:
             except (OSError, ValueError) as exc:
                 # Filings matter more than metrics: keep running, loudly.
                 log.error("metrics server on %s not started: %s", self.cfg.metrics.listen, exc)
+        self.start_web()
         try:
             self.daemon.start()
         except Exception:
@@ -200,6 +225,8 @@ class Service:
     def _shutdown(self) -> bool:
         """False when uploads were cut off at the end of the grace (the journal has them)."""
         self.watchdog.stop()
+        if self.web is not None:
+            self.web.stop()  # before the journal closes
         self._guard(lambda: self.notify_hooks.flush_due(force=True))
         clean = self.daemon.stop()  # also closes the journal
         self._audit_event("agent.stopped", pid=os.getpid(), clean=bool(clean))
@@ -261,6 +288,8 @@ class Service:
             _configure_logging(new)
         if new.metrics != old.metrics:
             log.warning("[metrics] changed: it applies at the next restart")
+        if new.web != old.web:
+            log.warning("[web] changed: it applies at the next restart")
         self.metrics_hooks.refresh(r.name for r in new.routes)
         added = sorted({r.name for r in new.routes} - {r.name for r in old.routes})
         removed = sorted({r.name for r in old.routes} - {r.name for r in new.routes})
@@ -270,10 +299,20 @@ class Service:
         return True
 
 
+def prepare_service(cfg: Config, config_path: Path | None) -> Service:
+    _configure_logging(cfg)
+    return Service(cfg, config_path)
+
+
 def run_service(cfg: Config, config_path: Path | None) -> int:
     """What `filex-agent run` does; returns the exit code."""
-    _configure_logging(cfg)
-    return Service(cfg, config_path).run()
+    return prepare_service(cfg, config_path).run()
+
+
+def _web_authenticator(cfg: Config):  # noqa: ANN202
+    from filex_agent.web.server import authenticator
+
+    return authenticator(cfg.web)
 
 
 def _configure_logging(cfg: Config) -> None:

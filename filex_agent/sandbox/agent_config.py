@@ -13,8 +13,9 @@ def _toml_str(value: str) -> str:
 
 def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stable_seconds: float = 1.0,
                          transports: tuple[str, ...] = ("rest", "s3", "sftp"),
-                         s3: dict[str, int] | None = None) -> Path:
-    """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002; ``s3``: the [s3] keys."""
+                         s3: dict[str, int] | None = None, web_listen: str | None = "127.0.0.1:0") -> Path:
+    """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002; ``s3``: the [s3] keys;
+    ``web_listen``: the status page's address (port 0: any free port; None: no page)."""
     data_dir = Path(data_dir).resolve()
     secrets = data_dir / "secrets"
     secrets.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,8 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
               "[tracking]", f"poll_interval_seconds = {poll_seconds}", ""]
     if s3:
         lines += ["[s3]", *(f"{k} = {int(v)}" for k, v in s3.items()), ""]
+    if web_listen is not None:
+        lines += ["[web]", "enabled = true", f"listen = {_toml_str(web_listen)}", "refresh_seconds = 2", ""]
     if sftp is not None:
         lines += ["[sftp]", f"host_key_fingerprints = [{_toml_str(sftp.host_key_fingerprint)}]", ""]
     lines += ["[credentials.sandbox]", f"client_id = {_toml_str(sb.client_id)}",

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 
 class State(str, enum.Enum):
@@ -32,6 +32,12 @@ class State(str, enum.Enum):
 
 FINAL_STATES = frozenset({State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED, State.FAILED})
 PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.SUBMITTED})
+
+
+def open_state_names() -> tuple[str, ...]:
+    """Every state that is not final, by name (states added to ``State`` later included): the
+    read-only views select them with ``IN (...)``, which an index serves (``NOT IN`` would not)."""
+    return tuple(s.value for s in State if s not in FINAL_STATES)
 
 
 def utcnow() -> datetime:
@@ -154,11 +160,79 @@ class Store(abc.ABC):
                        remote_modified: str | None) -> None:
         """Write-ahead: a download of this remote file is about to start."""
 
+    # -- read-only views: the status web page (any node can serve it from the journal) ----------
+    @abc.abstractmethod
+    def search(self, query: SubmissionQuery, limit: int = 50, *, after: PageKey | None = None,
+               before: PageKey | None = None) -> SubmissionPage:
+        """One page of submissions matching ``query``, newest first (``created_at`` descending,
+        then ``id`` descending). Keyset paging: ``after`` gives the rows older than that key,
+        ``before`` the rows newer than it (still returned newest first); never OFFSET, so page
+        1,000 costs what page 1 costs. ``text`` matches ``tracking_id`` exactly or the start of
+        ``file_name``."""
+
+    @abc.abstractmethod
+    def open_counts(self) -> dict[tuple[str, str], int]:
+        """``(route, state) -> count`` of the submissions in a state that is not final."""
+
+    @abc.abstractmethod
+    def final_counts(self, since: datetime) -> dict[tuple[str, str], int]:
+        """``(route, state) -> count`` of the submissions whose ``final_at`` is at or after ``since``."""
+
+    @abc.abstractmethod
+    def final_histogram(self, edges: Sequence[datetime]) -> dict[tuple[int, str], int]:
+        """``(bin, state) -> count`` of final outcomes per bin: bin ``i`` holds the submissions with
+        ``edges[i] <= final_at < edges[i + 1]`` (``edges`` ascending; outcomes per day: day starts)."""
+
+    @abc.abstractmethod
+    def upload_times(self, since: datetime, limit: int) -> list[tuple[datetime, datetime]]:
+        """``(created_at, uploaded_at)`` of the submissions uploaded at or after ``since``, the
+        most recently uploaded first, at most ``limit`` (drop → submitted latency)."""
+
+    @abc.abstractmethod
+    def problems(self, states: Iterable[str], open_before: datetime, limit: int) -> list[Submission]:
+        """Submissions that need a person, newest first, at most ``limit``: those with a ``flag``,
+        those in one of ``states`` (e.g. UNCONFIRMED), and those in a state that is not final with
+        ``COALESCE(uploaded_at, created_at)`` before ``open_before`` (no verdict for too long)."""
+
+    @abc.abstractmethod
+    def feedback_file(self, sub_id: int, feedback_id: int) -> FeedbackFile | None:
+        """Feedback ``feedback_id`` if it was filed for submission ``sub_id``, else None."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
 
 FeedbackKey = tuple[str, "int | None", "str | None"]
+
+
+# -- read-only views (the status web page) ------------------------------------------------------
+# Times are compared as the journal stores them (UTC). Every method below must stay fast with
+# 1,000,000 rows: each is one indexed query (see ``SQLiteStore``'s indexes and bench/web.py).
+
+@dataclass(frozen=True)
+class SubmissionQuery:
+    """Filters of ``Store.search``; ``None`` means "any"."""
+
+    text: str | None = None  # a tracking id (exact) or the start of a file name (case-sensitive)
+    states: tuple[str, ...] | None = None
+    route: str | None = None
+    created_from: datetime | None = None  # inclusive
+    created_to: datetime | None = None  # exclusive
+
+
+@dataclass(frozen=True)
+class PageKey:
+    """Keyset paging position: a row's ``(created_at, id)``, the order of every page."""
+
+    created_at: datetime
+    id: int
+
+
+@dataclass
+class SubmissionPage:
+    rows: list[Submission]
+    older: PageKey | None  # pass as ``after`` for the next (older) page; None: this is the last
+    newer: PageKey | None  # pass as ``before`` for the previous (newer) page; None: this is the first
 
 
 class StateConflict(Exception):

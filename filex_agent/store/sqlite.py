@@ -7,15 +7,19 @@ import threading
 from dataclasses import fields as dc_fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from filex_agent.store import (
     Event,
     FeedbackFile,
+    PageKey,
     State,
     StateConflict,
     Store,
     Submission,
+    SubmissionPage,
+    SubmissionQuery,
+    open_state_names,
     utcnow,
 )
 
@@ -47,6 +51,15 @@ CREATE TABLE IF NOT EXISTS feedback (
     UNIQUE(route, remote_name, remote_size, remote_modified)
 );
 CREATE INDEX IF NOT EXISTS feedback_sub ON feedback(submission_id);
+-- The status web page (read-only views): keyset pages newest first, with or without a filter on
+-- state or route; a file name prefix; outcomes by final time; latency by upload time; flags.
+CREATE INDEX IF NOT EXISTS submissions_created ON submissions(created_at, id);
+CREATE INDEX IF NOT EXISTS submissions_state_created ON submissions(state, created_at, id);
+CREATE INDEX IF NOT EXISTS submissions_route_created ON submissions(route, created_at, id);
+CREATE INDEX IF NOT EXISTS submissions_name ON submissions(file_name);
+CREATE INDEX IF NOT EXISTS submissions_final ON submissions(final_at, state, route);
+CREATE INDEX IF NOT EXISTS submissions_uploaded ON submissions(uploaded_at);
+CREATE INDEX IF NOT EXISTS submissions_flag ON submissions(id) WHERE flag IS NOT NULL;
 """
 
 _DT_FIELDS = {"next_attempt_at", "created_at", "updated_at", "upload_started_at", "uploaded_at", "final_at"}
@@ -74,6 +87,33 @@ def _where(states: Iterable[State] | None, route: str | None) -> tuple[str, list
     return sql, args
 
 
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def _query_where(q: SubmissionQuery) -> tuple[list[str], list[Any]]:
+    """WHERE terms (ANDed) and arguments of a web search; portable SQL, every term indexable."""
+    terms: list[str] = []
+    args: list[Any] = []
+    if q.text:
+        # A prefix as a range (not LIKE 'x%'): an index serves it in SQLite and PostgreSQL alike.
+        terms.append("(tracking_id = ? OR (file_name >= ? AND file_name < ?))")
+        args += [q.text, q.text, q.text + "\U0010ffff"]
+    if q.states is not None:
+        terms.append(f"state IN ({_marks(q.states) or 'NULL'})")
+        args += list(q.states)
+    if q.route is not None:
+        terms.append("route = ?")
+        args.append(q.route)
+    if q.created_from is not None:
+        terms.append("created_at >= ?")
+        args.append(q.created_from.isoformat())
+    if q.created_to is not None:
+        terms.append("created_at < ?")
+        args.append(q.created_to.isoformat())
+    return terms, args
+
+
 def _row_to_sub(row: sqlite3.Row) -> Submission:
     data = {k: row[k] for k in _SUB_FIELDS}
     for k in _DT_FIELDS:
@@ -98,6 +138,8 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+        self._reader: sqlite3.Connection | None = None  # read-only views; opened when first used
+        self._reader_lock = threading.Lock()
 
     # -- helpers -------------------------------------------------------------------------
     def _tx(self):
@@ -257,7 +299,106 @@ class SQLiteStore(Store):
                              datetime.fromisoformat(r["downloaded_at"]) if r["downloaded_at"] else None)
                 for r in rows]
 
+    # -- read-only views (the status web page) ------------------------------------------
+    def _rows(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+        # A connection of their own (WAL: readers never block the writer): a page being
+        # rendered never holds up a journal write of the daemon.
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                               check_same_thread=False, timeout=30)
+                self._reader.row_factory = sqlite3.Row
+            return self._reader.execute(sql, list(args)).fetchall()
+
+    def search(self, query: SubmissionQuery, limit: int = 50, *, after: PageKey | None = None,
+               before: PageKey | None = None) -> SubmissionPage:
+        terms, args = _query_where(query)
+        base_terms, base_args = list(terms), list(args)
+        if after is not None:
+            terms.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args += [after.created_at.isoformat(), after.created_at.isoformat(), after.id]
+        if before is not None:
+            terms.append("(created_at > ? OR (created_at = ? AND id > ?))")
+            args += [before.created_at.isoformat(), before.created_at.isoformat(), before.id]
+        where = " AND ".join(terms) or "1=1"
+        order = "ASC" if before is not None else "DESC"
+        rows = self._rows(f"SELECT * FROM submissions WHERE {where} ORDER BY created_at {order}, id {order} "
+                          "LIMIT ?", [*args, limit + 1])
+        more = len(rows) > limit
+        subs = [_row_to_sub(r) for r in rows[:limit]]
+        if before is not None:
+            subs.reverse()
+        if not subs:
+            return SubmissionPage([], None, None)
+        first, last = PageKey(subs[0].created_at, subs[0].id), PageKey(subs[-1].created_at, subs[-1].id)
+        if before is not None:
+            return SubmissionPage(subs, last if self._exists(base_terms, base_args, last, older=True) else None,
+                                  first if more else None)
+        newer = after is not None and self._exists(base_terms, base_args, first, older=False)
+        return SubmissionPage(subs, last if more else None, first if newer else None)
+
+    def _exists(self, terms: list[str], args: list[Any], key: PageKey, *, older: bool) -> bool:
+        op = "<" if older else ">"
+        cond = " AND ".join([*terms, f"(created_at {op} ? OR (created_at = ? AND id {op} ?))"])
+        at = key.created_at.isoformat()
+        return bool(self._rows(f"SELECT 1 FROM submissions WHERE {cond} LIMIT 1", [*args, at, at, key.id]))
+
+    def open_counts(self) -> dict[tuple[str, str], int]:
+        names = open_state_names()
+        rows = self._rows(f"SELECT route, state, COUNT(*) FROM submissions WHERE state IN ({_marks(names)}) "
+                          "GROUP BY route, state", names)
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def final_counts(self, since: datetime) -> dict[tuple[str, str], int]:
+        rows = self._rows("SELECT route, state, COUNT(*) FROM submissions WHERE final_at >= ? "
+                          "GROUP BY route, state", [since.isoformat()])
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def final_histogram(self, edges: Sequence[datetime]) -> dict[tuple[int, str], int]:
+        if len(edges) < 2:
+            return {}
+        bounds = [e.isoformat() for e in edges]
+        # One pass over the final_at index: CASE numbers the bin of each row (portable SQL).
+        case = " ".join(f"WHEN final_at < ? THEN {i}" for i in range(len(bounds) - 1))
+        rows = self._rows(f"SELECT CASE {case} END AS bin, state, COUNT(*) FROM submissions "
+                          "WHERE final_at >= ? AND final_at < ? GROUP BY bin, state",
+                          [*bounds[1:], bounds[0], bounds[-1]])
+        return {(int(r[0]), r[1]): int(r[2]) for r in rows}
+
+    def upload_times(self, since: datetime, limit: int) -> list[tuple[datetime, datetime]]:
+        rows = self._rows("SELECT created_at, uploaded_at FROM submissions WHERE uploaded_at >= ? "
+                          "ORDER BY uploaded_at DESC LIMIT ?", [since.isoformat(), limit])
+        return [(datetime.fromisoformat(r[0]), datetime.fromisoformat(r[1])) for r in rows]
+
+    def problems(self, states: Iterable[str], open_before: datetime, limit: int) -> list[Submission]:
+        states = tuple(states)
+        names = open_state_names()
+        # Three indexed selections (flag, state, open states), merged: an OR across them would
+        # make SQLite scan the table.
+        ids: set[int] = set()
+        ids |= {r[0] for r in self._rows("SELECT id FROM submissions WHERE flag IS NOT NULL ORDER BY id DESC "
+                                         "LIMIT ?", [limit])}
+        if states:
+            ids |= {r[0] for r in self._rows(f"SELECT id FROM submissions WHERE state IN ({_marks(states)}) "
+                                             "ORDER BY id DESC LIMIT ?", [*states, limit])}
+        before = open_before.isoformat()
+        ids |= {r[0] for r in self._rows(
+            f"SELECT id FROM submissions WHERE state IN ({_marks(names)}) "
+            "AND COALESCE(uploaded_at, created_at) < ? ORDER BY id DESC LIMIT ?", [*names, before, limit])}
+        keep = sorted(ids, reverse=True)[:limit]
+        if not keep:
+            return []
+        rows = self._rows(f"SELECT * FROM submissions WHERE id IN ({_marks(keep)}) ORDER BY id DESC", keep)
+        return [_row_to_sub(r) for r in rows]
+
+    def feedback_file(self, sub_id: int, feedback_id: int) -> FeedbackFile | None:
+        return next((f for f in self.feedback_for(sub_id) if f.id == feedback_id), None)
+
     def close(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         with self._lock:
             self._db.close()
 
