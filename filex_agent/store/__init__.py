@@ -167,16 +167,17 @@ class Store(abc.ABC):
         """One page of submissions matching ``query``, newest first (``created_at`` descending,
         then ``id`` descending). Keyset paging: ``after`` gives the rows older than that key,
         ``before`` the rows newer than it (still returned newest first); never OFFSET, so page
-        1,000 costs what page 1 costs. ``text`` matches ``tracking_id`` exactly or the start of
-        ``file_name``."""
+        1,000 costs what page 1 costs. ``text``: when a submission has that ``tracking_id``
+        (and matches the other filters) the page is that one row; otherwise it selects the file
+        names that start with ``text``."""
 
     @abc.abstractmethod
     def open_counts(self) -> dict[tuple[str, str], int]:
         """``(route, state) -> count`` of the submissions in a state that is not final."""
 
     @abc.abstractmethod
-    def final_counts(self, since: datetime) -> dict[tuple[str, str], int]:
-        """``(route, state) -> count`` of the submissions whose ``final_at`` is at or after ``since``."""
+    def final_counts(self, since: datetime, until: datetime) -> dict[tuple[str, str], int]:
+        """``(route, state) -> count`` of the submissions with ``since <= final_at < until``."""
 
     @abc.abstractmethod
     def final_histogram(self, edges: Sequence[datetime]) -> dict[tuple[int, str], int]:
@@ -184,9 +185,13 @@ class Store(abc.ABC):
         ``edges[i] <= final_at < edges[i + 1]`` (``edges`` ascending; outcomes per day: day starts)."""
 
     @abc.abstractmethod
-    def upload_times(self, since: datetime, limit: int) -> list[tuple[datetime, datetime]]:
-        """``(created_at, uploaded_at)`` of the submissions uploaded at or after ``since``, the
-        most recently uploaded first, at most ``limit`` (drop → submitted latency)."""
+    def latency_histogram(self, edges: Sequence[datetime], bounds: Sequence[float]) -> dict[tuple[int, int], int]:
+        """Drop → submitted time per period, as histogram counts: ``(bin, bucket) -> count`` of
+        the submissions with ``edges[bin] <= uploaded_at < edges[bin + 1]`` whose
+        ``uploaded_at - created_at`` in seconds is ``<= bounds[bucket]`` (and above the bound
+        before it); bucket ``len(bounds)`` holds the longer ones. Computed by the database (the
+        time difference is the one dialect-specific expression: SQLite ``julianday``,
+        PostgreSQL ``EXTRACT(EPOCH FROM ...)``), so a month of uploads is never sent to Python."""
 
     @abc.abstractmethod
     def problems(self, states: Iterable[str], open_before: datetime, limit: int) -> list[Submission]:
@@ -213,7 +218,7 @@ FeedbackKey = tuple[str, "int | None", "str | None"]
 class SubmissionQuery:
     """Filters of ``Store.search``; ``None`` means "any"."""
 
-    text: str | None = None  # a tracking id (exact) or the start of a file name (case-sensitive)
+    text: str | None = None  # a tracking id (exact), else the start of a file name (case-sensitive)
     states: tuple[str, ...] | None = None
     route: str | None = None
     created_from: datetime | None = None  # inclusive

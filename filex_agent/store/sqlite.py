@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from dataclasses import fields as dc_fields
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -58,7 +59,7 @@ CREATE INDEX IF NOT EXISTS submissions_state_created ON submissions(state, creat
 CREATE INDEX IF NOT EXISTS submissions_route_created ON submissions(route, created_at, id);
 CREATE INDEX IF NOT EXISTS submissions_name ON submissions(file_name);
 CREATE INDEX IF NOT EXISTS submissions_final ON submissions(final_at, state, route);
-CREATE INDEX IF NOT EXISTS submissions_uploaded ON submissions(uploaded_at);
+CREATE INDEX IF NOT EXISTS submissions_uploaded_created ON submissions(uploaded_at, created_at);
 CREATE INDEX IF NOT EXISTS submissions_flag ON submissions(id) WHERE flag IS NOT NULL;
 """
 
@@ -91,14 +92,23 @@ def _marks(values: Sequence[Any]) -> str:
     return ", ".join("?" for _ in values)
 
 
-def _query_where(q: SubmissionQuery) -> tuple[list[str], list[Any]]:
-    """WHERE terms (ANDed) and arguments of a web search; portable SQL, every term indexable."""
+# A name prefix matching at least this many rows is served by walking the newest rows first
+# (they match densely); a rarer one by the name index and a sort of its (few) matches.
+DENSE_PREFIX = 2000
+
+
+def _prefix_bounds(text: str) -> list[str]:
+    # A prefix as a range (not LIKE 'x%'): an index serves it whatever the collation options.
+    return [text, text + "\U0010ffff"]
+
+
+def _query_where(q: SubmissionQuery, name_term: str = "file_name >= ? AND file_name < ?") -> tuple[list[str], list[Any]]:
+    """WHERE terms (ANDed) and arguments of a web search, but for ``text``'s tracking id."""
     terms: list[str] = []
     args: list[Any] = []
     if q.text:
-        # A prefix as a range (not LIKE 'x%'): an index serves it in SQLite and PostgreSQL alike.
-        terms.append("(tracking_id = ? OR (file_name >= ? AND file_name < ?))")
-        args += [q.text, q.text, q.text + "\U0010ffff"]
+        terms.append(name_term)
+        args += _prefix_bounds(q.text)
     if q.states is not None:
         terms.append(f"state IN ({_marks(q.states) or 'NULL'})")
         args += list(q.states)
@@ -312,7 +322,21 @@ class SQLiteStore(Store):
 
     def search(self, query: SubmissionQuery, limit: int = 50, *, after: PageKey | None = None,
                before: PageKey | None = None) -> SubmissionPage:
-        terms, args = _query_where(query)
+        if query.text:
+            rest, rest_args = _query_where(replace(query, text=None))
+            hit = self._rows(" AND ".join(["SELECT * FROM submissions WHERE tracking_id = ?", *rest]),
+                             [query.text, *rest_args])
+            if hit:
+                return SubmissionPage([_row_to_sub(hit[0])], None, None)
+        name_term = "file_name >= ? AND file_name < ?"
+        if query.text:
+            probe = self._rows("SELECT COUNT(*) FROM (SELECT 1 FROM submissions WHERE file_name >= ? "
+                               "AND file_name < ? LIMIT ?) AS m", [*_prefix_bounds(query.text), DENSE_PREFIX])
+            if probe[0][0] >= DENSE_PREFIX:
+                # Dense: "+" keeps SQLite's planner off the name index (it has no idea how many
+                # rows a range holds) so it walks (created_at, id) and stops after one page.
+                name_term = "+file_name >= ? AND +file_name < ?"
+        terms, args = _query_where(query, name_term)
         base_terms, base_args = list(terms), list(args)
         if after is not None:
             terms.append("(created_at < ? OR (created_at = ? AND id < ?))")
@@ -349,9 +373,10 @@ class SQLiteStore(Store):
                           "GROUP BY route, state", names)
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
-    def final_counts(self, since: datetime) -> dict[tuple[str, str], int]:
-        rows = self._rows("SELECT route, state, COUNT(*) FROM submissions WHERE final_at >= ? "
-                          "GROUP BY route, state", [since.isoformat()])
+    def final_counts(self, since: datetime, until: datetime) -> dict[tuple[str, str], int]:
+        # Both bounds: with only one, SQLite's planner walks (route, state) over the whole table.
+        rows = self._rows("SELECT route, state, COUNT(*) FROM submissions WHERE final_at >= ? AND final_at < ? "
+                          "GROUP BY route, state", [since.isoformat(), until.isoformat()])
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
     def final_histogram(self, edges: Sequence[datetime]) -> dict[tuple[int, str], int]:
@@ -365,10 +390,19 @@ class SQLiteStore(Store):
                           [*bounds[1:], bounds[0], bounds[-1]])
         return {(int(r[0]), r[1]): int(r[2]) for r in rows}
 
-    def upload_times(self, since: datetime, limit: int) -> list[tuple[datetime, datetime]]:
-        rows = self._rows("SELECT created_at, uploaded_at FROM submissions WHERE uploaded_at >= ? "
-                          "ORDER BY uploaded_at DESC LIMIT ?", [since.isoformat(), limit])
-        return [(datetime.fromisoformat(r[0]), datetime.fromisoformat(r[1])) for r in rows]
+    def latency_histogram(self, edges: Sequence[datetime], bounds: Sequence[float]) -> dict[tuple[int, int], int]:
+        if len(edges) < 2:
+            return {}
+        days = [e.isoformat() for e in edges]
+        day_case = " ".join(f"WHEN uploaded_at < ? THEN {i}" for i in range(len(days) - 1))
+        bucket_case = " ".join(f"WHEN s <= ? THEN {j}" for j in range(len(bounds)))
+        # MATERIALIZED: the difference is computed once per row, not once per WHEN.
+        rows = self._rows(
+            f"WITH t AS MATERIALIZED (SELECT CASE {day_case} END AS bin, "
+            "(julianday(uploaded_at) - julianday(created_at)) * 86400.0 AS s FROM submissions "
+            f"WHERE uploaded_at >= ? AND uploaded_at < ?) SELECT bin, CASE {bucket_case} ELSE {len(bounds)} END "
+            "AS bucket, COUNT(*) FROM t GROUP BY bin, bucket", [*days[1:], days[0], days[-1], *bounds])
+        return {(int(r[0]), int(r[1])): int(r[2]) for r in rows}
 
     def problems(self, states: Iterable[str], open_before: datetime, limit: int) -> list[Submission]:
         states = tuple(states)

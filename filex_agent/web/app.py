@@ -131,6 +131,7 @@ def _parse_date(value: str | None, what: str) -> date | None:
 def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts: set[str] | None = None,
                refresh_seconds: float = 5.0, hsts: bool = False) -> Starlette:
     env = _env()
+    chart_data = views.Charts(src.store)
 
     def render(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
         ctx.setdefault("refresh_ms", int(refresh_seconds * 1000))
@@ -146,8 +147,8 @@ def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts
     def overview_page(request: Request) -> Response:
         ov = _overview()
         return render("overview.html", ov=ov, page="overview",
-                      outcomes_svg=charts.outcomes_chart(views.outcomes_per_day(src.store, ov.now)),
-                      latency_svg=charts.latency_chart(views.latency_per_day(src.store, ov.now)))
+                      outcomes_svg=charts.outcomes_chart(chart_data.outcomes(ov.now)),
+                      latency_svg=charts.latency_chart(chart_data.latency(ov.now)))
 
     def overview_fragment(request: Request) -> Response:
         return render("_overview.html", ov=_overview())

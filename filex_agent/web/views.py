@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import statistics
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 
 from filex_agent.config import Config
+from filex_agent.metrics import LATENCY_BUCKETS
 from filex_agent.store import Store, Submission, SubmissionQuery, open_state_names
 
 # Open states shown in their own column; any other open state (HELD, UNCONFIRMED, one added
@@ -24,7 +25,8 @@ PROBLEM_STATES = ("UNCONFIRMED",)
 RECENT = 15
 PROBLEMS_SHOWN = 100
 CHART_DAYS = 30
-LATENCY_SAMPLE = 20_000
+# Drop → submitted buckets (seconds): the metric filex_drop_to_submitted_seconds' own.
+LATENCY_BOUNDS = tuple(float(b) for b in LATENCY_BUCKETS)
 
 
 def local_midnight(d: date) -> datetime:
@@ -64,7 +66,7 @@ def overview(store: Store, cfg: Config, *, now: datetime | None = None,
     now = now or datetime.now(timezone.utc)
     day_start = local_midnight(now.astimezone().date())
     open_counts = store.open_counts()
-    final_counts = store.final_counts(day_start)
+    final_counts = store.final_counts(day_start, local_midnight(now.astimezone().date() + timedelta(days=1)))
     names = [r.name for r in cfg.routes]
     names += sorted({r for r, _ in [*open_counts, *final_counts]} - set(names))
     rows = {n: RouteRow(n) for n in names}
@@ -135,34 +137,97 @@ def chart_days(now: datetime, days: int = CHART_DAYS) -> list[date]:
     return [today - timedelta(days=days - 1 - i) for i in range(days)]
 
 
-def outcomes_per_day(store: Store, now: datetime, days: int = CHART_DAYS) -> list[DayOutcomes]:
-    ds = chart_days(now, days)
-    edges = [local_midnight(d) for d in ds] + [local_midnight(ds[-1] + timedelta(days=1))]
-    hist = store.final_histogram(edges)
-    out = [DayOutcomes(d, {}) for d in ds]
+class DayCache:
+    """Per-day chart figures of days that are over (they no longer change: nothing gets a final
+    or upload time in the past), so a page asks the journal about today, plus once a day about
+    the day that just ended. ``fetch(days)`` returns one value per day."""
+
+    def __init__(self, fetch: Callable[[list[date]], list]):
+        self._fetch = fetch
+        self._done: dict[date, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, days: list[date], today: date) -> list:
+        with self._lock:
+            missing = [d for d in days if d not in self._done or d >= today]
+        # Contiguous: the days before today that are not cached yet, then today (one query each run).
+        fresh = dict(zip(missing, self._fetch(missing))) if missing else {}
+        with self._lock:
+            for d, v in fresh.items():
+                if d < today:
+                    self._done[d] = v
+            for d in [d for d in self._done if d < days[0]]:
+                del self._done[d]
+            return [fresh[d] if d in fresh else self._done[d] for d in days]
+
+
+def _edges(days: list[date]) -> list[datetime]:
+    return [local_midnight(d) for d in days] + [local_midnight(days[-1] + timedelta(days=1))]
+
+
+def outcome_counts(store: Store, days: list[date]) -> list[dict[str, int]]:
+    """Final outcomes per local day of ``final_at`` (``days`` consecutive)."""
+    hist = store.final_histogram(_edges(days))
+    out: list[dict[str, int]] = [{} for _ in days]
     for (i, state), n in hist.items():
-        out[i].counts[state] = out[i].counts.get(state, 0) + n
+        out[i][state] = out[i].get(state, 0) + n
     return out
 
 
-def latency_per_day(store: Store, now: datetime, days: int = CHART_DAYS) -> list[DayLatency]:
-    """Drop → submitted (created_at → uploaded_at) per local day of upload: median and p95, over
-    at most the ``LATENCY_SAMPLE`` most recent uploads."""
-    ds = chart_days(now, days)
-    samples: dict[date, list[float]] = {d: [] for d in ds}
-    for created, uploaded in store.upload_times(local_midnight(ds[0]), LATENCY_SAMPLE):
-        d = uploaded.astimezone().date()
-        if d in samples:
-            samples[d].append(max(0.0, (uploaded - created).total_seconds()))
-    out = []
-    for d in ds:
-        xs = sorted(samples[d])
-        if not xs:
-            out.append(DayLatency(d, 0, None, None))
-        else:
-            p95 = xs[min(len(xs) - 1, int(0.95 * len(xs)))]
-            out.append(DayLatency(d, len(xs), statistics.median(xs), p95))
+def latency_counts(store: Store, days: list[date]) -> list[list[int]]:
+    """Drop → submitted histogram (over ``LATENCY_BOUNDS``) per local day of upload."""
+    hist = store.latency_histogram(_edges(days), LATENCY_BOUNDS)
+    return [[hist.get((i, j), 0) for j in range(len(LATENCY_BOUNDS) + 1)] for i in range(len(days))]
+
+
+class Charts:
+    """The two charts' figures for the last ``CHART_DAYS`` days, past days cached."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._outcomes = DayCache(lambda days: _by_run(days, lambda run: outcome_counts(store, run)))
+        self._latency = DayCache(lambda days: _by_run(days, lambda run: latency_counts(store, run)))
+
+    def outcomes(self, now: datetime) -> list[DayOutcomes]:
+        days = chart_days(now)
+        return [DayOutcomes(d, c) for d, c in zip(days, self._outcomes.get(days, days[-1]))]
+
+    def latency(self, now: datetime) -> list[DayLatency]:
+        days = chart_days(now)
+        return [DayLatency(d, sum(c), quantile(c, 0.5), quantile(c, 0.95))
+                for d, c in zip(days, self._latency.get(days, days[-1]))]
+
+
+def _by_run(days: list[date], fetch: Callable[[list[date]], list]) -> list:
+    """``fetch`` over each run of consecutive days (one query per run), results in order."""
+    out: list = []
+    run: list[date] = []
+    for d in days:
+        if run and d != run[-1] + timedelta(days=1):
+            out += fetch(run)
+            run = []
+        run.append(d)
+    if run:
+        out += fetch(run)
     return out
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """The q-quantile of a histogram over ``LATENCY_BOUNDS`` (linear within the bucket, like
+    Prometheus' histogram_quantile; the open last bucket answers its lower bound)."""
+    n = sum(counts)
+    if n == 0:
+        return None
+    rank = q * n
+    seen = 0
+    for j, c in enumerate(counts):
+        if c and seen + c >= rank:
+            if j == len(LATENCY_BOUNDS):
+                return LATENCY_BOUNDS[-1]
+            lo = LATENCY_BOUNDS[j - 1] if j else 0.0
+            return lo + (LATENCY_BOUNDS[j] - lo) * (rank - seen) / c
+        seen += c
+    return LATENCY_BOUNDS[-1]
 
 
 def human_seconds(s: float | None) -> str:
