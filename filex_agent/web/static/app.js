@@ -5,6 +5,7 @@
   const every = Number(document.body.dataset.refreshMs) || 5000;
   const live = document.getElementById("live");
   const targets = Array.from(document.querySelectorAll("[data-refresh]"));
+  document.documentElement.dataset.script = "loaded";
   if (!targets.length) {
     return;
   }
