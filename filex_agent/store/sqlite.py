@@ -338,12 +338,14 @@ class SQLiteStore(Store):
                 name_term = "+file_name >= ? AND +file_name < ?"
         terms, args = _query_where(query, name_term)
         base_terms, base_args = list(terms), list(args)
+        # Row values (standard SQL; SQLite and PostgreSQL both seek an index with them; the
+        # equivalent OR made SQLite walk the index from the top: 0.2 s for a page half a year back).
         if after is not None:
-            terms.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args += [after.created_at.isoformat(), after.created_at.isoformat(), after.id]
+            terms.append("(created_at, id) < (?, ?)")
+            args += [after.created_at.isoformat(), after.id]
         if before is not None:
-            terms.append("(created_at > ? OR (created_at = ? AND id > ?))")
-            args += [before.created_at.isoformat(), before.created_at.isoformat(), before.id]
+            terms.append("(created_at, id) > (?, ?)")
+            args += [before.created_at.isoformat(), before.id]
         where = " AND ".join(terms) or "1=1"
         order = "ASC" if before is not None else "DESC"
         rows = self._rows(f"SELECT * FROM submissions WHERE {where} ORDER BY created_at {order}, id {order} "
@@ -363,9 +365,9 @@ class SQLiteStore(Store):
 
     def _exists(self, terms: list[str], args: list[Any], key: PageKey, *, older: bool) -> bool:
         op = "<" if older else ">"
-        cond = " AND ".join([*terms, f"(created_at {op} ? OR (created_at = ? AND id {op} ?))"])
-        at = key.created_at.isoformat()
-        return bool(self._rows(f"SELECT 1 FROM submissions WHERE {cond} LIMIT 1", [*args, at, at, key.id]))
+        cond = " AND ".join([*terms, f"(created_at, id) {op} (?, ?)"])
+        return bool(self._rows(f"SELECT 1 FROM submissions WHERE {cond} LIMIT 1",
+                               [*args, key.created_at.isoformat(), key.id]))
 
     def open_counts(self) -> dict[tuple[str, str], int]:
         names = open_state_names()
