@@ -22,9 +22,8 @@ from urllib.parse import urlencode
 
 import httpx
 
-from bench.common import percentile
+from bench.common import ROOT, percentile
 
-ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench.web:start -->", "<!-- bench.web:end -->"
 TARGET_MS = 200.0
 ROUTES = [f"route-{i}" for i in range(5)]
@@ -61,7 +60,9 @@ def build_journal(path: Path, rows: int, seed: int = 13) -> None:
             state = rnd.choice(["QUEUED", "UPLOADING", "SUBMITTED", "SUBMITTED", "ACCEPTED"])
         uploaded = None if state in ("FAILED", "QUEUED") else created + timedelta(seconds=rnd.uniform(2, 120))
         final = None if state in ("QUEUED", "UPLOADING", "SUBMITTED") else (uploaded or created) + timedelta(minutes=rnd.uniform(1, 30))
-        flag = "feedback 'x' not downloaded yet: timeout" if rnd.random() < 0.001 else None
+        # Flags are cleared when their trouble ends: only recent rows still carry one.
+        flag = ("feedback not downloaded yet: timeout" if now - created < timedelta(days=2) and rnd.random() < 0.02
+                else None)
         return (route, "0001", "app1", "rest", name, f"/srv/outbox/{route}/{name}", f"/var/lib/x/{name}", state,
                 rnd.randint(100, 10_000_000), f"{rnd.getrandbits(256):064x}",
                 "bad name" if state == "FAILED" else None,
@@ -85,7 +86,7 @@ def build_journal(path: Path, rows: int, seed: int = 13) -> None:
     print(file=sys.stderr)
 
 
-def _config(data_dir: Path):
+def bench_config(data_dir: Path):
     from filex_agent.config import parse_config
 
     return parse_config({
@@ -133,6 +134,9 @@ def measure(base: str, urls: dict[str, str | None], n: int) -> dict[str, list[fl
 
         m = re.search(r'href="([^"]+)" rel="next"', r.text)
         urls["search: one route, one day, page 2"] = m.group(1).replace("&amp;", "&") if m else None
+        t = time.perf_counter()
+        client.get("/")  # the first overview computes 30 days of both charts; later ones only today
+        out["overview, first load (charts not cached yet; 1 request)"] = [(time.perf_counter() - t) * 1000]
         for label, url in urls.items():
             if url is None:
                 continue
@@ -154,17 +158,27 @@ def render(rows: int, results: dict[str, list[float]], build_s: float | None, db
              f"server (uvicorn on loopback, one client, sequential requests) over a SQLite journal of "
              f"**{rows:,} submissions** (a year of filings on {len(ROUTES)} routes, {db_mb:.0f} MB"
              + (f", built in {build_s:.0f} s" if build_s else "") + "). Milliseconds per page, "
-             f"{len(next(iter(results.values())))} requests each. Target: p95 under {TARGET_MS:.0f} ms.", "",
+             f"{max(len(t) for t in results.values())} requests each. Target: p95 under {TARGET_MS:.0f} ms.", "",
              "| page | p50 ms | p95 ms | max ms | result |", "|---|---|---|---|---|"]
     for label, times in results.items():
         p95 = percentile(times, 95)
         lines.append(f"| {label} | {statistics.median(times):.1f} | {p95:.1f} | {max(times):.1f} | "
                      f"{'**MET**' if p95 < TARGET_MS else '**NOT MET**'} |")
-    lines += ["", "Paging is keyset (`created_at`, `id`), never OFFSET, so a deep page costs what the first "
+    lines += ["", "Past days of the two charts are cached by the page (they no longer change), so only the "
+              "first overview after a start (or a midnight) reads 30 days of outcomes and latencies. "
+              "Paging is keyset (`created_at`, `id`), never OFFSET, so a deep page costs what the first "
               "does; counts, outcomes per day and latency read the indexes added in "
               "`filex_agent/store/sqlite.py`. The name search is a prefix match (an index range), not a "
               "substring scan.", END]
     return "\n".join(lines)
+
+
+def read_section(out: Path) -> str | None:
+    """This benchmark's section of ``out`` (markers included), if it has one."""
+    text = out.read_text() if out.exists() else ""
+    if START in text and END in text:
+        return START + text.split(START, 1)[1].split(END, 1)[0] + END
+    return None
 
 
 def write_section(out: Path, section: str) -> None:
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         build_journal(db.with_suffix(".tmp"), args.rows)
         db.with_suffix(".tmp").rename(db)
         build_s = time.monotonic() - t
-    cfg = _config(args.work)
+    cfg = bench_config(args.work)
     store = SQLiteStore(db)
     web = WebServer(cfg.web, Sources(store, lambda: cfg, last_poll=time.time))
     web.start()

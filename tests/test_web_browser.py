@@ -16,22 +16,14 @@ import pytest
 from filex_agent.store import State
 from filex_agent.store.sqlite import SQLiteStore
 from tests.conftest import wait_for
+from tests.web_helpers import CHROMEDRIVER, CHROMIUM, chrome
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 REPO = Path(__file__).parents[1]
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
     reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver); "
            ".ci/run installs them")
-
-# Without the background-networking flags Chromium dials out at start (and, on a closed network,
-# its connections are refused).
-CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1400,1100")
-
 
 class Agent:
     def __init__(self, url: str, data: Path, outboxes: dict[str, Path]):
@@ -85,16 +77,7 @@ def agent(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in CHROME_FLAGS:
-        opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(30)
+    driver = chrome(tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield driver
     finally:

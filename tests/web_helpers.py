@@ -11,6 +11,28 @@ from filex_agent.store import State
 from filex_agent.store.sqlite import SQLiteStore
 
 ROUTES = ("rest-a", "s3-b")
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# Without the background-networking flags Chromium dials out at start (and, on a closed network,
+# its connections are refused).
+CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def chrome(profile: Path, size: tuple[int, int] = (1400, 1100)):
+    """Debian's chromium through its chromedriver (never a downloaded browser), headless."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument(f"--window-size={size[0]},{size[1]}")
+    opts.add_argument(f"--user-data-dir={profile}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(30)
+    return driver
 
 
 def web_config(tmp_path: Path, **web) -> Config:

@@ -22,7 +22,7 @@ OUTCOMES = ("ACCEPTED", "REJECTED", "PARTIALLY_REJECTED", "FAILED")
 # Rows in these states are problems whatever else they show (the name is enough: a state added
 # to State later needs no code here).
 PROBLEM_STATES = ("UNCONFIRMED",)
-RECENT = 15
+RECENT = 10
 PROBLEMS_SHOWN = 100
 CHART_DAYS = 30
 # Drop → submitted buckets (seconds): the metric filex_drop_to_submitted_seconds' own.
@@ -237,6 +237,8 @@ def human_seconds(s: float | None) -> str:
         return f"{s:.1f} s"
     if s < 90:
         return f"{s:.0f} s"
+    if s < 600:
+        return f"{s / 60:.1f} min"
     if s < 5400:
         return f"{s / 60:.0f} min"
     if s < 172800:
