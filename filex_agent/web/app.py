@@ -129,9 +129,9 @@ def _parse_date(value: str | None, what: str) -> date | None:
 
 
 def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts: set[str] | None = None,
-               refresh_seconds: float = 5.0, hsts: bool = False) -> Starlette:
+               refresh_seconds: float = 5.0, hsts: bool = False, chart_data: views.Charts | None = None) -> Starlette:
     env = _env()
-    chart_data = views.Charts(src.store)
+    chart_data = chart_data or views.Charts(src.store)
 
     def render(name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
         ctx.setdefault("refresh_ms", int(refresh_seconds * 1000))

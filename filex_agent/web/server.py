@@ -16,6 +16,7 @@ import uvicorn
 from filex_agent.config import WebSettings, is_loopback
 from filex_agent.web.app import Sources, create_app
 from filex_agent.web.auth import Authenticator
+from filex_agent.web.views import Charts
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ class WebServer:
             # cannot read the status through DNS rebinding.
             allowed = {"localhost", "127.0.0.1", "::1", self.host.lower()}
         self.tls = settings.tls_cert is not None
-        self.app = create_app(sources, auth=auth, allowed_hosts=allowed,
-                              refresh_seconds=settings.refresh_seconds, hsts=self.tls)
+        self.charts = Charts(sources.store)
+        self.app = create_app(sources, auth=auth, allowed_hosts=allowed, refresh_seconds=settings.refresh_seconds,
+                              hsts=self.tls, chart_data=self.charts)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self.warm_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -92,6 +95,15 @@ class WebServer:
                 raise OSError(f"status page on {self.settings.listen} did not start")
             time.sleep(0.02)
         log.info("status page at %s", self.url)
+        # 30 days of both charts, read once in the background rather than by the first visitor.
+        self.warm_thread = threading.Thread(target=self._warm, name="web-charts", daemon=True)
+        self.warm_thread.start()
+
+    def _warm(self) -> None:
+        try:
+            self.charts.warm()
+        except Exception as exc:  # noqa: BLE001 - the page computes them itself when asked
+            log.debug("chart warm-up: %s", exc)
 
     def stop(self, timeout: float = 5.0) -> None:
         server, thread = self._server, self._thread
@@ -101,3 +113,5 @@ class WebServer:
         server.should_exit = True
         if thread is not None:
             thread.join(timeout)
+        if self.warm_thread is not None:
+            self.warm_thread.join(timeout)

@@ -188,6 +188,13 @@ class Charts:
         self._outcomes = DayCache(lambda days: _by_run(days, lambda run: outcome_counts(store, run)))
         self._latency = DayCache(lambda days: _by_run(days, lambda run: latency_counts(store, run)))
 
+    def warm(self) -> None:
+        """Compute (and cache) the past days: the first page after a start then costs what the
+        others do."""
+        now = datetime.now(timezone.utc)
+        self.outcomes(now)
+        self.latency(now)
+
     def outcomes(self, now: datetime) -> list[DayOutcomes]:
         days = chart_days(now)
         return [DayOutcomes(d, c) for d, c in zip(days, self._outcomes.get(days, days[-1]))]
