@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from filex_agent.errors import ConfigError
 from filex_agent.store import PageKey, State, SubmissionQuery
 from filex_agent.store.sqlite import SQLiteStore
 from filex_agent.web.auth import Authenticator, hash_password
+from tests.test_notify import _self_signed  # one self-signed certificate maker for the tests
 from tests.web_helpers import ROUTES, add, finish, serve, web_config
 
 NOW = datetime.now(timezone.utc)
@@ -158,28 +158,6 @@ def test_password_hash_reference_must_be_a_hash(tmp_path, store, monkeypatch):
     monkeypatch.delenv("FILEX_TEST_PW_HASH")
     with pytest.raises(ConfigError):
         authenticator(cfg.web)  # the secret is missing: a config error naming the reference
-
-
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
-            .not_valid_after(NOW + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    c, k = tmp_path / "cert.pem", tmp_path / "key.pem"
-    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-    return c, k
 
 
 # -- one submission, feedback ------------------------------------------------------------------
@@ -380,3 +358,17 @@ def test_latency_quantiles_from_the_histogram():
     assert quantile(counts, 0.5) == pytest.approx(45.0)
     assert quantile(counts, 0.95) == pytest.approx(58.5)
     assert quantile([0] * len(counts), 0.5) is None
+
+
+def test_password_tool_makes_a_hash_the_page_accepts():
+    p = subprocess.run([sys.executable, "-m", "filex_agent.web.password"], input="a long passphrase here\n",
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    value = p.stdout.strip()
+    assert value.startswith("pbkdf2_sha256$") and "a long passphrase" not in value
+    auth = Authenticator(password_hash=value)
+    assert auth.check(_basic("compliance", "a long passphrase here"))
+    assert not auth.check(_basic("compliance", "a long passphrase her"))
+    short = subprocess.run([sys.executable, "-m", "filex_agent.web.password"], input="short\n",
+                           capture_output=True, text=True, timeout=60)
+    assert short.returncode == 1 and short.stdout == ""
