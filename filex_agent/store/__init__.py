@@ -162,13 +162,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def transition(self, sub_id: int, state: State, detail: str | None = None, *,
-                   expect: Iterable[State] | None = None, **fields: Any) -> Submission:
+                   expect: Iterable[State] | None = None, epoch: int | None = None, **fields: Any) -> Submission:
         """Set state (+fields) and append an event, atomically. With ``expect``, only if the
-        current state is one of those (else ``StateConflict``)."""
+        current state is one of those (else ``StateConflict``); with ``epoch``, only if the
+        submission's fencing epoch is still that one (else ``StaleEpoch``)."""
 
     @abc.abstractmethod
-    def update(self, sub_id: int, **fields: Any) -> Submission:
-        """Change fields without a state change (no event)."""
+    def update(self, sub_id: int, *, epoch: int | None = None, **fields: Any) -> Submission:
+        """Change fields without a state change (no event); fenced like ``transition``."""
 
     @abc.abstractmethod
     def events(self, sub_id: int) -> list[Event]: ...
@@ -244,10 +245,10 @@ class Store(abc.ABC):
         """UPLOADING submissions whose lease has run out (their owner died or stalled)."""
 
     @abc.abstractmethod
-    def take_over(self, sub_id: int, owner: str) -> Submission:
-        """Rescuer: take an UPLOADING row whose lease expired (or whose owner is ``owner``'s dead
-        predecessor on the same journal lock): epoch raised, owner set, lease cleared. The old
-        owner's later writes are refused. ``StateConflict`` if the lease is still live."""
+    def take_over(self, sub_id: int, owner: str, *, force: bool = False) -> Submission:
+        """Rescuer: take a row whose lease expired: epoch raised, owner set, lease cleared, so the
+        old owner's later writes are refused. ``StateConflict`` if another owner's lease is still
+        live, unless ``force`` (the caller knows that owner is dead: it held the instance lock)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
