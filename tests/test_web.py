@@ -247,6 +247,7 @@ def test_overview_counts_per_route_and_problems(site, store):
     finish(store, old.id, State.ACCEPTED, NOW - timedelta(days=2))
     stuck = add(store, "stuck.csv", state=State.SUBMITTED, uploaded_at=NOW - timedelta(hours=50),
                 created_at=NOW - timedelta(hours=50))
+    add(store, "lost-answer.csv", route="s3-b", state=State.UNCONFIRMED, uploaded_at=NOW)
     flagged = add(store, "flagged.csv", flag="feedback 'x' not downloaded yet: timeout")
     finish(store, flagged.id, State.ACCEPTED, NOW)
 
@@ -260,7 +261,8 @@ def test_overview_counts_per_route_and_problems(site, store):
     assert (cell("rest-a", "ACCEPTED"), cell("rest-a", "REJECTED")) == (2, 0)  # not the one two days ago
     assert (cell("s3-b", "awaiting FINRA"), cell("s3-b", "REJECTED")) == (1, 1)
     kinds = re.findall(r'<tr class="problem" data-kind="([A-Z_]+)">', html)
-    assert sorted(kinds) == ["FLAG", "ROUTE_DOWN", "STUCK"]
+    assert sorted(kinds) == ["FLAG", "ROUTE_DOWN", "STUCK", "UNCONFIRMED"]
+    assert cell("s3-b", "UNCONFIRMED") == 1 and cell("rest-a", "UNCONFIRMED") == 0  # a column of its own
     assert "stuck.csv" in html and "flagged.csv" in html and "not downloaded yet" in html
     assert re.search(r'id="last-poll">\d{4}-\d\d-\d\d', html)
     assert stuck.id and html.index("wait1.csv")  # latest submissions listed

@@ -140,6 +140,7 @@ def test_a_rejected_file_shows_its_feedback(agent, browser):
     link = _attr(browser, "article.feedback a.download", "href")
     assert link.startswith(f"/submissions/{sub.id}/feedback/")
     assert browser.execute_script("return window.__sameDocument;") == "yes"
+    assert _attr(browser, "#attempts tbody tr", "data-outcome") == "SENT"  # the upload attempt, journaled
     timeline = _text(browser, "#timeline")
     assert "QUEUED" in timeline and "SUBMITTED" in timeline and "REJECTED" in timeline
 

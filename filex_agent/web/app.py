@@ -4,10 +4,9 @@ journal holds (never a path from the request), strict security headers on every 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -55,17 +54,6 @@ def visible(text: Any, keep_lines: bool = False) -> str:
                        else f"\\u{ord(m.group()):04x}", str(text))
 
 
-def fields(obj: Any) -> list[tuple[str, Any]]:
-    """Name/value pairs of a row of any shape (dataclass, mapping, named tuple) for a template."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return list(dataclasses.asdict(obj).items())
-    if isinstance(obj, Mapping):
-        return list(obj.items())
-    if hasattr(obj, "_asdict"):
-        return list(obj._asdict().items())
-    return [("", obj)]
-
-
 def local_time(value: datetime | None) -> str:
     return "–" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
@@ -97,7 +85,6 @@ def _env() -> Environment:
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["visible"] = visible
     env.filters["local"] = local_time
-    env.filters["fields"] = fields
     env.filters["seconds"] = views.human_seconds
     env.globals["state_class"] = lambda s: charts.CLASS.get(str(s), "other")
     return env
@@ -189,9 +176,8 @@ def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts
         feedback = []
         for f in src.store.feedback_for(sub_id):
             feedback.append({"file": f, "text": _read_feedback(f)})
-        attempts_fn = getattr(src.store, "attempts", None)  # upload attempts, where the store has them
-        attempts = attempts_fn(sub_id) if callable(attempts_fn) else []
-        return {"sub": sub, "events": src.store.events(sub_id), "feedback": feedback, "attempts": attempts}
+        return {"sub": sub, "events": src.store.events(sub_id), "feedback": feedback,
+                "attempts": src.store.attempts(sub_id)}
 
     def submission_page(request: Request) -> Response:
         ctx = _submission_ctx(request.path_params["sub_id"])
