@@ -226,6 +226,14 @@ def test_hostile_names_and_feedback_render_as_text(site, store, tmp_path):
     assert "/" not in name.split("filename*=")[0] and "<" not in name and "\x1b" not in name
 
 
+def test_visible_shows_control_characters_as_text():
+    from filex_agent.web.app import visible
+
+    assert visible("a\x1b[31m\u202eb\nc") == "a\\x1b[31m\\u202eb\\x0ac"
+    assert visible("l1\r\nl2\tx\x07", keep_lines=True) == "l1\r\nl2\tx\\x07"
+    assert visible(None) == ""
+
+
 def test_bad_query_parameters_are_400(site):
     for q in ("after=garbage", "before=2026-01-01~x", "from=yesterday", "state=<x>"):
         r = site.get(f"/submissions?{q}")

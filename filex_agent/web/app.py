@@ -41,7 +41,8 @@ SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
 ]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_CONTROL_KEEP_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# Feedback text keeps its tabs and line ends (CRLF included: FINRA's files may use it).
+_CONTROL_KEEP_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _STATE_NAME = re.compile(r"^[A-Z][A-Z_]{0,39}$")
 
 
