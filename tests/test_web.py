@@ -207,7 +207,8 @@ def test_a_feedback_file_gone_from_disk_is_a_404_and_a_note(site, store, tmp_pat
 
 
 def test_unknown_submission_ids_are_404(site):
-    for path in ("/submissions/999", "/fragment/submissions/999", "/submissions/abc", "/submissions/-1"):
+    for path in ("/submissions/999", "/fragment/submissions/999", "/submissions/abc", "/submissions/-1",
+                 "/submissions/99999999999999999999999", "/submissions/1/feedback/99999999999999999999999"):
         assert site.get(path).status_code == 404, path
 
 

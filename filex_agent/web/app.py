@@ -28,6 +28,7 @@ from filex_agent.web.auth import Authenticator
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
+MAX_ID = 2**63 - 1  # ids are 64-bit integers in the journal: a longer number names nothing
 FEEDBACK_SHOWN_BYTES = 256 * 1024
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -170,6 +171,8 @@ def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts
                       routes=[r.name for r in cfg.routes], states=states)
 
     def _submission_ctx(sub_id: int) -> dict[str, Any] | None:
+        if sub_id > MAX_ID:
+            return None
         try:
             sub = src.store.get(sub_id)
         except KeyError:
@@ -194,7 +197,7 @@ def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts
 
     def feedback_download(request: Request) -> Response:
         sub_id, fid = request.path_params["sub_id"], request.path_params["feedback_id"]
-        f = src.store.feedback_file(sub_id, fid)
+        f = src.store.feedback_file(sub_id, fid) if max(sub_id, fid) <= MAX_ID else None
         if f is None or not f.local_path:
             return not_found(f"no feedback {fid} for submission {sub_id}")
         try:
