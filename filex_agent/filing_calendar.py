@@ -203,30 +203,42 @@ class Schedule:
         midnight = local_instant(prev.deadline.astimezone(self.tz).date(), None, self.tz)
         return midnight if midnight <= raw.deadline else prev.deadline
 
-    def slots(self, start: datetime, end: datetime) -> list[Slot]:
-        """Occurrences whose deadline is in (start, end], each with its period."""
-        out: list[Slot] = []
+    def iter_slots(self, start: datetime) -> Iterator[Slot]:
+        """Occurrences whose deadline is after ``start``, each with its period, in order."""
         prev: _Raw | None = None
         pending: tuple[_Raw, datetime] | None = None  # a slot waiting for the next one's opening
-        for n, raw in enumerate(self._raw(start - self._lookback())):
-            if n > self.MAX_SLOTS + 1000:
-                log.warning("expectation %s: more than %d occurrences asked for; list cut", self.exp.name,
-                            self.MAX_SLOTS)
-                break
+        for raw in self._raw(start - self._lookback()):
             opens = self._opens(raw, prev)
             if pending is not None:
                 p, p_opens = pending
-                out.append(Slot(p.deadline, p_opens, max(opens, p.deadline), p.label, p.early_close))
-                pending = None
-            if raw.deadline > end:
-                break
-            if raw.deadline > start:
-                pending = (raw, opens)
+                yield Slot(p.deadline, p_opens, max(opens, p.deadline), p.label, p.early_close)
+            pending = (raw, opens) if raw.deadline > start else None
             prev = raw
         if pending is not None:  # a schedule that ends (a cron for one date): a day of grace
             p, p_opens = pending
-            out.append(Slot(p.deadline, p_opens, p.deadline + timedelta(days=1), p.label, p.early_close))
-        return out[: self.MAX_SLOTS]
+            yield Slot(p.deadline, p_opens, p.deadline + timedelta(days=1), p.label, p.early_close)
+
+    def slots(self, start: datetime, end: datetime) -> list[Slot]:
+        """Occurrences whose deadline is in (start, end]."""
+        out: list[Slot] = []
+        for slot in self.iter_slots(start):
+            if slot.deadline > end:
+                break
+            if len(out) >= self.MAX_SLOTS:
+                log.warning("expectation %s: more than %d occurrences asked for; list cut", self.exp.name,
+                            self.MAX_SLOTS)
+                break
+            out.append(slot)
+        return out
+
+    def opened(self, after: datetime, now: datetime) -> list[Slot]:
+        """Occurrences with a deadline after ``after`` whose period has begun by ``now``."""
+        out: list[Slot] = []
+        for slot in self.iter_slots(after):
+            if slot.opens_at > now or len(out) >= self.MAX_SLOTS:
+                break
+            out.append(slot)
+        return out
 
     def current(self, now: datetime) -> list[Slot]:
         """The occurrences whose period holds ``now`` (more than one when periods overlap: a
@@ -348,7 +360,7 @@ class CalendarWatch:
         if last is None:
             new = [s for s in sched.current(now) if s.deadline >= now]
         else:
-            new = [s for s in sched.slots(last.deadline, now + timedelta(days=1)) if s.opens_at <= now]
+            new = sched.opened(last.deadline, now)
         for s in new:
             self.store.save_occurrence(Occurrence(
                 expectation=exp.name, deadline=s.deadline, opens_at=s.opens_at, closes_at=s.closes_at,
