@@ -336,13 +336,62 @@ class ExpectationSettings(_Localised):
         return v
 
 
+_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_weekdays(field: str) -> str:
+    """A crontab day-of-week field as APScheduler 3 day names.
+
+    APScheduler 3 numbers weekdays from Monday = 0 where crontab has Sunday = 0 (its issue 286,
+    kept for compatibility), so "1-5" would silently mean Tuesday to Saturday: numbers, ranges
+    and steps are expanded here with crontab's meaning and handed over as names.
+    """
+    if field == "*":
+        return field
+    days: set[int] = set()
+
+    def num(tok: str) -> int:
+        tok = tok.lower()
+        if tok[:3] in _DOW_NAMES and tok.isalpha():
+            return _DOW_NAMES.index(tok[:3])
+        if tok.isdigit() and 0 <= int(tok) <= 7:
+            return int(tok)  # 7 is Sunday too: taken modulo 7 below
+        raise ValueError(f"day of week {tok!r} is not 0-7 or a day name")
+
+    for part in field.split(","):
+        base, _, step_s = part.partition("/")
+        step = int(step_s) if step_s.isdigit() and int(step_s) > 0 else None
+        if step_s and step is None:
+            raise ValueError(f"bad step in day of week {part!r}")
+        if base == "*":
+            lo, hi = 0, 6
+        elif "-" in base:
+            lo_s, hi_s = base.split("-", 1)
+            lo, hi = num(lo_s), num(hi_s)
+            if hi < lo:
+                raise ValueError(f"day-of-week range {base!r} runs backwards")
+        else:
+            lo = hi = num(base)
+            if step is not None:
+                hi = 6
+        days.update(d % 7 for d in range(lo, hi + 1, step or 1))
+    return ",".join(_DOW_NAMES[d] for d in sorted(days))
+
+
 def cron_trigger(expr: str, tz: str):
-    """APScheduler's CronTrigger for a 5-field crontab line (ValueError if it is not one)."""
+    """APScheduler's CronTrigger for a 5-field crontab line with crontab's meaning (ValueError
+    if it is not one). Day of month and day of week together are refused: crontab fires when
+    *either* matches, APScheduler only when both do."""
     from apscheduler.triggers.cron import CronTrigger
 
-    if len(expr.split()) != 5:
+    fields = expr.split()
+    if len(fields) != 5:
         raise ValueError("must have 5 fields: minute hour day month day-of-week")
-    return CronTrigger.from_crontab(expr, timezone=zoneinfo.ZoneInfo(tz))
+    minute, hour, day, month, dow = fields
+    if day not in ("*", "?") and dow not in ("*", "?"):
+        raise ValueError("give a day of month or a day of week, not both (use two expectations)")
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_cron_weekdays(dow),
+                       timezone=zoneinfo.ZoneInfo(tz))
 
 
 def _check_expectation(e: ExpectationSettings, where: str) -> None:

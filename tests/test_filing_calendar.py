@@ -197,6 +197,18 @@ def test_dst_changes():
                                           datetime(2026, 3, 9, 6, 30, tzinfo=UTC)]
 
 
+def test_cron_weekdays_mean_what_crontab_means():
+    """APScheduler 3 counts weekdays from Monday = 0; crontab from Sunday = 0. "1-5" is Monday
+    to Friday here, and the deadlines skip no holiday (cron is the escape hatch, not a calendar)."""
+    s = schedule(recurrence="cron", due=None, cron="0 18 * * 1-5")
+    got = [x.deadline for x in s.slots(ny(2026, 11, 21), ny(2026, 11, 30, 23))]
+    assert got == [ny(2026, 11, d, 18) for d in (23, 24, 25, 26, 27, 30)]
+    sundays = schedule(recurrence="cron", due=None, cron="30 9 * * 0,7").slots(ny(2026, 11, 21), ny(2026, 12, 7))
+    assert [x.deadline for x in sundays] == [ny(2026, 11, 22, 9, 30), ny(2026, 11, 29, 9, 30), ny(2026, 12, 6, 9, 30)]
+    every_other = schedule(recurrence="cron", due=None, cron="0 12 * * */2").slots(ny(2026, 11, 21), ny(2026, 11, 28))
+    assert [x.deadline.astimezone(NY).strftime("%a") for x in every_other] == ["Sat", "Sun", "Tue", "Thu"]
+
+
 # -- occurrences and alerts --------------------------------------------------------------------
 
 def test_on_time_filing_goes_expected_dropped_submitted_accepted(agent_factory):
@@ -471,6 +483,8 @@ def test_hold_for_window_keeps_the_file_queued_until_it_opens(tmp_path):
     ({"recurrence": "cron", "due": None, "cron": "61 * * * *"}, "expectations[0].cron", "cron"),
     ({"recurrence": "cron", "due": None, "cron": "0 18 * *"}, "expectations[0].cron", "5 fields"),
     ({"recurrence": "cron"}, "expectations[0].cron", "required"),
+    ({"recurrence": "cron", "due": None, "cron": "0 9 1 * mon"}, "expectations[0].cron", "not both"),
+    ({"recurrence": "cron", "due": None, "cron": "0 9 * * 8"}, "expectations[0].cron", "day of week"),
     ({"recurrence": "quarter_end"}, "expectations[0].business_days_after", "required"),
     ({"business_days_after": 3}, "expectations[0].business_days_after", "only with"),
     ({"recurrence": "days_of_month"}, "expectations[0].days", "required"),
