@@ -307,8 +307,10 @@ class CalendarWatch:
     """
 
     def __init__(self, config: "Config", store: Store, notifier: "Notifier | None" = None,
-                 metrics: "Metrics | None" = None, clock: Callable[[], datetime] = utcnow):
+                 metrics: "Metrics | None" = None, clock: Callable[[], datetime] = utcnow,
+                 on_change: Callable[[Occurrence, str | None], None] | None = None):
         self.config = config
+        self.on_change = on_change  # (occurrence, previous state or None when new): the audit trail
         self.store = store
         self.notifier = notifier
         self.metrics = metrics
@@ -362,11 +364,19 @@ class CalendarWatch:
         else:
             new = sched.opened(last.deadline, now)
         for s in new:
-            self.store.save_occurrence(Occurrence(
-                expectation=exp.name, deadline=s.deadline, opens_at=s.opens_at, closes_at=s.closes_at,
-                route=exp.route, pattern=exp.pattern, label=s.label, state=EXPECTED, early_close=s.early_close,
-                updated_at=now))
+            occ = Occurrence(expectation=exp.name, deadline=s.deadline, opens_at=s.opens_at, closes_at=s.closes_at,
+                             route=exp.route, pattern=exp.pattern, label=s.label, state=EXPECTED,
+                             early_close=s.early_close, updated_at=now)
+            self.store.save_occurrence(occ)
             log.info("filing calendar: %s %s due %s", exp.name, s.label, _local(s.deadline, exp))
+            self._changed(occ, None)
+
+    def _changed(self, occ: Occurrence, previous: str | None) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(occ, previous)
+            except Exception:  # noqa: BLE001 - an observer never stops the evaluation
+                log.exception("filing calendar: change observer failed")
 
     def _update(self, exp: ExpectationSettings, occ: Occurrence, now: datetime, taken: set[int]) -> Occurrence:
         subs = [s for s in matching(self.store.list_created(occ.route, occ.opens_at, occ.closes_at), occ.pattern)
@@ -384,6 +394,7 @@ class CalendarWatch:
             if new.state != occ.state:
                 log.info("filing calendar: %s %s %s -> %s%s", exp.name, occ.label, occ.state, new.state,
                          f" (submission {new.submission_id})" if new.submission_id else "")
+                self._changed(new, occ.state)
         self._alerts(exp, new, sub, now)
         return new
 

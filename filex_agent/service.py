@@ -78,7 +78,7 @@ class Service:
         self.metrics_hooks = MetricsHooks(self.metrics, self.store)
         self.notify_hooks = NotifyHooks(self.notifier, self.store, cfg)
         self.checks = ProblemChecks(cfg, self.store, self.notifier)
-        self.calendar = CalendarWatch(cfg, self.store, self.notifier, self.metrics)
+        self.calendar = CalendarWatch(cfg, self.store, self.notifier, self.metrics, on_change=self._audit_occurrence)
         self.daemon = Daemon(cfg, store=self.store, exclusive=exclusive, hooks=MultiHooks(
             self.audit_hooks, self.metrics_hooks, self.notify_hooks, self.checks))
         self.watchdog = sdnotify.Watchdog()
@@ -201,6 +201,11 @@ class Service:
             fn()
         except Exception:  # noqa: BLE001 - housekeeping must not stop the service
             log.exception("%s failed", getattr(fn, "__name__", fn))
+
+    def _audit_occurrence(self, occ, previous: str | None) -> None:  # noqa: ANN001 - an Occurrence
+        self._audit_event("calendar.occurrence", expectation=occ.expectation, period=occ.label,
+                          deadline=occ.deadline.isoformat(), route=occ.route, state=occ.state, previous=previous,
+                          on_time=occ.on_time, submission_id=occ.submission_id, verdict=occ.verdict)
 
     def _audit_event(self, event: str, **fields: object) -> None:
         try:

@@ -72,7 +72,9 @@ class Agent:
         self.notifier = Notifier(webhook_url=receiver.url, realert_seconds=cfg.notify.realert_seconds,
                                  clock=lambda: clock().timestamp(), max_attempts=1)
         self.metrics = Metrics()
-        self.watch = CalendarWatch(cfg, self.store, self.notifier, self.metrics, clock=clock)
+        self.changes: list[tuple[str, str | None, str]] = []
+        self.watch = CalendarWatch(cfg, self.store, self.notifier, self.metrics, clock=clock,
+                                   on_change=lambda o, prev: self.changes.append((o.label, prev, o.state)))
         self.receiver = receiver
 
     def run(self):
@@ -230,6 +232,8 @@ def test_on_time_filing_goes_expected_dropped_submitted_accepted(agent_factory):
     occ = a.occ("2026-11-24")
     assert (occ.state, occ.on_time, occ.verdict, occ.closed) == ("ACCEPTED", True, "ACCEPTED", True)
     assert a.alerts() == []
+    assert a.changes == [("2026-11-24", None, "EXPECTED"), ("2026-11-24", "EXPECTED", "DROPPED"),
+                         ("2026-11-24", "DROPPED", "SUBMITTED"), ("2026-11-24", "SUBMITTED", "ACCEPTED")]
     sample = a.metrics.registry.get_sample_value
     assert sample("filex_calendar_occurrences", {"expectation": "daily", "state": "ACCEPTED"}) == 1
     assert sample("filex_calendar_next_deadline_timestamp_seconds", {"expectation": "daily"}) == \

@@ -196,6 +196,8 @@ def test_filing_calendar_runs_in_the_service(agent):
         assert [o.state for o in occs][-1:] in (["EXPECTED"], ["ACCEPTED"])
         assert sum(agent.metric("filex_calendar_occurrences", expectation="daily-demo", state=st)
                    for st in ("EXPECTED", "ACCEPTED")) == 1
+        lines = [json.loads(x) for x in cfg.audit_path.read_text().splitlines()]
+        assert any(x["event"] == "calendar.occurrence" and x["expectation"] == "daily-demo" for x in lines)
 
 
 def test_rejected_file_notifies_the_webhook_with_its_feedback(agent):
