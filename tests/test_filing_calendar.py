@@ -527,9 +527,8 @@ def test_bad_submission_window_names_the_key(change, key):
     assert e.value.key == key
 
 
-def test_cli_bad_calendar_exits_2_naming_the_key(tmp_path):
-    from filex_agent.cli import main
-
+def _config_file(tmp_path: Path, expectation: str) -> Path:
+    """A config file with one route and the given [[expectations]] table."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'''
 [agent]
@@ -544,16 +543,19 @@ org = "0001"
 application = "app1"
 credential = "main"
 [[expectations]]
-name = "daily"
-route = "r1"
-pattern = "T_*"
-recurrence = "business_day"
-due = "18:00"
-calendar = "NYSEE"
+{expectation}
 ''')
+    return cfg
+
+
+def test_cli_bad_calendar_exits_2_naming_the_key(tmp_path):
     import subprocess
     import sys
 
+    from filex_agent.cli import main
+
+    cfg = _config_file(tmp_path, 'name = "daily"\nroute = "r1"\npattern = "T_*"\nrecurrence = "business_day"\n'
+                                 'due = "18:00"\ncalendar = "NYSEE"')
     proc = subprocess.run([sys.executable, "-m", "filex_agent", "calendar", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
@@ -565,27 +567,8 @@ calendar = "NYSEE"
 def test_calendar_command_lists_coming_occurrences(tmp_path, capsys):
     from filex_agent.cli import main
 
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'''
-[agent]
-data_dir = "{tmp_path}"
-[credentials.main]
-client_id = "acme"
-client_secret = "env:FILEX_SECRET"
-[[routes]]
-name = "r1"
-outbox = "{tmp_path / 'out'}"
-org = "0001"
-application = "app1"
-credential = "main"
-[[expectations]]
-name = "focus"
-route = "r1"
-pattern = "FOCUS_*"
-recurrence = "quarter_end"
-business_days_after = 17
-due = "17:00"
-''')
+    cfg = _config_file(tmp_path, 'name = "focus"\nroute = "r1"\npattern = "FOCUS_*"\nrecurrence = "quarter_end"\n'
+                                 'business_days_after = 17\ndue = "17:00"')
     assert main(["calendar", "--config", str(cfg), "--json", "--from", "2030-01-01", "--to", "2031-01-01"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["period"], r["deadline_local"], r["state"]) for r in rows] == [
