@@ -80,6 +80,10 @@ def _run_sandbox(args) -> int:
             Path(r.outbox).mkdir(parents=True, exist_ok=True)
             print(f"  {r.outbox}    ({r.transport}, org {r.org}, application {r.application})")
         print(f"status: filex-agent status --config {path}")
+        if cfg.expectations:
+            e = cfg.expectations[0]
+            print(f"filing calendar: a file named {e.pattern} on {e.route} is expected every day by {e.due} "
+                  f"{e.timezone}; see filex-agent calendar --config {path}")
         sys.stdout.flush()
         return run_service(cfg, path)
     finally:

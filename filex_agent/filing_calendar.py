@@ -208,6 +208,8 @@ class Schedule:
         prev: _Raw | None = None
         pending: tuple[_Raw, datetime] | None = None  # a slot waiting for the next one's opening
         for raw in self._raw(start - self._lookback()):
+            if prev is not None and raw.deadline <= prev.deadline:
+                continue  # two fixed days rolled onto one business day (the 1st and the 31st): one deadline
             opens = self._opens(raw, prev)
             if pending is not None:
                 p, p_opens = pending

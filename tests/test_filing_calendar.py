@@ -164,6 +164,13 @@ def test_fifteenth_and_last_day_moved_to_the_previous_business_day():
                    ("2026-03-15", ny(2026, 3, 13, 17)), ("2026-03-31", ny(2026, 3, 31, 17))]
 
 
+def test_fixed_days_rolled_onto_one_business_day_make_one_deadline():
+    # 31 Jan 2026 is a Saturday and 1 Feb a Sunday: both roll back to Friday 30 January.
+    s = schedule(recurrence="days_of_month", days=[1, -1], roll="previous", due="17:00")
+    got = [(x.label, x.deadline) for x in s.slots(ny(2026, 1, 20), ny(2026, 2, 5))]
+    assert got == [("2026-01-31", ny(2026, 1, 30, 17))]
+
+
 def test_quarter_end_on_a_weekend():
     focus = schedule(recurrence="quarter_end", business_days_after=17, due="17:00")
     q4 = next(s for s in focus.slots(ny(2023, 12, 1), ny(2024, 3, 1)) if s.label == "2023-Q4")
