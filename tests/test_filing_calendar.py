@@ -122,6 +122,14 @@ def agent_factory(tmp_path, receiver):
             pass
 
 
+def started(agent_factory, at: datetime) -> tuple[Clock, Agent]:
+    """An agent with the DAILY expectation whose calendar has run once at ``at``."""
+    clock = Clock(at)
+    a = agent_factory(make_config(DAILY), clock)
+    a.run()
+    return clock, a
+
+
 # -- schedules on the exchange calendar -------------------------------------------------------
 
 def test_thanksgiving_week_and_the_early_close():
@@ -221,9 +229,7 @@ def test_cron_weekdays_mean_what_crontab_means():
 # -- occurrences and alerts --------------------------------------------------------------------
 
 def test_on_time_filing_goes_expected_dropped_submitted_accepted(agent_factory):
-    clock = Clock(ny(2026, 11, 24, 9))
-    a = agent_factory(make_config(DAILY), clock)
-    a.run()
+    clock, a = started(agent_factory, ny(2026, 11, 24, 9))
     assert a.occ("2026-11-24").state == "EXPECTED"
     sub = a.drop("TRADES_20261124.csv", ny(2026, 11, 24, 10))
     a.drop("OTHER_20261124.csv", ny(2026, 11, 24, 10))  # another pattern: not this expectation's
@@ -248,9 +254,7 @@ def test_on_time_filing_goes_expected_dropped_submitted_accepted(agent_factory):
 
 
 def test_not_dropped_and_at_risk_alert_before_the_deadline(agent_factory):
-    clock = Clock(ny(2026, 11, 25, 16, 59))
-    a = agent_factory(make_config(DAILY), clock)
-    a.run()
+    clock, a = started(agent_factory, ny(2026, 11, 25, 16, 59))
     assert a.alerts() == []
     clock.t = ny(2026, 11, 25, 17, 0)  # warn_before_minutes = 60
     a.run()
@@ -301,9 +305,7 @@ def test_file_after_the_deadline_is_accepted_late(agent_factory):
 
 @pytest.mark.parametrize("verdict", [State.REJECTED, State.PARTIALLY_REJECTED])
 def test_rejected_file_corrected_in_time(agent_factory, verdict):
-    clock = Clock(ny(2026, 11, 24, 9))
-    a = agent_factory(make_config(DAILY), clock)
-    a.run()
+    clock, a = started(agent_factory, ny(2026, 11, 24, 9))
     bad = a.drop("TRADES_1124.csv", ny(2026, 11, 24, 9, 30))
     a.uploaded(bad, ny(2026, 11, 24, 9, 31))
     a.verdict(bad, verdict, ny(2026, 11, 24, 10))
@@ -326,9 +328,7 @@ def test_rejected_file_corrected_in_time(agent_factory, verdict):
 
 
 def test_rejected_and_not_corrected_is_missed(agent_factory):
-    clock = Clock(ny(2026, 11, 24, 9))
-    a = agent_factory(make_config(DAILY), clock)
-    a.run()
+    clock, a = started(agent_factory, ny(2026, 11, 24, 9))
     bad = a.drop("TRADES_1124.csv", ny(2026, 11, 24, 9, 30))
     a.uploaded(bad, ny(2026, 11, 24, 9, 31))
     a.verdict(bad, State.REJECTED, ny(2026, 11, 24, 10))
@@ -339,9 +339,7 @@ def test_rejected_and_not_corrected_is_missed(agent_factory):
 
 
 def test_submitted_in_time_is_not_missed_while_the_verdict_is_pending(agent_factory):
-    clock = Clock(ny(2026, 11, 24, 9))
-    a = agent_factory(make_config(DAILY), clock)
-    a.run()
+    clock, a = started(agent_factory, ny(2026, 11, 24, 9))
     sub = a.drop("TRADES_1124.csv", ny(2026, 11, 24, 17, 50))
     a.uploaded(sub, ny(2026, 11, 24, 17, 55))
     clock.t = ny(2026, 11, 24, 18, 30)
