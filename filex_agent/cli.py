@@ -61,10 +61,21 @@ def cmd_run(args) -> int:
     return run_service(cfg, Path(args.config))
 
 
+SANDBOX_EXTRA_MODULES = frozenset({"moto", "werkzeug", "flask", "flask_cors"})
+
+
 def _run_sandbox(args) -> int:
-    from filex_agent.sandbox import Sandbox
     from filex_agent.service import run_service
-    from filex_agent.sandbox.agent_config import write_sandbox_config
+
+    try:
+        from filex_agent.sandbox import Sandbox
+        from filex_agent.sandbox.agent_config import write_sandbox_config
+    except ModuleNotFoundError as exc:
+        # The sandbox's dependencies are an extra: a production install does not carry them.
+        if (exc.name or "").split(".")[0] not in SANDBOX_EXTRA_MODULES:
+            raise
+        raise ConfigError("--sandbox", f"the sandbox needs its optional dependencies ({exc.name} is not "
+                                       "installed): pip install 'filex-agent[sandbox]'") from None
 
     _setup_logging("INFO")
     data_dir = Path(args.data_dir or "./demo-data").resolve()
