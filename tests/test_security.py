@@ -57,3 +57,49 @@ def test_moto_is_not_a_runtime_dependency():
     assert not any(d.startswith("moto") for d in meta["project"]["dependencies"])
     assert any(d.startswith("moto") for d in meta["project"]["optional-dependencies"]["sandbox"])
     assert meta["project"]["license"] == "Apache-2.0"  # item 13: SPDX string, no deprecation banner
+
+
+# -- item 5: a hostile name cannot forge a log line --------------------------------------
+
+FORGED = "report\n2026-01-01T00:00:00.000Z INFO filex_agent.submitter: forged\r\x1b[2K.csv"
+
+
+@pytest.fixture
+def text_log():
+    import io
+    import logging
+
+    from filex_agent.logging_setup import configure_logging
+
+    stream = io.StringIO()
+    configure_logging("INFO", "text", stream=stream)
+    yield stream
+    logging.getLogger().handlers[:] = [h for h in logging.getLogger().handlers
+                                       if not getattr(h, "_filex_handler", False)]
+
+
+def test_text_log_escapes_control_characters_in_names(tmp_path, text_log):
+    import logging
+
+    path = tmp_path / FORGED
+    path.write_bytes(b"x")  # a real file with that name exists in the outbox
+    log = logging.getLogger("filex_agent.submitter")
+    log.info("claimed %s", path, extra={"file": path.name})
+    lines = text_log.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert "\x1b" not in lines[0] and "\r" not in lines[0]
+    assert "report\\n2026-01-01T00:00:00.000Z INFO filex_agent.submitter: forged\\r\\x1b[2K.csv" in lines[0]
+
+
+def test_traceback_lines_cannot_pass_for_records(text_log):
+    import logging
+
+    try:
+        raise OSError(f"cannot read {FORGED}")
+    except OSError:
+        logging.getLogger("filex_agent.x").exception("upload of %s failed", FORGED)
+    lines = text_log.getvalue().splitlines()
+    assert lines[0].startswith(tuple("0123456789")) and "forged" in lines[0]
+    # Every further line is the traceback, indented: none starts like a record.
+    assert len(lines) > 1 and all(line.startswith(" ") for line in lines[1:])
+    assert not any("\x1b" in line or "\r" in line for line in lines)
