@@ -194,7 +194,9 @@ def sanitize_remote_name(name: str) -> str:
 
 
 def write_reason(dest: Path, reason: str) -> Path:
-    """``NAME.reason.txt`` beside a file moved aside (never overwriting)."""
+    """``NAME.reason.txt`` beside a file moved aside (never overwriting), secrets redacted."""
+    from filex_agent.logging_setup import redact
+
     with atomic_writer(dest.parent, dest.name + ".reason.txt") as (f, result):
-        f.write((reason.rstrip() + "\n").encode("utf-8"))
+        f.write((redact(reason).rstrip() + "\n").encode("utf-8"))
     return result[0]

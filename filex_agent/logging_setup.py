@@ -100,15 +100,15 @@ def redact(text: str) -> str:
     return text
 
 
-def _redact_value(value: Any) -> Any:
-    """Redact inside extra fields; keys that name secrets lose their value entirely."""
+def redact_value(value: Any) -> Any:
+    """Redact inside any value (log fields, audit records); keys that name secrets lose their value."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: (MASK if isinstance(k, str) and re.fullmatch(_KEY, k, re.I) else _redact_value(v))
+        return {k: (MASK if isinstance(k, str) and re.fullmatch(_KEY, k, re.I) else redact_value(v))
                 for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_redact_value(v) for v in value]
+        return [redact_value(v) for v in value]
     if isinstance(value, (int, float, bool)) or value is None:
         return value
     return redact(str(value))
@@ -144,7 +144,7 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
         for key, value in extra_fields(record).items():
-            setattr(record, key, _redact_value(value))
+            setattr(record, key, redact_value(value))
         record._filex_redacted = True
         return True
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_notify import receiver, smtp_server  # noqa: F401 - real webhook and SMTP servers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -103,3 +105,87 @@ def test_traceback_lines_cannot_pass_for_records(text_log):
     # Every further line is the traceback, indented: none starts like a record.
     assert len(lines) > 1 and all(line.startswith(" ") for line in lines[1:])
     assert not any("\x1b" in line or "\r" in line for line in lines)
+
+
+# -- item 4: secrets in failure reasons are redacted in every sink -------------------------
+
+SECRET = "cs-Sup3r-Secret-Value-42"  # a resolved client secret (registered, as the agent does)
+BEARER = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJwcmltZSJ9.c2lnbmF0dXJl"
+
+
+def test_secret_in_an_exception_reaches_no_sink(tmp_path, receiver, smtp_server):
+    import json as _json
+
+    from filex_agent.audit import AuditLog
+    from filex_agent.config import parse_config
+    from filex_agent.errors import PermanentError, TransientError
+    from filex_agent.hooks import MultiHooks
+    from filex_agent.logging_setup import register_secret
+    from filex_agent.notify import Notifier, SmtpSettings
+    from filex_agent.observers import AuditHooks, NotifyHooks
+    from filex_agent.store import State
+    from filex_agent.store.sqlite import SQLiteStore
+    from filex_agent.submitter import Submitter
+    from tests.test_submitter import Scripted
+
+    register_secret(SECRET)
+    box, port, cert = smtp_server
+    cfg = parse_config({"agent": {"data_dir": str(tmp_path / "d")},
+                        "credentials": {"c": {"client_id": "x", "client_secret": "env:X"}},
+                        "routes": [{"name": "r", "outbox": str(tmp_path / "out"), "org": "0001",
+                                    "application": "app1", "credential": "c"}]})
+    store = SQLiteStore(tmp_path / "j.sqlite3")
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    notifier = Notifier(webhook_url=receiver.url, timeout=5, smtp=SmtpSettings(
+        host="127.0.0.1", port=port, username="alerts", password="smtp-Pa55word",
+        from_addr="a@example.com", to_addrs=["ops@example.com"], ca_file=cert))
+    hooks = MultiHooks(AuditHooks(audit, store), NotifyHooks(notifier, store, cfg))
+    errors = [TransientError(f"connection reset; Authorization: Bearer {BEARER}"),
+              PermanentError(f"server said: invalid client_secret={SECRET} for prime")]
+    submitter = Submitter(cfg, store, Scripted(errors), hooks)
+    (tmp_path / "out").mkdir()
+    f = tmp_path / "out" / "F.csv"
+    f.write_bytes(b"data\n")
+    s = submitter.claim(cfg.routes[0], f)
+    s = submitter.upload(s.id)
+    assert s.state is State.QUEUED and BEARER not in s.reason  # journal: the retry reason
+    store.update(s.id, next_attempt_at=None)
+    s = submitter.upload(s.id)
+    assert s.state is State.FAILED
+    assert notifier.flush(20)
+    notifier.stop()
+
+    def clean(text: str, where: str) -> None:
+        assert SECRET not in text and BEARER not in text, f"secret in {where}: {text}"
+
+    # The journal: reason, flag, every event detail.
+    clean(s.reason, "journal reason")
+    assert "client_secret=***" in s.reason
+    for ev in store.events(s.id):
+        clean(ev.detail or "", "journal event")
+    row = store._db.execute("SELECT group_concat(detail, '|') FROM events").fetchone()[0]
+    clean(row, "journal events table")
+    store.update(s.id, flag=f"note: Bearer {BEARER}")
+    clean(store.get(s.id).flag, "journal flag")
+    # NAME.reason.txt
+    reason_file = Path(s.local_path + ".reason.txt")
+    clean(reason_file.read_text(), "reason file")
+    assert "client_secret=***" in reason_file.read_text()
+    # audit.jsonl
+    raw = (tmp_path / "audit.jsonl").read_text()
+    clean(raw, "audit.jsonl")
+    assert any(_json.loads(line).get("state") == "FAILED" for line in raw.splitlines())
+    assert audit.verify().ok
+    # webhook and e-mail
+    assert receiver.requests, "no webhook alert"
+    clean(_json.dumps([body for _, body in receiver.requests]), "webhook")
+    assert box.messages, "no e-mail alert"
+    clean(box.messages[0][0].as_string(), "e-mail")
+    # Direct writers too: write_reason and the audit log scrub whatever they are handed.
+    from filex_agent.fsutil import write_reason
+
+    clean(write_reason(tmp_path / "x.csv", f"password={SECRET}").read_text(), "write_reason")
+    audit.append("test", detail=f"Bearer {BEARER}", nested={"client_secret": SECRET})
+    clean((tmp_path / "audit.jsonl").read_text(), "audit append")
+    audit.close()
+    store.close()

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
+from filex_agent.logging_setup import redact
 from filex_agent.store import (
     Event,
     FeedbackFile,
@@ -53,7 +54,14 @@ _DT_FIELDS = {"next_attempt_at", "created_at", "updated_at", "upload_started_at"
 _SUB_FIELDS = [f.name for f in dc_fields(Submission)]
 
 
+# Free text that may carry an exception's message: scrubbed like a log line before it is kept
+# (the journal is read by `status`, the audit trail, alerts and reason files).
+_TEXT_FIELDS = frozenset({"reason", "flag"})
+
+
 def _enc(key: str, value: Any) -> Any:
+    if key in _TEXT_FIELDS and isinstance(value, str):
+        return redact(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, State):
@@ -167,7 +175,7 @@ class SQLiteStore(Store):
             sets = ", ".join(f"{k} = ?" for k in fields)
             db.execute(f"UPDATE submissions SET {sets} WHERE id = ?", [_enc(k, v) for k, v in fields.items()] + [sub_id])
             db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
-                       (sub_id, now.isoformat(), str(state), detail))
+                       (sub_id, now.isoformat(), str(state), None if detail is None else redact(detail)))
         return self.get(sub_id)
 
     def update(self, sub_id: int, **fields: Any) -> Submission:
