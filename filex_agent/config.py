@@ -113,6 +113,9 @@ class EnvironmentSettings(_Strict):
     s3_endpoint_url: str | None = None
     verify_tls: bool = True
     ca_bundle: Path | None = None
+    # Plain http:// endpoints and pre-signed URLs, or verify_tls = false: the client secret and
+    # the filings would travel in clear. Only for a test server (name = "custom"), on purpose.
+    allow_insecure: bool = False
 
     @model_validator(mode="after")
     def _defaults(self) -> "EnvironmentSettings":
@@ -126,7 +129,25 @@ class EnvironmentSettings(_Strict):
                 raise ConfigError(f"environment.{key}", "must be an http(s) URL")
         for k, v in values.items():
             object.__setattr__(self, k, v)
+        self._refuse_insecure()
         return self
+
+    def _refuse_insecure(self) -> None:
+        if self.allow_insecure and self.name != "custom":
+            raise ConfigError("environment.allow_insecure",
+                              f"only for a test server (name = 'custom'), never for {self.name!r}")
+        if self.allow_insecure:
+            return
+        for key in ("fip_token_url", "api_base_url", "s3_endpoint_url"):
+            url = getattr(self, key)
+            if url and not str(url).lower().startswith("https://"):
+                raise ConfigError(f"environment.{key}",
+                                  "must be https:// (the client secret and the filings would go in clear); "
+                                  "plain http only for a test server: name = 'custom' and allow_insecure = true")
+        if not self.verify_tls:
+            raise ConfigError("environment.verify_tls",
+                              "false is refused: TLS is what proves the server is FINRA; only for a test "
+                              "server: name = 'custom' and allow_insecure = true")
 
 
 class NetworkSettings(_Strict):

@@ -91,7 +91,7 @@ class Connections:
             if credential not in self._apis:
                 self._apis[credential] = FilexClient(
                     self.config.environment.api_base_url, tokens, http=self.http, retry=self.retry,
-                    limiter=self.limiter)
+                    limiter=self.limiter, allow_insecure=self.config.environment.allow_insecure)
             return self._apis[credential]
 
     def s3_tokens(self, credential: str):

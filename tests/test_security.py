@@ -189,3 +189,162 @@ def test_secret_in_an_exception_reaches_no_sink(tmp_path, receiver, smtp_server)
     clean((tmp_path / "audit.jsonl").read_text(), "audit append")
     audit.close()
     store.close()
+
+
+# -- item 6: no plain http in production; pre-signed URLs https only; no cross-host redirect --
+
+def _config(env: dict) -> dict:
+    return {"agent": {"data_dir": "/tmp/x"}, "environment": env,
+            "credentials": {"c": {"client_id": "x", "client_secret": "env:X"}}}
+
+
+@pytest.mark.parametrize("env,key", [
+    ({"name": "production", "verify_tls": False}, "environment.verify_tls"),
+    ({"name": "qa", "api_base_url": "http://filex-int.qa.finra.org"}, "environment.api_base_url"),
+    ({"name": "production", "fip_token_url": "http://ews.fip.finra.org/token"}, "environment.fip_token_url"),
+    ({"name": "production", "allow_insecure": True}, "environment.allow_insecure"),
+    ({"name": "custom", "fip_token_url": "http://127.0.0.1:1/t", "api_base_url": "http://127.0.0.1:1"},
+     "environment.fip_token_url"),
+    ({"name": "custom", "fip_token_url": "https://a/t", "api_base_url": "https://a",
+      "s3_endpoint_url": "http://127.0.0.1:9"}, "environment.s3_endpoint_url"),
+    ({"name": "custom", "fip_token_url": "https://a/t", "api_base_url": "https://a", "verify_tls": False},
+     "environment.verify_tls"),
+])
+def test_insecure_settings_refused_exit_2_naming_the_key(tmp_path, env, key):
+    from filex_agent.cli import main
+    from filex_agent.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(_config(env))
+    assert e.value.key == key
+    # Through the CLI: exit 2, the key named.
+    import json as _json
+
+    cfg_file = tmp_path / "c.toml"
+    lines = ['[agent]', f'data_dir = {_json.dumps(str(tmp_path))}', '[environment]']
+    lines += [f"{k} = {_json.dumps(v)}" for k, v in env.items()]
+    lines += ['[credentials.c]', 'client_id = "x"', 'client_secret = "env:X"']
+    cfg_file.write_text("\n".join(lines) + "\n")
+    assert main(["routes", "--config", str(cfg_file)]) == 2
+
+
+def test_insecure_allowed_only_for_custom_with_allow_insecure():
+    from filex_agent.config import parse_config
+
+    cfg = parse_config(_config({"name": "custom", "allow_insecure": True, "verify_tls": False,
+                                "fip_token_url": "http://127.0.0.1:1/t", "api_base_url": "http://127.0.0.1:1"}))
+    assert cfg.environment.allow_insecure and not cfg.environment.verify_tls
+
+
+def test_http_presigned_url_refused_nothing_sent(sandbox, sandbox_config, tmp_path):
+    """The (real, plain-http) sandbox hands out http:// pre-signed URLs: without allow_insecure the
+    upload fails with a clear reason, the URL's signature is not in it, and nothing reached S3."""
+    import hashlib
+
+    import httpx
+
+    from filex_agent.connections import Connections
+    from filex_agent.hooks import Hooks
+    from filex_agent.store import State
+    from filex_agent.store.sqlite import SQLiteStore
+    from filex_agent.submitter import Submitter
+
+    cfg = sandbox_config(transports=("rest",))
+    cfg = cfg.model_copy(update={"environment": cfg.environment.model_copy(update={"allow_insecure": False})})
+    route = cfg.routes[0]
+    Path(route.outbox).mkdir(parents=True, exist_ok=True)
+    data = b"insecure presigned url test " + os.urandom(8).hex().encode()
+    f = Path(route.outbox) / "HTTPURL.csv"
+    f.write_bytes(data)
+    conns = Connections(cfg)
+    store = SQLiteStore(tmp_path / "j.sqlite3")
+    try:
+        submitter = Submitter(cfg, store, conns, Hooks())
+        s = submitter.claim(route, f)
+        s = submitter.upload(s.id)
+    finally:
+        conns.close()
+        store.close()
+    assert s.state is State.FAILED
+    assert "pre-signed URL is not https" in s.reason and "http://" in s.reason
+    assert "X-Amz-Signature=" not in s.reason or "X-Amz-Signature=<" in s.reason
+    assert "?<redacted>" in s.reason
+    uploads = httpx.get(sandbox.api_base_url + "/_sandbox/uploads", timeout=10).json()
+    assert hashlib.sha256(data).hexdigest() not in {u.get("sha256") for u in uploads}
+    listed = sandbox.admin_s3.list_objects_v2(Bucket=sandbox.bucket, Prefix="0001/app1/in/HTTPURL")
+    assert "Contents" not in listed
+
+
+class _Server:
+    """A real HTTP server on loopback answering every GET with ``handler(path) -> (status, headers, body)``."""
+
+    def __init__(self, handler):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[float, str]] = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self):
+                import time as _t
+
+                outer.requests.append((_t.monotonic(), self.path))
+                status, headers, body = handler(self.path)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = _answer
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def test_download_does_not_follow_a_redirect_to_another_host():
+    import io
+
+    import httpx
+
+    from filex_agent.config import NetworkSettings
+    from filex_agent.errors import FilexError
+    from filex_agent.http import RetryPolicy, make_http_client
+    from filex_agent.models import PresignedUrl
+    from filex_agent.transports.rest import RestTransport
+
+    thief = _Server(lambda path: (200, {}, b"attacker content"))
+    # The pre-signed URL's server redirects to another host (localhost != 127.0.0.1), keeping the query.
+    origin = _Server(lambda path: (302, {"Location": f"http://localhost:{thief.port}/steal{path[path.find('?'):]}"}, b""))
+
+    class Api:  # what fileX answered: a pre-signed URL on `origin` (the API itself is not under test)
+        def download_url(self, org, app, sub, name):
+            return PresignedUrl(url=f"http://127.0.0.1:{origin.port}/out/{name}?X-Amz-Signature=abc123")
+
+    http = make_http_client(NetworkSettings(connect_timeout=2, read_timeout=5))
+    t = RestTransport("0001", "app1", api=Api(), http=http, retry=RetryPolicy(2, 0.01, 0.02))
+    out = io.BytesIO()
+    try:
+        with pytest.raises(FilexError) as e:
+            t.download_feedback("fb.txt", out)
+    finally:
+        http.close()
+        origin.close()
+        thief.close()
+    assert origin.requests and not thief.requests  # the other host was never asked
+    assert out.getvalue() == b""
+    assert "302" in str(e.value) and "abc123" not in str(e.value)
