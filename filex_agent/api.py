@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from filex_agent.auth import FipTokenProvider
 from filex_agent.errors import PermanentError
-from filex_agent.http import RateLimiter, RetryPolicy, raise_for_status, redact_text, redact_url
+from filex_agent.http import HttpTransientError, RateLimiter, RetryPolicy, raise_for_status, redact_text, redact_url
 from filex_agent.models import Listing, PresignedUrl, S3TransferTokens, TrackingRecord
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,13 @@ class FilexClient:
                     log.info("fileX answered 401 to %s; refreshing the token once", what)
                     self._tokens.invalidate(token)
                     continue
-                raise_for_status(resp, f"fileX {what}")
+                try:
+                    raise_for_status(resp, f"fileX {what}")
+                except HttpTransientError as exc:
+                    if exc.retry_after is not None and self._limiter is not None:
+                        # The limit is per IP: every request to fileX waits, not only this one.
+                        self._limiter.pause(exc.retry_after)
+                    raise
                 return _parse(resp, model, what)
             raise AssertionError("unreachable")  # pragma: no cover
 

@@ -51,7 +51,9 @@ class Connections:
         self.verify = verify
         self.http: httpx.Client = make_http_client(net, verify=verify)
         self.retry = RetryPolicy(net.max_attempts, net.backoff_initial, net.backoff_max, on_retry=on_retry)
-        self.limiter = RateLimiter(net.rate_limit_per_second)
+        # One limiter for the fileX API host, shared by every credential and worker; a pause
+        # longer than backoff_max reschedules the work instead of holding a worker.
+        self.limiter = RateLimiter(net.rate_limit_per_second, max_wait=net.backoff_max)
         self._lock = threading.Lock()
         self._tokens: dict[str, object] = {}
         self._apis: dict[str, object] = {}

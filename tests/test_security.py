@@ -348,3 +348,92 @@ def test_download_does_not_follow_a_redirect_to_another_host():
     assert origin.requests and not thief.requests  # the other host was never asked
     assert out.getvalue() == b""
     assert "302" in str(e.value) and "abc123" not in str(e.value)
+
+
+# -- item 10: one Retry-After holds every request to the host ------------------------------
+
+def test_retry_after_seen_by_one_request_pauses_every_worker(tmp_path, monkeypatch):
+    import json as _json
+    import threading
+    import time
+
+    from filex_agent.config import parse_config
+    from filex_agent.connections import Connections
+
+    listing = _json.dumps({"name": "0001", "type": "DIR", "children": []}).encode()
+    lock = threading.Lock()
+    state = {"gets": 0, "t429": None}
+
+    def handler(path):
+        if path.startswith("/token"):
+            return 200, {"Content-Type": "application/json"}, b'{"access_token": "tok", "expires_in": "3600"}'
+        with lock:
+            state["gets"] += 1
+            if state["gets"] == 8:  # the other workers are busy calling when this one is refused
+                state["t429"] = time.monotonic()
+                return 429, {"Retry-After": "2"}, b""
+        return 200, {"Content-Type": "application/json"}, listing
+
+    server = _Server(handler)
+    base = f"http://127.0.0.1:{server.port}"
+    monkeypatch.setenv("FILEX_TEST_SECRET", "cs-rate-limit-test")
+    cfg = parse_config({"agent": {"data_dir": str(tmp_path)},
+                        "environment": {"name": "custom", "allow_insecure": True, "fip_token_url": base + "/token",
+                                        "api_base_url": base},
+                        "network": {"backoff_initial": 0.05, "backoff_max": 5, "max_attempts": 3},
+                        "credentials": {"c": {"client_id": "x", "client_secret": "env:FILEX_TEST_SECRET"}}})
+    conns = Connections(cfg)
+    api = conns.api("c")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker():
+        while not stop.is_set():
+            try:
+                api.applications("0001")
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while (state["t429"] is None or time.monotonic() < state["t429"] + 2.8) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        conns.close()
+        server.close()
+    assert not errors, errors
+    t429 = state["t429"]
+    assert t429 is not None
+    gets = [t for t, p in server.requests if p.startswith("/files")]
+    before = [t for t in gets if t < t429]
+    inside = [t for t in gets if t429 < t < t429 + 1.95]
+    after = [t for t in gets if t >= t429 + 1.95]
+    assert len(before) >= 7  # the others were busy
+    # A request already on the wire when the 429 went out may land just after it; nothing later.
+    late = [round(t - t429, 3) for t in inside if t > t429 + 0.05]
+    assert not late, f"requests reached the server {late} s after a Retry-After: 2"
+    assert len(inside) <= 3
+    assert after, "requests resumed after the pause"
+
+
+def test_long_retry_after_reschedules_instead_of_blocking_workers():
+    from filex_agent.http import HttpTransientError, RateLimiter
+
+    t = [100.0]
+    slept: list[float] = []
+    limiter = RateLimiter(20, clock=lambda: t[0], sleep=lambda s: (slept.append(s), t.__setitem__(0, t[0] + s)),
+                          max_wait=5)
+    limiter.pause(2)
+    limiter.acquire()  # a short pause is waited out
+    assert slept and abs(sum(slept) - 2) < 1e-6
+    limiter.pause(600)
+    with pytest.raises(HttpTransientError) as e:
+        limiter.acquire()
+    assert e.value.retry_after == pytest.approx(600, abs=0.1)
