@@ -183,7 +183,7 @@ def cmd_submit(args) -> int:
 
     from filex_agent.daemon import Daemon
     from filex_agent.hooks import MultiHooks
-    from filex_agent.submitter import spool_dir
+    from filex_agent.spool import check_spool, spool_dir
 
     cfg = _load(args)
     _setup_logging(cfg.agent.log_level, cfg.agent.log_format)
@@ -192,8 +192,10 @@ def cmd_submit(args) -> int:
     if not src.is_file():
         raise ConfigError("FILE", f"{src} is not a readable file")
     # Copy (not move) the file into the route's spool folder: the user's file stays where it is.
+    Path(route.outbox).mkdir(parents=True, exist_ok=True)
+    check_spool(route)  # the agent's own folder, not a link a producer planted
     staging = spool_dir(route) / "incoming"
-    staging.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=staging, prefix=".copy-")
     with open(fd, "wb") as out, open(src, "rb") as inp:
         shutil.copyfileobj(inp, out, 1 << 20)

@@ -52,8 +52,10 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        from filex_agent.spool import check_spools
         from filex_agent.watcher import OutboxWatcher
 
+        check_spools(self.config)  # a spool a producer replaced (link, not ours): refuse to start
         self.recover()
         self.watcher = OutboxWatcher(self.config.routes, self._on_candidate,
                                      rescan_interval=self.config.watcher.rescan_interval_seconds)

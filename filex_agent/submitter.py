@@ -18,17 +18,13 @@ from filex_agent.config import Config, RouteSettings, valid_remote_name
 from filex_agent.errors import AuthError, CredentialsRefused, PermanentError, RemoteChangedError, TransientError
 from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
+from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
 from filex_agent.store import State, StateConflict, Store, Submission, utcnow
 
 log = logging.getLogger(__name__)
 
-SPOOL = ".filex-agent"  # inside the outbox: same filesystem, so the claim is an atomic rename
 MAX_UNEXPECTED = 3  # unexpected (non-classified) errors before a file is failed, not retried forever
 MAX_TOKEN_REFUSALS = 6  # fresh tokens refused by fileX before a file is failed
-
-
-def spool_dir(route: RouteSettings) -> Path:
-    return Path(route.outbox) / SPOOL
 
 
 class Submitter:
@@ -46,6 +42,12 @@ class Submitter:
         except FileNotFoundError:
             return None
         if stat_mod.S_ISDIR(st.st_mode):
+            return None
+        try:
+            check_spool(route)
+        except SpoolError as exc:
+            # Not the file's fault: it stays in the outbox, and is taken once the spool is fixed.
+            log.error("%s; %s stays in the outbox", exc, path.name)
             return None
         sub = self.store.create(route=route.name, org=route.org, application=route.application,
                                 transport=route.transports[0], file_name=path.name, source_path=str(path),
@@ -68,13 +70,14 @@ class Submitter:
         if not stat_mod.S_ISREG(st.st_mode):
             return self._fail(sub, path, f"refused: {path.name} is not a regular file")
         target = spool_dir(route) / str(sub.id) / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
         sub = self.store.update(sub.id, local_path=str(target))
         try:
-            os.rename(path, target)
+            problem = claim_into_spool(route, sub.id, path)
         except FileNotFoundError:
             return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
                                          reason="the file disappeared from the outbox before it was claimed; nothing was sent")
+        if problem:
+            return self._fail(sub, target, problem)
         if trigger is not None:
             trigger.unlink(missing_ok=True)
         sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING})

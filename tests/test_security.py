@@ -437,3 +437,175 @@ def test_long_retry_after_reschedules_instead_of_blocking_workers():
     with pytest.raises(HttpTransientError) as e:
         limiter.acquire()
     assert e.value.retry_after == pytest.approx(600, abs=0.1)
+
+
+# -- item 3: the spool is the agent's own folder ------------------------------------------
+
+def _route_config(tmp_path, **route):
+    from filex_agent.config import parse_config
+
+    return parse_config({"agent": {"data_dir": str(tmp_path / "d")},
+                         "credentials": {"c": {"client_id": "x", "client_secret": "env:X"}},
+                         "routes": [{"name": "trades", "outbox": str(tmp_path / "out"), "org": "0001",
+                                     "application": "app1", "credential": "c", **route}]})
+
+
+def _submitter(tmp_path, cfg, errors=()):
+    from filex_agent.hooks import Hooks
+    from filex_agent.store.sqlite import SQLiteStore
+    from filex_agent.submitter import Submitter
+    from tests.test_submitter import Scripted
+
+    return Submitter(cfg, SQLiteStore(tmp_path / "j.sqlite3"), Scripted(list(errors)), Hooks())
+
+
+def test_symlinked_spool_is_refused_everywhere(tmp_path, caplog):
+    import io
+
+    from filex_agent.cli import main
+    from filex_agent.daemon import Daemon
+    from filex_agent.doctor import run_doctor
+    from filex_agent.errors import ConfigError
+
+    cfg = _route_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    stolen = tmp_path / "producer-owned"
+    stolen.mkdir()
+    (out / ".filex-agent").symlink_to(stolen)  # a producer pre-creates the spool as a link
+    f = out / "trades.csv"
+    f.write_bytes(b"confidential\n")
+
+    # A claim takes nothing: the file stays in the outbox, nothing lands in the producer's folder.
+    submitter = _submitter(tmp_path, cfg)
+    assert submitter.claim(cfg.routes[0], f) is None
+    assert f.read_bytes() == b"confidential\n" and list(stolen.iterdir()) == []
+    assert submitter.store.list() == []
+    assert any("route 'trades'" in r.getMessage() and "symbolic link" in r.getMessage() for r in caplog.records)
+
+    # Start-up refuses, naming the route and the outbox.
+    d = Daemon(cfg)
+    with pytest.raises(ConfigError) as e:
+        d.start()
+    d.store.close()
+    assert "route 'trades'" in str(e.value) and str(out) in str(e.value) and "symbolic link" in str(e.value)
+
+    # `run --config` exits 2; `doctor` reports it.
+    toml = tmp_path / "agent.toml"
+    toml.write_text(f"""
+[agent]
+data_dir = "{tmp_path / 'd2'}"
+[credentials.c]
+client_id = "x"
+client_secret = "env:X"
+[[routes]]
+name = "trades"
+outbox = "{out}"
+org = "0001"
+application = "app1"
+credential = "c"
+""")
+    r = _python("""
+import sys
+from filex_agent.cli import main
+sys.exit(main(["run", "--config", sys.argv[1]]))
+""", str(toml))
+    assert r.returncode == 2, r.stderr
+    assert "symbolic link" in r.stderr and "trades" in r.stderr
+    report = io.StringIO()
+    run_doctor(toml, out=report)
+    line = next(x for x in report.getvalue().splitlines() if "route trades spool" in x)
+    assert "symbolic link" in line
+    assert list(stolen.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a file owned by another user")
+def test_foreign_owned_spool_refused_and_claimed_files_taken_over(tmp_path):
+    import stat
+
+    from filex_agent.errors import ConfigError
+    from filex_agent.spool import check_spool
+    from filex_agent.store import State
+
+    cfg = _route_config(tmp_path)
+    route = cfg.routes[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    spool = out / ".filex-agent"
+    spool.mkdir()
+    os.chown(spool, 65534, 65534)  # nobody's
+    with pytest.raises(ConfigError) as e:
+        check_spool(route)
+    assert "belongs to" in str(e.value) and "65534" in str(e.value)
+    os.chown(spool, 0, 0)
+    os.chmod(spool, 0o777)  # an old layout: created with the umask's mode
+
+    # A producer's file, world-writable and setgid: claimed, it becomes the agent's, 0644 at most.
+    f = out / "trades.csv"
+    f.write_bytes(b"data\n")
+    os.chown(f, 65534, 65534)
+    os.chmod(f, 0o2666)
+    submitter = _submitter(tmp_path, cfg)
+    s = submitter.claim(route, f)
+    assert s.state is State.QUEUED
+    st = os.stat(s.local_path)
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert stat.S_IMODE(st.st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(Path(s.local_path).parent).st_mode) == 0o700
+
+
+def test_spool_swapped_for_a_link_during_a_claim_receives_nothing(tmp_path, monkeypatch):
+    """The check and the rename go through one descriptor: swapping the spool between them
+    (rename it away, plant a link) does not redirect the file."""
+    import filex_agent.spool as spool_mod
+
+    cfg = _route_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    stolen = tmp_path / "producer-owned"
+    stolen.mkdir()
+    f = out / "trades.csv"
+    f.write_bytes(b"data\n")
+    real_open = spool_mod.open_spool
+
+    def open_then_swap(route):
+        fd = real_open(route)
+        os.rename(out / ".filex-agent", out / ".renamed-by-producer")
+        (out / ".filex-agent").symlink_to(stolen)
+        return fd
+
+    monkeypatch.setattr(spool_mod, "open_spool", open_then_swap)
+    submitter = _submitter(tmp_path, cfg)
+    s = submitter.complete_claim(submitter.store.create(
+        route="trades", org="0001", application="app1", transport="rest", file_name="trades.csv",
+        source_path=str(f), local_path=str(f), state="CLAIMING"))
+    assert list(stolen.rglob("*")) == []
+    assert (out / ".renamed-by-producer" / str(s.id) / "trades.csv").read_bytes() == b"data\n"
+
+
+def test_old_layout_journal_still_recovers(sandbox_config):
+    """A journal written by an earlier version: a claim into OUTBOX/.filex-agent/ID/NAME (mode
+    0755, as the umask made it) is recovered and filed."""
+    import stat
+
+    from filex_agent.daemon import Daemon
+    from filex_agent.store import State, open_store
+    from tests.conftest import run_until
+
+    cfg = sandbox_config(transports=("rest",))
+    route = cfg.routes[0]
+    out = Path(route.outbox)
+    spool = out / ".filex-agent"
+    store = open_store(cfg.journal_path)
+    sub = store.create(route=route.name, org=route.org, application=route.application, transport="rest",
+                       file_name="OLD.csv", source_path=str(out / "OLD.csv"), local_path=str(out / "OLD.csv"),
+                       state=State.CLAIMING)
+    (spool / str(sub.id)).mkdir(parents=True, mode=0o755)
+    os.chmod(spool, 0o755)
+    (spool / str(sub.id) / "OLD.csv").write_bytes(b"claimed by the old version " + os.urandom(4).hex().encode())
+    store.update(sub.id, local_path=str(spool / str(sub.id) / "OLD.csv"))
+    store.close()
+    d = Daemon(cfg, dispatch_interval=0.2)
+    run_until(d, sub.id, State.ACCEPTED, timeout=30)
+    assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
