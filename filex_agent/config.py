@@ -41,6 +41,14 @@ DEFAULT_IGNORE = ["*.tmp", "*.part", "*.partial", "*.swp", "*~", ".*", "~$*", "*
 Transports = Literal["rest", "s3", "sftp"]
 
 
+class FilePerms(BaseModel):
+    """Mode and group (None: leave it) applied to filed files."""
+
+    model_config = ConfigDict(frozen=True)
+    mode: int = 0o640
+    gid: int | None = None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -101,6 +109,32 @@ class AgentSettings(_Strict):
     workers: int = Field(4, ge=1, le=64)
     # Journal: "sqlite" (default, file in data_dir) — the store interface admits others.
     store: Literal["sqlite"] = "sqlite"
+    # Feedback files, reason files and archived originals: this mode and group, so that e.g. a
+    # compliance group can read FINRA's feedback. Group default: data_dir's group.
+    file_mode: str = "0640"
+    file_group: str | None = None
+
+    @field_validator("file_mode")
+    @classmethod
+    def _file_mode(cls, v: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", v) or int(v, 8) & 0o133:
+            raise ValueError('an octal mode as a string, e.g. "0640"; no execute bits, no group/other write')
+        if not int(v, 8) & 0o600 == 0o600:
+            raise ValueError("the owner (the agent) needs read and write")
+        return v
+
+    @field_validator("file_group")
+    @classmethod
+    def _file_group(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            import grp
+
+            grp.getgrnam(v)
+        except KeyError:
+            raise ValueError(f"no group named {v!r} on this machine") from None
+        return v
 
 
 class EnvironmentSettings(_Strict):
@@ -342,6 +376,21 @@ class Config(_Strict):
             if r.name == name:
                 return r
         raise ConfigError("routes", f"no route named {name!r}")
+
+    @property
+    def file_perms(self) -> "FilePerms":
+        """Mode and group of the files the agent files (feedback, reasons, archived originals)."""
+        gid: int | None = None
+        if self.agent.file_group:
+            import grp
+
+            gid = grp.getgrnam(self.agent.file_group).gr_gid
+        else:
+            try:
+                gid = self.agent.data_dir.stat().st_gid
+            except OSError:
+                gid = None
+        return FilePerms(mode=int(self.agent.file_mode, 8), gid=gid)
 
     @property
     def journal_path(self) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filex_agent.config import Config, RouteSettings, valid_remote_name
 from filex_agent.errors import AuthError, CredentialsRefused, PermanentError, RemoteChangedError, TransientError
-from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
+from filex_agent.fsutil import apply_perms, move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
 from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
 from filex_agent.store import State, StateConflict, Store, Submission, utcnow
@@ -237,7 +237,8 @@ class Submitter:
                                     move_to=str(failed_dir))
         if os.path.lexists(path):
             dest = move_no_clobber(path, failed_dir)
-            write_reason(dest, reason)
+            apply_perms(dest, self.config.file_perms)
+            write_reason(dest, reason, self.config.file_perms)
             sub = self.store.update(sub.id, local_path=str(dest), move_to=None)
         self.hooks.submission_changed(sub, "FAILED")
         return sub
@@ -260,6 +261,7 @@ class Submitter:
         dest_dir = Path(sub.move_to)
         if os.path.lexists(src):
             dest = move_no_clobber(src, dest_dir, sub.file_name)
+            apply_perms(dest, self.config.file_perms)
             _remove_empty_spool_dir(src.parent)
             return self.store.update(sub.id, local_path=str(dest), move_to=None)
         # Crash after the move but before the journal update: the file is already there.

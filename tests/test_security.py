@@ -609,3 +609,78 @@ def test_old_layout_journal_still_recovers(sandbox_config):
     d = Daemon(cfg, dispatch_interval=0.2)
     run_until(d, sub.id, State.ACCEPTED, timeout=30)
     assert stat.S_IMODE(os.stat(spool).st_mode) == 0o700
+
+
+# -- item 8: filed files readable by the configured group; no root-owned journal files ----
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files another group")
+def test_feedback_reason_and_archived_files_get_the_configured_mode_and_group(sandbox_config, tmp_path):
+    import stat
+
+    from filex_agent.daemon import Daemon
+    from filex_agent.store import State
+    from tests.conftest import wait_for
+
+    cfg = sandbox_config(transports=("rest",))
+    cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"file_mode": "0640",
+                                                                      "file_group": "nogroup"})})
+    route = cfg.routes[0]
+    Path(route.outbox).mkdir(parents=True, exist_ok=True)
+    good = Path(route.outbox) / f"PERMS_{os.urandom(3).hex()}.csv"
+    good.write_bytes(b"id\n1\n")
+    bad = Path(route.outbox) / "perms#bad.csv"
+    bad.write_bytes(b"x\n")
+    d = Daemon(cfg, dispatch_interval=0.2)
+    d.start()
+    try:
+        s = wait_for(lambda: next((x for x in d.store.list() if x.file_name == good.name
+                                   and x.state is State.ACCEPTED), None), timeout=30, what="accepted")
+        fb = wait_for(lambda: d.store.feedback_for(s.id), timeout=30, what="feedback")
+        failed = wait_for(lambda: next((x for x in d.store.list() if x.file_name == bad.name
+                                        and x.state is State.FAILED), None), what="failed")
+    finally:
+        d.stop(grace=5)
+
+    def perms(p):
+        st = os.stat(p)
+        return stat.S_IMODE(st.st_mode), st.st_gid
+
+    for p in (fb[0].local_path, s.local_path, failed.local_path, failed.local_path + ".reason.txt"):
+        assert perms(p) == (0o640, 65534), p
+
+
+def test_file_mode_config_is_validated():
+    from filex_agent.config import ConfigError, parse_config
+
+    for bad in ("0777", "640x", "0660", "0440", "0642"):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"agent": {"data_dir": "/tmp/x", "file_mode": bad}})
+        assert e.value.key == "agent.file_mode"
+    with pytest.raises(ConfigError) as e:
+        parse_config({"agent": {"data_dir": "/tmp/x", "file_group": "no-such-group-here"}})
+    assert e.value.key == "agent.file_group"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is for root")
+def test_root_refuses_another_users_journal(tmp_path):
+    from filex_agent.store import open_store
+    from filex_agent.store.sqlite import JournalOwnerError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    s = open_store(data / "journal.sqlite3")  # the daemon's user made the journal...
+    s.close()
+    for p in data.iterdir():
+        os.chown(p, 65534, 65534)
+    os.chown(data, 65534, 65534)
+    with pytest.raises(JournalOwnerError) as e:  # ...and root opens it: refused, nothing created
+        open_store(data / "journal.sqlite3")
+    assert "nobody" in str(e.value) and "sudo -u nobody" in str(e.value)
+    assert all(os.stat(p).st_uid == 65534 for p in data.iterdir())
+    # A fresh journal in the daemon user's data_dir: refused too (root would own it).
+    (data / "journal.sqlite3").unlink()
+    for extra in data.iterdir():
+        extra.unlink()
+    with pytest.raises(JournalOwnerError):
+        open_store(data / "journal.sqlite3")
+    assert list(data.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from dataclasses import fields as dc_fields
@@ -9,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
+from filex_agent.errors import FilexError
 from filex_agent.logging_setup import redact
 from filex_agent.store import (
     Event,
@@ -91,10 +93,39 @@ def _row_to_sub(row: sqlite3.Row) -> Submission:
     return Submission(**data)
 
 
+class JournalOwnerError(FilexError):
+    """root about to open (and so create root-owned -wal/-shm files in) another user's journal."""
+
+
+def _refuse_foreign_journal_as_root(path: Path) -> None:
+    """As root, SQLite would create ``-wal``/``-shm`` (or the journal itself) owned by root, which
+    the daemon, running as its own user, then cannot open: refuse, naming the owner."""
+    if os.geteuid() != 0:
+        return
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), path.parent):
+        try:
+            uid = os.stat(p).st_uid
+        except FileNotFoundError:
+            continue
+        if uid != 0:
+            try:
+                import pwd
+
+                user = pwd.getpwuid(uid).pw_name
+            except (ImportError, KeyError):
+                user = str(uid)
+            raise JournalOwnerError(
+                f"the journal {path} belongs to {user}; as root this command would leave files there the "
+                f"agent cannot open. Run it as that user: sudo -u {user} filex-agent ...")
+        if p == path:  # the journal exists and is root's: its folder does not matter
+            break
+
+
 class SQLiteStore(Store):
     def __init__(self, path: Path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_foreign_journal_as_root(path)
         self.path = path
         # One connection guarded by a lock: writes are small and serialised anyway.
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
