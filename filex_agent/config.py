@@ -219,7 +219,8 @@ class SftpSettings(_Strict):
     known_hosts: Path | None = None
     # "SHA256:..." fingerprints accepted for the server (pinned).
     host_key_fingerprints: list[str] = []
-    # Only for a first connection to a test server; never the default.
+    # Trust on first use: the first key the server offers is recorded in data_dir/known_hosts and
+    # any other key is refused afterwards. Never the default; pinning a fingerprint is better.
     auto_accept_host_key: bool = False
     # Remote layout below the login root; {org} and {app} are substituted.
     in_path: str = "/{org}/{app}/in"

@@ -117,7 +117,9 @@ class Connections:
                     password=resolve(c.sftp_password), private_key=c.sftp_private_key,
                     key_passphrase=resolve(c.sftp_key_passphrase), known_hosts=s.known_hosts,
                     host_key_fingerprints=list(s.host_key_fingerprints),
-                    auto_accept_host_key=s.auto_accept_host_key, keepalive_seconds=s.keepalive_seconds,
+                    auto_accept_host_key=s.auto_accept_host_key,
+                    tofu_known_hosts=self.config.agent.data_dir / "known_hosts" if s.auto_accept_host_key else None,
+                    keepalive_seconds=s.keepalive_seconds,
                     connect_timeout=self.config.network.connect_timeout, channels=s.connections)
             return self._sftp[credential]
 

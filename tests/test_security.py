@@ -684,3 +684,64 @@ def test_root_refuses_another_users_journal(tmp_path):
     with pytest.raises(JournalOwnerError):
         open_store(data / "journal.sqlite3")
     assert list(data.iterdir()) == []
+
+
+# -- item 7: auto_accept_host_key is trust-on-first-use (real OpenSSH sshd) ---------------
+
+def test_auto_accept_records_first_key_and_refuses_a_changed_one(tmp_path, caplog):
+    from tests.sshd_fixture import Sshd, key_fingerprint, keygen, skip_reason
+
+    if skip_reason():
+        pytest.skip(skip_reason())
+    from filex_agent.config import parse_config
+    from filex_agent.connections import Connections
+    from filex_agent.errors import PermanentError
+    from filex_agent.transports.sftp import list_profiles
+
+    sshd = Sshd()
+    try:
+        sshd.make_layout({"0001": ["app1"]})
+        client_key = keygen(tmp_path / "id_ed25519")
+        sshd.authorize(client_key.with_suffix(".pub"))
+        sshd.start()
+        cfg = parse_config({
+            "agent": {"data_dir": str(tmp_path / "data")},
+            "environment": {"name": "custom", "fip_token_url": "https://fip.invalid/t",
+                            "api_base_url": "https://filex.invalid", "sftp_host": sshd.host, "sftp_port": sshd.port},
+            "network": {"connect_timeout": 5},
+            "sftp": {"auto_accept_host_key": True},
+            "credentials": {"c": {"sftp_username": sshd.login_user, "sftp_private_key": str(client_key)}}})
+        own_known_hosts = tmp_path / "data" / "known_hosts"
+
+        def connect() -> dict:
+            conns = Connections(cfg)
+            try:
+                return list_profiles(conns.sftp_session("c"), root=str(sshd.root))
+            finally:
+                conns.close()
+
+        first_fp = sshd.host_key_fingerprint
+        assert "0001" in connect()  # first use: accepted and recorded
+        recorded = own_known_hosts.read_text()
+        assert recorded.startswith(f"[{sshd.host}]:{sshd.port} ssh-ed25519 ")
+        assert oct(own_known_hosts.stat().st_mode & 0o777) == "0o600"
+        assert "0001" in connect()  # the same key again: fine, nothing added
+        assert own_known_hosts.read_text() == recorded
+
+        # The server's key changes (same host and port): refused, loudly, naming both keys.
+        sshd.kill()
+        for p in (sshd.host_key, sshd.host_key.with_suffix(".pub")):
+            p.unlink()
+        keygen(sshd.host_key)
+        new_fp = key_fingerprint(sshd.host_key.with_suffix(".pub"))
+        assert new_fp != first_fp
+        sshd.start()
+        with pytest.raises(PermanentError) as e:
+            connect()
+        msg = str(e.value)
+        assert "CHANGED" in msg and f"[{sshd.host}]:{sshd.port}" in msg
+        assert first_fp in msg and new_fp in msg and str(own_known_hosts) in msg
+        assert any(r.levelname == "ERROR" and "CHANGED" in r.getMessage() for r in caplog.records)
+        assert own_known_hosts.read_text() == recorded  # the new key was not recorded
+    finally:
+        sshd.stop()
