@@ -6,9 +6,10 @@ worker threads; transports are cheap views bound to one (org, application).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 
@@ -175,6 +176,58 @@ class Connections:
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 log.debug("closing %r failed", shared, exc_info=True)
         self.http.close()
+
+
+class ConnectionLeases:
+    """Who still uses which ``Connections``: after a reload the old set is closed as soon as the
+    last upload (or cycle) that started under it ends, not kept open until the agent stops.
+
+    ``lock`` is held while the owner swaps its current set, so a lease never lands on a set that
+    has just been retired and closed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._users: dict[int, int] = {}  # id(Connections) -> leases
+        self._retired: dict[int, Connections] = {}
+
+    @contextlib.contextmanager
+    def lease(self, current: Callable[[], "Connections"]) -> Iterator["Connections"]:
+        with self.lock:
+            conns = current()
+            self._users[id(conns)] = self._users.get(id(conns), 0) + 1
+        try:
+            yield conns
+        finally:
+            with self.lock:
+                left = self._users[id(conns)] = self._users[id(conns)] - 1
+                if left == 0:
+                    del self._users[id(conns)]
+                done = self._retired.pop(id(conns)) if left == 0 and id(conns) in self._retired else None
+            if done is not None:
+                _close_quietly(done, "after its last upload")
+
+    def retire(self, conns: "Connections") -> None:
+        """``conns`` was replaced (the caller swapped it under ``lock``): close it once unused."""
+        with self.lock:
+            if self._users.get(id(conns)):
+                self._retired[id(conns)] = conns
+                return
+        _close_quietly(conns, "at once (nothing in flight used it)")
+
+    def close_retired(self) -> None:
+        """At stop: whatever is still retired is closed now (the grace period is over)."""
+        with self.lock:
+            retired, self._retired = list(self._retired.values()), {}
+        for conns in retired:
+            _close_quietly(conns, "at stop")
+
+
+def _close_quietly(conns: "Connections", when: str) -> None:
+    try:
+        conns.close()
+        log.info("connections of the previous configuration closed %s", when)
+    except Exception:  # noqa: BLE001 - closing is best effort
+        log.debug("closing connections failed", exc_info=True)
 
 
 class _Borrowed:

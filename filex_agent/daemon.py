@@ -17,7 +17,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from filex_agent.config import Config, RouteSettings
-from filex_agent.connections import Connections
+from filex_agent.connections import ConnectionLeases, Connections
 from filex_agent.errors import FilexError, PermanentError
 from filex_agent.feedback import FeedbackCollector
 from filex_agent.fsutil import cleanup_partials
@@ -47,7 +47,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._unconfirmed: set[int] = set()  # interrupted uploads recovery could not decide yet
-        self._old_connections: list[Connections] = []
+        self._leases = ConnectionLeases()  # old Connections close when their last upload ends
         self.started = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -103,11 +103,11 @@ class Daemon:
         finished = done.wait(max(0.0, deadline - time.monotonic()))
         if not finished:
             log.warning("shutdown grace of %.0f s over with work in flight; it is recovered at next start", grace)
-        for conns in [*self._old_connections, self.connections]:
-            try:
-                conns.close()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                log.debug("closing connections failed", exc_info=True)
+        self._leases.close_retired()
+        try:
+            self.connections.close()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            log.debug("closing connections failed", exc_info=True)
         if finished:
             self.store.close()
         log.info("filex-agent stopped")
@@ -125,13 +125,15 @@ class Daemon:
         if self.watcher is not None:
             # First: it raises (new outbox cannot be created) before anything has changed.
             self.watcher.set_routes(list(config.routes))
-        old = self.connections
-        self.config = effective
-        self.connections = Connections(effective, on_retry=self.hooks.retry)
-        for part in (self.submitter, self.tracker, self.feedback):
-            part.config = effective
-            part.connections = self.connections
-        self._old_connections.append(old)  # closed at stop: uploads in flight may still use them
+        new = Connections(effective, on_retry=self.hooks.retry)
+        with self._leases.lock:  # no upload can take the old set once this block ends
+            old = self.connections
+            self.config = effective
+            self.connections = new
+            for part in (self.submitter, self.tracker, self.feedback):
+                part.config = effective
+                part.connections = new
+        self._leases.retire(old)  # closed when the uploads that started under it have finished
         log.info("configuration reloaded: %d route(s)%s", len(config.routes),
                  f", {len(retired)} retired route(s) finishing their work" if retired else "")
 
@@ -202,7 +204,8 @@ class Daemon:
 
     def _upload(self, sub_id: int) -> None:
         try:
-            self.submitter.upload(sub_id)
+            with self._leases.lease(lambda: self.connections):
+                self.submitter.upload(sub_id)
         except Exception:  # noqa: BLE001
             log.exception("submission %s: upload worker failed", sub_id)
         finally:
@@ -210,6 +213,10 @@ class Daemon:
                 self._inflight.pop(sub_id, None)
 
     def track_and_collect(self) -> None:
+        with self._leases.lease(lambda: self.connections):
+            self._track_and_collect()
+
+    def _track_and_collect(self) -> None:
         try:
             self.recheck_interrupted()
         except Exception:  # noqa: BLE001

@@ -745,3 +745,49 @@ def test_auto_accept_records_first_key_and_refuses_a_changed_one(tmp_path, caplo
         assert own_known_hosts.read_text() == recorded  # the new key was not recorded
     finally:
         sshd.stop()
+
+
+# -- item 12: a reload closes the old connections once nothing in flight uses them ----------
+
+def test_reload_closes_old_connections_when_their_uploads_finish(sandbox_config):
+    import threading
+
+    from filex_agent.daemon import Daemon
+    from filex_agent.hooks import Hooks
+    from filex_agent.store import State
+    from tests.conftest import wait_for
+
+    started, release = threading.Event(), threading.Event()
+
+    class HoldFirstUpload(Hooks):
+        def bytes_sent(self, route, transport, n):
+            if not started.is_set():
+                started.set()
+                release.wait(10)  # the upload stays in flight, mid-body, on the first Connections
+
+    cfg = sandbox_config(transports=("rest",))
+    route = cfg.routes[0]
+    Path(route.outbox).mkdir(parents=True, exist_ok=True)
+    d = Daemon(cfg, hooks=HoldFirstUpload(), dispatch_interval=0.2)
+    d.start()
+    try:
+        (Path(route.outbox) / "INFLIGHT.csv").write_bytes(os.urandom(256 * 1024))
+        assert started.wait(20), "upload did not start"
+        first = d.connections
+        d.reload(cfg)  # SIGHUP while the upload is in flight
+        second = d.connections
+        assert second is not first
+        assert not first.http.is_closed, "closed under an upload in flight"
+        release.set()
+        sub = wait_for(lambda: next((s for s in d.store.list() if s.file_name == "INFLIGHT.csv"
+                                     and s.state in (State.SUBMITTED, State.ACCEPTED)), None), what="uploaded")
+        wait_for(lambda: first.http.is_closed, timeout=10, what="old connections closed after the upload")
+        assert sub.tracking_id
+        # Nothing in flight: the next reload closes the replaced set at once.
+        wait_for(lambda: not d._inflight, what="no upload in flight")
+        d.reload(cfg)
+        wait_for(lambda: second.http.is_closed, timeout=10, what="idle old connections closed at once")
+        assert not d.connections.http.is_closed
+    finally:
+        release.set()
+        d.stop(grace=5)
