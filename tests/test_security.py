@@ -61,6 +61,35 @@ def test_moto_is_not_a_runtime_dependency():
     assert meta["project"]["license"] == "Apache-2.0"  # item 13: SPDX string, no deprecation banner
 
 
+class Scripted:
+    """A transport that raises the scripted errors in turn, then succeeds (what fileX says is not
+    under test here; where the answer matters the tests use the sandbox)."""
+
+    reports_commit = False
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+
+    def transport(self, route, kind=None):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def upload(self, path, name, progress=None):
+        from datetime import datetime, timezone
+
+        from filex_agent.transports import UploadResult
+
+        if self.errors:
+            raise self.errors.pop(0)
+        now = datetime.now(timezone.utc)
+        return UploadResult(name, "0001/app1/in", path.stat().st_size, now, now, tracking_id="t1")
+
+
 # -- item 5: a hostile name cannot forge a log line --------------------------------------
 
 FORGED = "report\n2026-01-01T00:00:00.000Z INFO filex_agent.submitter: forged\r\x1b[2K.csv"
@@ -126,8 +155,6 @@ def test_secret_in_an_exception_reaches_no_sink(tmp_path, receiver, smtp_server)
     from filex_agent.store import State
     from filex_agent.store.sqlite import SQLiteStore
     from filex_agent.submitter import Submitter
-    from tests.test_submitter import Scripted
-
     register_secret(SECRET)
     box, port, cert = smtp_server
     cfg = parse_config({"agent": {"data_dir": str(tmp_path / "d")},
@@ -454,8 +481,6 @@ def _submitter(tmp_path, cfg, errors=()):
     from filex_agent.hooks import Hooks
     from filex_agent.store.sqlite import SQLiteStore
     from filex_agent.submitter import Submitter
-    from tests.test_submitter import Scripted
-
     return Submitter(cfg, SQLiteStore(tmp_path / "j.sqlite3"), Scripted(list(errors)), Hooks())
 
 
