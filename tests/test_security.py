@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_notify import receiver, smtp_server  # noqa: F401 - real webhook and SMTP servers
+from tests.test_submitter import Scripted
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,35 +60,6 @@ def test_moto_is_not_a_runtime_dependency():
     assert not any(d.startswith("moto") for d in meta["project"]["dependencies"])
     assert any(d.startswith("moto") for d in meta["project"]["optional-dependencies"]["sandbox"])
     assert meta["project"]["license"] == "Apache-2.0"  # item 13: SPDX string, no deprecation banner
-
-
-class Scripted:
-    """A transport that raises the scripted errors in turn, then succeeds (what fileX says is not
-    under test here; where the answer matters the tests use the sandbox)."""
-
-    reports_commit = False
-
-    def __init__(self, errors):
-        self.errors = list(errors)
-
-    def transport(self, route, kind=None):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def upload(self, path, name, progress=None):
-        from datetime import datetime, timezone
-
-        from filex_agent.transports import UploadResult
-
-        if self.errors:
-            raise self.errors.pop(0)
-        now = datetime.now(timezone.utc)
-        return UploadResult(name, "0001/app1/in", path.stat().st_size, now, now, tracking_id="t1")
 
 
 # -- item 5: a hostile name cannot forge a log line --------------------------------------
