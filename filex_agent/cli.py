@@ -62,10 +62,21 @@ def cmd_run(args) -> int:
     return run_service(cfg, Path(args.config))
 
 
+SANDBOX_EXTRA_MODULES = frozenset({"moto", "werkzeug", "flask", "flask_cors"})
+
+
 def _run_sandbox(args) -> int:
-    from filex_agent.sandbox import Sandbox
     from filex_agent.service import run_service
-    from filex_agent.sandbox.agent_config import write_sandbox_config
+
+    try:
+        from filex_agent.sandbox import Sandbox
+        from filex_agent.sandbox.agent_config import write_sandbox_config
+    except ModuleNotFoundError as exc:
+        # The sandbox's dependencies are an extra: a production install does not carry them.
+        if (exc.name or "").split(".")[0] not in SANDBOX_EXTRA_MODULES:
+            raise
+        raise ConfigError("--sandbox", f"the sandbox needs its optional dependencies ({exc.name} is not "
+                                       "installed): pip install 'filex-agent[sandbox]'") from None
 
     _setup_logging("INFO")
     data_dir = Path(args.data_dir or "./demo-data").resolve()
@@ -178,7 +189,7 @@ def cmd_submit(args) -> int:
 
     from filex_agent.daemon import Daemon
     from filex_agent.hooks import MultiHooks
-    from filex_agent.submitter import spool_dir
+    from filex_agent.spool import check_spool, spool_dir
 
     cfg = _load(args)
     _setup_logging(cfg.agent.log_level, cfg.agent.log_format)
@@ -187,8 +198,10 @@ def cmd_submit(args) -> int:
     if not src.is_file():
         raise ConfigError("FILE", f"{src} is not a readable file")
     # Copy (not move) the file into the route's spool folder: the user's file stays where it is.
+    Path(route.outbox).mkdir(parents=True, exist_ok=True)
+    check_spool(route)  # the agent's own folder, not a link a producer planted
     staging = spool_dir(route) / "incoming"
-    staging.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=staging, prefix=".copy-")
     with open(fd, "wb") as out, open(src, "rb") as inp:
         shutil.copyfileobj(inp, out, 1 << 20)

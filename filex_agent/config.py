@@ -44,6 +44,14 @@ DEFAULT_IGNORE = ["*.tmp", "*.part", "*.partial", "*.swp", "*~", ".*", "~$*", "*
 Transports = Literal["rest", "s3", "sftp"]
 
 
+class FilePerms(BaseModel):
+    """Mode and group (None: leave it) applied to filed files."""
+
+    model_config = ConfigDict(frozen=True)
+    mode: int = 0o640
+    gid: int | None = None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -104,6 +112,32 @@ class AgentSettings(_Strict):
     workers: int = Field(4, ge=1, le=64)
     # Journal: "sqlite" (default, file in data_dir) — the store interface admits others.
     store: Literal["sqlite"] = "sqlite"
+    # Feedback files, reason files and archived originals: this mode and group, so that e.g. a
+    # compliance group can read FINRA's feedback. Group default: data_dir's group.
+    file_mode: str = "0640"
+    file_group: str | None = None
+
+    @field_validator("file_mode")
+    @classmethod
+    def _file_mode(cls, v: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", v) or int(v, 8) & 0o133:
+            raise ValueError('an octal mode as a string, e.g. "0640"; no execute bits, no group/other write')
+        if not int(v, 8) & 0o600 == 0o600:
+            raise ValueError("the owner (the agent) needs read and write")
+        return v
+
+    @field_validator("file_group")
+    @classmethod
+    def _file_group(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            import grp
+
+            grp.getgrnam(v)
+        except KeyError:
+            raise ValueError(f"no group named {v!r} on this machine") from None
+        return v
 
 
 class EnvironmentSettings(_Strict):
@@ -116,6 +150,9 @@ class EnvironmentSettings(_Strict):
     s3_endpoint_url: str | None = None
     verify_tls: bool = True
     ca_bundle: Path | None = None
+    # Plain http:// endpoints and pre-signed URLs, or verify_tls = false: the client secret and
+    # the filings would travel in clear. Only for a test server (name = "custom"), on purpose.
+    allow_insecure: bool = False
 
     @model_validator(mode="after")
     def _defaults(self) -> "EnvironmentSettings":
@@ -129,7 +166,25 @@ class EnvironmentSettings(_Strict):
                 raise ConfigError(f"environment.{key}", "must be an http(s) URL")
         for k, v in values.items():
             object.__setattr__(self, k, v)
+        self._refuse_insecure()
         return self
+
+    def _refuse_insecure(self) -> None:
+        if self.allow_insecure and self.name != "custom":
+            raise ConfigError("environment.allow_insecure",
+                              f"only for a test server (name = 'custom'), never for {self.name!r}")
+        if self.allow_insecure:
+            return
+        for key in ("fip_token_url", "api_base_url", "s3_endpoint_url"):
+            url = getattr(self, key)
+            if url and not str(url).lower().startswith("https://"):
+                raise ConfigError(f"environment.{key}",
+                                  "must be https:// (the client secret and the filings would go in clear); "
+                                  "plain http only for a test server: name = 'custom' and allow_insecure = true")
+        if not self.verify_tls:
+            raise ConfigError("environment.verify_tls",
+                              "false is refused: TLS is what proves the server is FINRA; only for a test "
+                              "server: name = 'custom' and allow_insecure = true")
 
 
 class NetworkSettings(_Strict):
@@ -179,7 +234,8 @@ class SftpSettings(_Strict):
     known_hosts: Path | None = None
     # "SHA256:..." fingerprints accepted for the server (pinned).
     host_key_fingerprints: list[str] = []
-    # Only for a first connection to a test server; never the default.
+    # Trust on first use: the first key the server offers is recorded in data_dir/known_hosts and
+    # any other key is refused afterwards. Never the default; pinning a fingerprint is better.
     auto_accept_host_key: bool = False
     # Remote layout below the login root; {org} and {app} are substituted.
     in_path: str = "/{org}/{app}/in"
@@ -571,6 +627,21 @@ class Config(_Strict):
             if r.name == name:
                 return r
         raise ConfigError("routes", f"no route named {name!r}")
+
+    @property
+    def file_perms(self) -> "FilePerms":
+        """Mode and group of the files the agent files (feedback, reasons, archived originals)."""
+        gid: int | None = None
+        if self.agent.file_group:
+            import grp
+
+            gid = grp.getgrnam(self.agent.file_group).gr_gid
+        else:
+            try:
+                gid = self.agent.data_dir.stat().st_gid
+            except OSError:
+                gid = None
+        return FilePerms(mode=int(self.agent.file_mode, 8), gid=gid)
 
     @property
     def journal_path(self) -> Path:

@@ -102,6 +102,23 @@ class Doctor:
         self._writable_dir("agent.data_dir", cfg.agent.data_dir)
         for r in cfg.routes:
             self._writable_dir(f"route {r.name} outbox", Path(r.outbox))
+            self._spool(r)
+
+    def _spool(self, route) -> None:  # noqa: ANN001
+        from filex_agent.spool import SpoolError, check_spool, spool_dir
+
+        if not Path(route.outbox).is_dir():
+            return  # created with the outbox
+        try:
+            check_spool(route)
+        except SpoolError as exc:
+            self.report(False, f"route {route.name} spool", str(exc).split(": ", 1)[1],
+                        f"inspect and remove {spool_dir(route)}; the agent recreates it")
+        except OSError as exc:
+            self.report(False, f"route {route.name} spool", f"{spool_dir(route)}: {exc.strerror}",
+                        "give the agent write access to the outbox")
+        else:
+            self.report(True, f"route {route.name} spool", f"{spool_dir(route)} is the agent's own, mode 0700")
 
     def _writable_dir(self, name: str, path: Path) -> None:
         """The agent creates missing folders, so a missing one is fine if it can be created."""
@@ -115,7 +132,7 @@ class Doctor:
             what = "is not writable" if probe == p else f"does not exist and {probe} is not writable"
             self.report(False, name, f"{p} {what} by {_user()}",
                         f"mkdir -p {p} && chown {_user()} {p} (an outbox also needs the producers' group: "
-                        "chgrp GROUP and chmod 2770); the agent moves files out of outboxes and writes "
+                        "chgrp GROUP and chmod 3770); the agent moves files out of outboxes and writes "
                         "its journal and archives")
         else:
             self.report(True, name, f"{p} {'is writable' if p.exists() else 'will be created'}")

@@ -21,7 +21,7 @@ from types import FrameType
 from filex_agent import sdnotify
 from filex_agent.audit import AuditLog
 from filex_agent.config import Config, NotifySettings, load_config
-from filex_agent.errors import FilexError
+from filex_agent.errors import ConfigError, FilexError
 from filex_agent.filing_calendar import CalendarWatch
 from filex_agent.hooks import MultiHooks
 from filex_agent.logging_setup import configure_logging, register_secret
@@ -142,6 +142,10 @@ class Service:
                 log.error("metrics server on %s not started: %s", self.cfg.metrics.listen, exc)
         try:
             self.daemon.start()
+        except ConfigError as exc:  # e.g. a spool a producer replaced: the operator must look
+            log.error("start-up refused: %s", exc)
+            self._shutdown()
+            return 2
         except Exception:
             log.exception("start-up failed")
             self._shutdown()

@@ -45,6 +45,7 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
         "",
         "[environment]",
         'name = "custom"',
+        "allow_insecure = true  # the sandbox speaks plain http on loopback",
         f"fip_token_url = {_toml_str(sb.fip_token_url)}",
         f"api_base_url = {_toml_str(sb.api_base_url)}",
         f"s3_endpoint_url = {_toml_str(sb.s3_endpoint_url)}",

@@ -10,6 +10,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from filex_agent.errors import FilexError
+from filex_agent.logging_setup import redact
 from filex_agent.store import (
     Attempt,
     CalendarAlert,
@@ -96,7 +98,14 @@ _ATTEMPT_FIELDS = [f.name for f in dc_fields(Attempt)]
 _ATTEMPT_DT = {"started_at", "committed_at", "ended_at", "decide_by"}
 
 
+# Free text that may carry an exception's message: scrubbed like a log line before it is kept
+# (the journal is read by `status`, the audit trail, alerts and reason files).
+_TEXT_FIELDS = frozenset({"reason", "flag"})
+
+
 def _enc(key: str, value: Any) -> Any:
+    if key in _TEXT_FIELDS and isinstance(value, str):
+        return redact(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, State):
@@ -154,10 +163,39 @@ def _row_to_attempt(row: sqlite3.Row) -> Attempt:
     return Attempt(**data)
 
 
+class JournalOwnerError(FilexError):
+    """root about to open (and so create root-owned -wal/-shm files in) another user's journal."""
+
+
+def _refuse_foreign_journal_as_root(path: Path) -> None:
+    """As root, SQLite would create ``-wal``/``-shm`` (or the journal itself) owned by root, which
+    the daemon, running as its own user, then cannot open: refuse, naming the owner."""
+    if os.geteuid() != 0:
+        return
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), path.parent):
+        try:
+            uid = os.stat(p).st_uid
+        except FileNotFoundError:
+            continue
+        if uid != 0:
+            try:
+                import pwd
+
+                user = pwd.getpwuid(uid).pw_name
+            except (ImportError, KeyError):
+                user = str(uid)
+            raise JournalOwnerError(
+                f"the journal {path} belongs to {user}; as root this command would leave files there the "
+                f"agent cannot open. Run it as that user: sudo -u {user} filex-agent ...")
+        if p == path:  # the journal exists and is root's: its folder does not matter
+            break
+
+
 class SQLiteStore(Store):
     def __init__(self, path: Path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_foreign_journal_as_root(path)
         self.path = path
         # One connection guarded by a lock: writes are small and serialised anyway.
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -261,7 +299,7 @@ class SQLiteStore(Store):
             sets = ", ".join(f"{k} = ?" for k in fields)
             db.execute(f"UPDATE submissions SET {sets} WHERE id = ?", [_enc(k, v) for k, v in fields.items()] + [sub_id])
             db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
-                       (sub_id, now.isoformat(), str(state), detail))
+                       (sub_id, now.isoformat(), str(state), None if detail is None else redact(detail)))
         return self.get(sub_id)
 
     def update(self, sub_id: int, *, epoch: int | None = None, **fields: Any) -> Submission:
@@ -516,7 +554,8 @@ class SQLiteStore(Store):
             self._fenced_attempt(db, attempt_id, epoch)
             db.execute("UPDATE attempts SET outcome = ?, detail = COALESCE(?, detail), decide_by = ?, "
                        "ended_at = CASE WHEN ? = 'UNCONFIRMED' THEN ended_at ELSE ? END WHERE id = ?",
-                       (outcome.value, detail, decide_by.isoformat() if decide_by else None, outcome.value, now,
+                       (outcome.value, None if detail is None else redact(detail),
+                        decide_by.isoformat() if decide_by else None, outcome.value, now,
                         attempt_id))
         return self._attempt(attempt_id)
 
