@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filex_agent.config import Config, RouteSettings, valid_remote_name
 from filex_agent.errors import AuthError, CredentialsRefused, PermanentError, RemoteChangedError, TransientError
-from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
+from filex_agent.fsutil import forget_move_marker, move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
 from filex_agent.store import State, StateConflict, Store, Submission, utcnow
 
@@ -262,6 +262,7 @@ class Submitter:
         # Crash after the move but before the journal update: the file is already there.
         for cand in sorted(dest_dir.glob(f"{Path(sub.file_name).stem}*")):
             if sub.sha256 and cand.is_file() and cand.stat().st_size == sub.size and sha256_file(cand) == sub.sha256:
+                forget_move_marker(cand)  # a copy-move cut off after the source went
                 return self.store.update(sub.id, local_path=str(cand), move_to=None)
         log.error("submission %s: original %s is missing and not found in %s", sub.id, src, dest_dir)
         return self.store.update(sub.id, move_to=None, flag=f"original file missing (was {src})")
