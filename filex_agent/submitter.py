@@ -44,6 +44,7 @@ class Submitter:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
+            _consume(trigger)  # vanished: its trigger must not release the next file of that name
             return None
         if stat_mod.S_ISDIR(st.st_mode):
             return None
@@ -56,6 +57,11 @@ class Submitter:
         """Second half of a claim (also used by recovery): refuse links, rename into the spool."""
         route = self.config.route(sub.route)
         path = Path(sub.source_path)
+        if trigger is None and route.readiness == "trigger":
+            trigger = path.with_name(path.name + route.trigger_suffix)  # recovery finishing a claim
+        # Consumed first, on every path that takes the file (claimed, refused, vanished): a trigger
+        # left behind would release the next file of that name while it is being written.
+        _consume(trigger)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -75,8 +81,6 @@ class Submitter:
         except FileNotFoundError:
             return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
                                          reason="the file disappeared from the outbox before it was claimed; nothing was sent")
-        if trigger is not None:
-            trigger.unlink(missing_ok=True)
         sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING})
         self.hooks.submission_changed(sub, "claimed")
         return self.validate(sub)
@@ -283,6 +287,14 @@ def _private_copy(path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _consume(trigger: Path | None) -> None:
+    if trigger is not None:
+        try:
+            trigger.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. a directory of that name: say so, the claim goes on
+            log.warning("cannot remove trigger %s: %s", trigger, exc.strerror or exc)
 
 
 def _remove_empty_spool_dir(d: Path) -> None:

@@ -164,3 +164,43 @@ def test_every_transport_through_the_daemon(kind, sandbox, sandbox_config):
         assert "corrected data" in part.reason
     finally:
         d.stop(grace=5)
+
+
+def test_trigger_route_consumes_its_trigger_and_never_takes_a_file_half_written(sandbox, sandbox_config):
+    """readiness = "trigger": the trigger is removed whenever the file is taken (filed or
+    refused), and a trigger alone (stale, or written first) never releases a file still being
+    written: it must be stable as well."""
+    cfg = sandbox_config(transports=("rest",))
+    route = cfg.routes[0].model_copy(update={"readiness": "trigger", "stable_seconds": 0.5})
+    cfg = cfg.model_copy(update={"routes": [route]})
+    d = Daemon(cfg, dispatch_interval=0.2)
+    d.start()
+    try:
+        outbox = Path(route.outbox)
+        (outbox / "TRIG_a.csv").write_bytes(b"first version\n")
+        (outbox / "TRIG_a.csv.done").touch()
+        (outbox / "TRIG_link.csv").symlink_to(outbox / "TRIG_a.csv")
+        (outbox / "TRIG_link.csv.done").touch()
+        first = _final(d, "TRIG_a.csv", State.ACCEPTED)
+        _final(d, "TRIG_link.csv", State.FAILED)
+        assert sorted(p.name for p in outbox.iterdir()) == [".filex-agent"]  # both triggers consumed
+
+        # The same name again, appended to in slow steps (each shorter than stable_seconds)
+        # with a trigger already present, as a stale one would be.
+        (outbox / "TRIG_a.csv.done").touch()
+        chunks = [os.urandom(32 * 1024) for _ in range(8)]
+        for c in chunks:
+            with open(outbox / "TRIG_a.csv", "ab") as f:
+                f.write(c)
+            time.sleep(0.25)
+        whole = hashlib.sha256(b"".join(chunks)).hexdigest()
+        second = wait_for(lambda: next((s for s in d.store.list() if s.file_name == "TRIG_a.csv"
+                                        and s.id != first.id and s.state is State.ACCEPTED), None),
+                          timeout=30, what="the second TRIG_a.csv accepted")
+        assert second.sha256 == whole
+        sent = [u for u in sandbox.uploads() if u.name == "TRIG_a.csv"]
+        assert [u.sha256 for u in sent] == [first.sha256, whole]  # each version once, whole
+        assert [s.file_name for s in d.store.list()].count("TRIG_a.csv") == 2  # no part taken apart
+        assert not (outbox / "TRIG_a.csv.done").exists()
+    finally:
+        d.stop(grace=5)
