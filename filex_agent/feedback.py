@@ -15,7 +15,7 @@ from filex_agent.config import Config, RouteSettings
 from filex_agent.errors import AuthError, FilexError, NotEntitledError, PermanentError
 from filex_agent.fsutil import atomic_writer, sanitize_remote_name
 from filex_agent.hooks import Hooks
-from filex_agent.store import Store, Submission
+from filex_agent.store import Store, Submission, feedback_instant
 from filex_agent.transports import RemoteFile
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def link_submission(remote_name: str, subs: list[Submission]) -> Submission | No
 
 
 def _modified(f: RemoteFile) -> str | None:
-    return f.modified.isoformat() if f.modified else None
+    return feedback_instant(f.modified)  # the same key whichever transport listed the file
 
 
 def _key(f: RemoteFile) -> tuple[str, int | None, str | None]:

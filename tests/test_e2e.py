@@ -204,3 +204,49 @@ def test_trigger_route_consumes_its_trigger_and_never_takes_a_file_half_written(
         assert not (outbox / "TRIG_a.csv.done").exists()
     finally:
         d.stop(grace=5)
+
+
+def test_feedback_is_not_filed_again_when_the_route_changes_transport(sandbox, sandbox_config):
+    """The once-only key of a feedback file holds its modified time as a UTC instant to the
+    second: REST (fileX's local time with milliseconds), S3 and SFTP listings of the same ``out``
+    file give the same key. Rows of an older journal (REST's text kept as it was) match too."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone
+
+    from tests.conftest import sftp_supported
+
+    cfg = sandbox_config(transports=("rest",))
+    route = cfg.routes[0]
+    names = [f"XPORT_{os.getpid()}_{i}_fb.txt" for i in range(3)]
+    for n in names:
+        sandbox.admin_s3.put_object(Bucket=sandbox.bucket, Key=f"{route.org}/{route.application}/out/{n}",
+                                    Body=n.encode())
+    folder = route.folder("feedback", cfg.agent.data_dir)
+
+    def mine() -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.name.startswith("XPORT_")) if folder.is_dir() else []
+
+    d = Daemon(cfg)
+    try:
+        assert d.feedback.collect(route) >= 3
+    finally:
+        d.stop(grace=0)
+    assert mine() == names
+    # As the agent before this change wrote them: REST's own text for the time.
+    with sqlite3.connect(cfg.journal_path) as db:
+        for fid, modified in db.execute("SELECT id, remote_modified FROM feedback").fetchall():
+            when = datetime.fromisoformat(modified.replace("Z", "+00:00"))
+            db.execute("UPDATE feedback SET remote_modified = ? WHERE id = ?",
+                       (when.astimezone(timezone(timedelta(hours=-5))).isoformat(), fid))
+    db.close()
+
+    for kind in ("s3", "sftp"):
+        if kind == "sftp" and not sftp_supported():
+            continue
+        moved = route.model_copy(update={"transport": kind})
+        d = Daemon(cfg.model_copy(update={"routes": [moved]}))
+        try:
+            assert d.feedback.collect(moved) == 0, f"feedback filed again over {kind}"
+        finally:
+            d.stop(grace=0)
+        assert mine() == names  # no ~1 copies

@@ -178,3 +178,30 @@ def test_old_journal_gains_the_new_columns(tmp_path):
     sub = st.get(1)
     assert sub.state is State.UPLOADING and sub.epoch == 0 and sub.owner is None
     assert st.attempts(1) == []
+
+
+def test_feedback_key_time_is_the_utc_second_whatever_the_transport_wrote():
+    from datetime import datetime, timezone
+
+    from filex_agent.store import feedback_instant
+
+    same = ["2025-08-22T17:29:58.000-04:00", "2025-08-22T17:29:58.999-04:00", "2025-08-22 21:29:58+00:00",
+            "2025-08-22T21:29:58Z", datetime(2025, 8, 22, 21, 29, 58, 500000, tzinfo=timezone.utc),
+            datetime.fromtimestamp(1755898198, timezone.utc)]
+    assert {feedback_instant(v) for v in same} == {"2025-08-22T21:29:58Z"}
+    assert feedback_instant(None) is None and feedback_instant("not a time") == "not a time"
+
+
+def test_older_feedback_rows_are_normalised_when_the_journal_is_opened(tmp_path):
+    import sqlite3
+
+    s = SQLiteStore(tmp_path / "j.sqlite3")
+    s.record_feedback("r", "a.txt", 5, "2025-08-22T21:29:58Z", "/fb/a.txt", None)
+    s.close()
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:  # as an older agent wrote it, over REST
+        db.execute("UPDATE feedback SET remote_modified = '2025-08-22T17:29:58-04:00'")
+    db.close()
+    s = SQLiteStore(tmp_path / "j.sqlite3")
+    assert s.feedback_keys("r") == ({("a.txt", 5, "2025-08-22T21:29:58Z")}, set())
+    assert s.feedback_seen("r", "a.txt", 5, "2025-08-22T21:29:58.000+00:00")
+    s.close()

@@ -178,6 +178,9 @@ class Store(abc.ABC):
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
         """An earlier submission of the same bytes that is pending or ACCEPTED."""
 
+    # The feedback once-only key is (route, remote_name, remote_size, remote_modified), with
+    # remote_modified normalised by ``feedback_instant`` on the way in and out (implementations
+    # must do both, so rows written before the normalisation still match).
     @abc.abstractmethod
     def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
                       remote_modified: str | None) -> bool: ...
@@ -255,6 +258,28 @@ class Store(abc.ABC):
 
 
 FeedbackKey = tuple[str, "int | None", "str | None"]
+
+
+def feedback_instant(value: datetime | str | None) -> str | None:
+    """A remote file's modified time as the feedback once-only key holds it: the UTC instant at
+    whole-second precision (``2025-08-22T21:29:58Z``), whatever the transport said.
+
+    REST lists ``2025-08-22T17:29:58.000-04:00``, S3 ``2025-08-22 21:29:58+00:00``, SFTP integer
+    seconds: the same ``out`` file must give the same key over each, or changing a route's
+    transport would file every feedback file again. Truncated, not rounded: SFTP truncates.
+    Text that is not a time (or a naive time, taken as UTC) is kept as it is / read as UTC.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+        except ValueError:
+            return text
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class StateConflict(Exception):

@@ -19,6 +19,7 @@ from filex_agent.store import (
     StateConflict,
     Store,
     Submission,
+    feedback_instant,
     utcnow,
 )
 
@@ -140,7 +141,28 @@ class SQLiteStore(Store):
                 if col not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
         self._db.executescript(SCHEMA)
+        self._normalise_feedback_times()
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _normalise_feedback_times(self) -> None:
+        """Feedback rows written before ``feedback_instant`` hold the transport's own text: rewrite
+        them once, so the key matches whichever transport lists the file now. A row whose
+        normalised key exists already (the same file filed twice by that very defect) keeps its
+        text; ``feedback_keys`` still normalises it on read."""
+        rows = self._db.execute("SELECT id, route, remote_name, remote_size, remote_modified FROM feedback "
+                                "WHERE remote_modified IS NOT NULL AND remote_modified NOT GLOB "
+                                "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'"
+                                ).fetchall()
+        if not rows:
+            return
+        with self._tx() as db:
+            for r in rows:
+                norm = feedback_instant(r["remote_modified"])
+                if norm == r["remote_modified"] or db.execute(
+                        "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
+                        "AND remote_modified = ?", (r["route"], r["remote_name"], r["remote_size"], norm)).fetchone():
+                    continue
+                db.execute("UPDATE feedback SET remote_modified = ? WHERE id = ?", (norm, r["id"]))
 
     # -- helpers -------------------------------------------------------------------------
     def _tx(self):
@@ -243,6 +265,7 @@ class SQLiteStore(Store):
     # -- feedback ------------------------------------------------------------------------
     def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
                       remote_modified: str | None) -> bool:
+        remote_modified = feedback_instant(remote_modified)
         with self._lock:
             row = self._db.execute(
                 "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
@@ -258,11 +281,12 @@ class SQLiteStore(Store):
                 "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = ?",
                 (route,)).fetchall()
         for r in rows:
-            (filed if r[3] is not None else doubt).add((r[0], r[1], r[2]))
+            (filed if r[3] is not None else doubt).add((r[0], r[1], feedback_instant(r[2])))
         return filed, doubt
 
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
+        remote_modified = feedback_instant(remote_modified)
         with self._tx() as db:
             row = db.execute(
                 "SELECT id FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? AND remote_modified IS ?",
@@ -275,6 +299,7 @@ class SQLiteStore(Store):
                         remote_modified: str | None, local_path: str | None,
                         submission_id: int | None) -> FeedbackFile:
         """Confirm a download (completing a ``begin_feedback`` row if there is one)."""
+        remote_modified = feedback_instant(remote_modified)
         now = utcnow().isoformat()
         with self._tx() as db:
             row = db.execute(
