@@ -33,6 +33,8 @@ class State(str, enum.Enum):
 
 FINAL_STATES = frozenset({State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED, State.FAILED})
 PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.UNCONFIRMED, State.SUBMITTED})
+# fileX has the bytes: the only submissions a feedback file can belong to.
+REACHED_STATES = frozenset({State.SUBMITTED, State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED})
 
 
 class Outcome(str, enum.Enum):
@@ -194,6 +196,12 @@ class Store(abc.ABC):
     def feedback_for(self, sub_id: int) -> list[FeedbackFile]: ...
 
     @abc.abstractmethod
+    def feedback_candidates(self, route: str, parts: Iterable[str]) -> list[Submission]:
+        """Submissions of ``route`` that reached fileX (``REACHED_STATES``) whose tracking id or
+        file stem (the name without its last extension) is one of ``parts``: an indexed lookup,
+        whatever the size of the history."""
+
+    @abc.abstractmethod
     def feedback_keys(self, route: str) -> tuple[set[FeedbackKey], set[FeedbackKey]]:
         """(filed, in doubt) keys ``(remote_name, remote_size, remote_modified)`` of a route, in one
         query: a listing of 100,000 files must not cost 100,000 lookups. "In doubt": a download
@@ -258,6 +266,12 @@ class Store(abc.ABC):
 
 
 FeedbackKey = tuple[str, "int | None", "str | None"]
+
+
+def file_stem(name: str) -> str:
+    """``name`` without its last extension (``a.tar.gz`` → ``a.tar``; ``noext`` and ``.rc`` whole),
+    as the journal indexes it for ``feedback_candidates``."""
+    return name if name.find(".") <= 0 else name[: name.rfind(".")]
 
 
 def feedback_instant(value: datetime | str | None) -> str | None:

@@ -15,6 +15,7 @@ from filex_agent.store import (
     Outcome,
     StaleEpoch,
     FeedbackFile,
+    REACHED_STATES,
     State,
     StateConflict,
     Store,
@@ -39,6 +40,7 @@ CREATE INDEX IF NOT EXISTS submissions_state ON submissions(state);
 CREATE INDEX IF NOT EXISTS submissions_route_state ON submissions(route, state);
 CREATE INDEX IF NOT EXISTS submissions_sha ON submissions(org, application, sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_tracking ON submissions(tracking_id) WHERE tracking_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS submissions_route_stem ON submissions(route, {stem});
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     submission_id INTEGER NOT NULL REFERENCES submissions(id),
@@ -62,6 +64,14 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_outcome ON attempts(outcome);
 """
+
+# A file name without its last extension, as pathlib's ``stem`` (SQLite has no rpartition: rtrim
+# drops every character but '.' from the right, leaving the name up to its last dot). Feedback
+# linking looks stems up through an index on exactly this expression.
+_UP_TO_LAST_DOT = "rtrim(file_name, replace(file_name, '.', ''))"
+STEM_SQL = (f"(CASE WHEN instr(file_name, '.') <= 1 THEN file_name "
+            f"ELSE substr({_UP_TO_LAST_DOT}, 1, length({_UP_TO_LAST_DOT}) - 1) END)")
+SCHEMA = SCHEMA.replace("{stem}", STEM_SQL)
 
 # Columns added after the first release: (table, column, declaration). Added to an older journal
 # at open; ``user_version`` records the schema version reached.
@@ -328,6 +338,23 @@ class SQLiteStore(Store):
                              r["local_path"], r["submission_id"],
                              datetime.fromisoformat(r["downloaded_at"]) if r["downloaded_at"] else None)
                 for r in rows]
+
+    def feedback_candidates(self, route: str, parts: Iterable[str]) -> list[Submission]:
+        parts = sorted(set(parts))
+        states = [str(st) for st in REACHED_STATES]
+        in_states = f"state IN ({', '.join('?' for _ in states)})"
+        found: dict[int, Submission] = {}
+        with self._lock:
+            for i in range(0, len(parts), 400):  # well under SQLite's bound on parameters
+                chunk = parts[i:i + 400]
+                marks = ", ".join("?" for _ in chunk)
+                for where in (f"tracking_id IS NOT NULL AND tracking_id IN ({marks}) AND route = ?",
+                              f"route = ? AND {STEM_SQL} IN ({marks})"):
+                    args = [*chunk, route] if where.startswith("tracking_id") else [route, *chunk]
+                    for row in self._db.execute(f"SELECT * FROM submissions WHERE {where} AND {in_states}",
+                                                args + states):
+                        found[row["id"]] = _row_to_sub(row)
+        return sorted(found.values(), key=lambda sub: sub.id)
 
     # -- attempts, leases, fencing --------------------------------------------------------
     def begin_upload(self, sub_id: int, owner: str, lease_seconds: float, *, transport: str,
