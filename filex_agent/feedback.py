@@ -16,7 +16,7 @@ from filex_agent.config import Config, RouteSettings
 from filex_agent.errors import AuthError, FilexError, NotEntitledError, PermanentError
 from filex_agent.fsutil import atomic_writer, sanitize_remote_name
 from filex_agent.hooks import Hooks
-from filex_agent.store import State, Store, Submission, feedback_instant, file_stem
+from filex_agent.store import FeedbackAlreadyFiled, State, Store, Submission, feedback_instant, file_stem
 from filex_agent.transports import RemoteFile
 
 log = logging.getLogger(__name__)
@@ -90,32 +90,43 @@ class FeedbackCollector:
             listing = transport.list_feedback()
             # One query for the whole route, whatever the size of the listing.
             filed, doubt = self.store.feedback_keys(route.name)
-            new = [f for f in listing if _key(f) not in filed]
+            # Each remote file once, even if the listing shows it twice.
+            new = list({_key(f): f for f in listing if _key(f) not in filed}.values())
             if not new:
                 return 0
             first_time = (not route.download_existing_feedback and not filed and not doubt
                           and not self.store.count(list(State), route.name))
             n = 0
             for f in new:
-                if first_time:
-                    # Only record what was there before the agent ever submitted on this route.
-                    self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
-                    continue
                 try:
-                    n += self._download(route, transport, f, dest, in_doubt=_key(f) in doubt)
-                except (AuthError, NotEntitledError):
-                    raise  # the route's credentials, not this file: the whole cycle stops here
-                except PermanentError as exc:
-                    # This file can never be fetched (e.g. a name fileX itself should not allow):
-                    # say so once and do not try again every cycle.
-                    log.error("route %s: feedback %r cannot be downloaded: %s; recorded as not downloadable",
-                              route.name, f.name, exc)
-                    self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
-                    self._flag(self.link(route, f), f"feedback {f.name!r} cannot be downloaded: {exc}")
-                except (FilexError, OSError) as exc:
-                    log.warning("route %s: feedback %r not downloaded yet: %s", route.name, f.name, _why(exc))
-                    self._flag(self.link(route, f), f"feedback {f.name!r} not downloaded yet: {_why(exc)}")
+                    n += self._one(route, transport, f, dest, first_time, in_doubt=_key(f) in doubt)
+                except FeedbackAlreadyFiled as exc:
+                    # Filed meanwhile (by another process on this journal): nothing more to do;
+                    # the key is in the journal, so it is not listed as new again.
+                    log.warning("route %s: %s; not filed a second time", route.name, exc)
             return n
+
+    def _one(self, route: RouteSettings, transport, f: RemoteFile, dest: Path, first_time: bool,
+             in_doubt: bool) -> int:
+        if first_time:
+            # Only record what was there before the agent ever submitted on this route.
+            self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
+            return 0
+        try:
+            return self._download(route, transport, f, dest, in_doubt=in_doubt)
+        except (AuthError, NotEntitledError):
+            raise  # the route's credentials, not this file: the whole cycle stops here
+        except PermanentError as exc:
+            # This file can never be fetched (e.g. a name fileX itself should not allow):
+            # say so once and do not try again every cycle.
+            log.error("route %s: feedback %r cannot be downloaded: %s; recorded as not downloadable",
+                      route.name, f.name, exc)
+            self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
+            self._flag(self.link(route, f), f"feedback {f.name!r} cannot be downloaded: {exc}")
+        except (FilexError, OSError) as exc:
+            log.warning("route %s: feedback %r not downloaded yet: %s", route.name, f.name, _why(exc))
+            self._flag(self.link(route, f), f"feedback {f.name!r} not downloaded yet: {_why(exc)}")
+        return 0
 
     def _flag(self, sub: Submission | None, text: str) -> None:
         if sub is not None and self.store.get(sub.id).flag != text:
@@ -143,7 +154,12 @@ class FeedbackCollector:
             transport.download_feedback(f.name, out)
         path = result[0]
         sub = self.link(route, f)
-        self.store.record_feedback(route.name, f.name, f.size, _modified(f), str(path), sub.id if sub else None)
+        try:
+            self.store.record_feedback(route.name, f.name, f.size, _modified(f), str(path), sub.id if sub else None)
+        except FeedbackAlreadyFiled as exc:
+            if not in_doubt and exc.local_path != str(path):
+                path.unlink(missing_ok=True)  # made just now (no reuse): it would be a second copy
+            raise
         log.info("route %s: feedback %s filed as %s%s", route.name, f.name, path,
                  f" (submission {sub.id})" if sub else "")
         if sub is not None:

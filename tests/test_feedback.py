@@ -102,3 +102,42 @@ def test_collector_links_late_feedback_to_the_submission_it_belongs_to(sandbox, 
         assert linked == [yesterday.id]
     finally:
         d.stop(grace=0)
+
+
+def test_feedback_filed_meanwhile_by_another_process_is_not_fatal(sandbox, sandbox_config, monkeypatch, caplog):
+    """record_feedback's conflict (FeedbackAlreadyFiled, not sqlite3's IntegrityError) is caught:
+    logged, the duplicate copy removed, and the cycle goes on with the other files."""
+    from filex_agent.transports.rest import RestTransport
+
+    cfg = sandbox_config(transports=("rest",))
+    route = cfg.routes[0]
+    tag = uuid.uuid4().hex[:8]
+    raced, other = f"RACE_{tag}_a.txt", f"RACE_{tag}_b.txt"
+    for n in (raced, other):
+        sandbox.admin_s3.put_object(Bucket=sandbox.bucket, Body=n.encode(),
+                                    Key=f"{route.org}/{route.application}/out/{n}")
+    folder = route.folder("feedback", cfg.agent.data_dir)
+    d = Daemon(cfg)
+    second = SQLiteStore(cfg.journal_path)  # another process on the same journal
+    real = RestTransport.download_feedback
+
+    def download(self, name, dest, progress=None):
+        n = real(self, name, dest, progress)
+        if name == raced:  # the other process files it while this one downloads it
+            entry = next(f for f in self.list_feedback() if f.name == name)
+            (folder / "theirs.txt").write_bytes(name.encode())
+            second.record_feedback(route.name, name, entry.size, entry.modified.isoformat(),
+                                   str(folder / "theirs.txt"), None)
+        return n
+
+    monkeypatch.setattr(RestTransport, "download_feedback", download)
+    try:
+        caplog.set_level("WARNING", logger="filex_agent.feedback")
+        d.feedback.collect(route)  # no exception escapes
+        mine = sorted(p.name for p in folder.iterdir() if tag in p.name or p.name == "theirs.txt")
+        assert mine == [other, "theirs.txt"]  # the raced file once (theirs), the other one filed
+        assert [r for r in caplog.records if raced in r.getMessage() and "filed already" in r.getMessage()]
+        assert d.feedback.collect(route) == 0  # and not tried again
+    finally:
+        second.close()
+        d.stop(grace=0)

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from filex_agent.store import State, StateConflict
+from filex_agent.store import FeedbackAlreadyFiled, State, StateConflict
 from filex_agent.store.sqlite import SQLiteStore
 
 
@@ -85,8 +85,9 @@ def test_feedback_recorded_once(tmp_path):
     s.record_feedback("r", "f.txt", 10, "2025-01-01", "/fb/f.txt", sub.id)
     assert s.feedback_seen("r", "f.txt", 10, "2025-01-01")
     assert not s.feedback_seen("r", "f.txt", 11, "2025-01-01")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(FeedbackAlreadyFiled) as caught:  # the store's conflict, not SQLite's
         s.record_feedback("r", "f.txt", 10, "2025-01-01", "/fb/f~1.txt", sub.id)
+    assert caught.value.local_path == "/fb/f.txt" and not isinstance(caught.value, sqlite3.Error)
     assert [f.local_path for f in s.feedback_for(sub.id)] == ["/fb/f.txt"]
 
 

@@ -190,7 +190,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def record_feedback(self, route: str, remote_name: str, remote_size: int | None,
                         remote_modified: str | None, local_path: str | None,
-                        submission_id: int | None) -> FeedbackFile: ...
+                        submission_id: int | None) -> FeedbackFile:
+        """Confirm a download (completing a ``begin_feedback`` row if there is one);
+        ``FeedbackAlreadyFiled`` if that remote file is recorded as filed already."""
 
     @abc.abstractmethod
     def feedback_for(self, sub_id: int) -> list[FeedbackFile]: ...
@@ -294,6 +296,15 @@ def feedback_instant(value: datetime | str | None) -> str | None:
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FeedbackAlreadyFiled(Exception):
+    """``record_feedback`` for a remote file the journal has filed already (listed twice, or
+    filed meanwhile by another process): filing it again would make a second copy."""
+
+    def __init__(self, message: str, local_path: str | None = None):
+        super().__init__(message)
+        self.local_path = local_path  # where the earlier filing put it
 
 
 class StateConflict(Exception):

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 from filex_agent.store import (
     Attempt,
     Event,
+    FeedbackAlreadyFiled,
     Outcome,
     StaleEpoch,
     FeedbackFile,
@@ -313,16 +314,21 @@ class SQLiteStore(Store):
         now = utcnow().isoformat()
         with self._tx() as db:
             row = db.execute(
-                "SELECT id, downloaded_at FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
-                "AND remote_modified IS ?", (route, remote_name, remote_size, remote_modified)).fetchone()
+                "SELECT id, downloaded_at, local_path FROM feedback WHERE route = ? AND remote_name = ? "
+                "AND remote_size IS ? AND remote_modified IS ?",
+                (route, remote_name, remote_size, remote_modified)).fetchone()
             if row is not None and row[1] is not None:
                 # Filed already: a second record would mean a second copy (the invariant is "once").
-                raise sqlite3.IntegrityError(f"feedback {remote_name!r} of route {route} is recorded already")
+                raise FeedbackAlreadyFiled(f"feedback {remote_name!r} of route {route} is filed already"
+                                           + (f" as {row[2]}" if row[2] else ""), row[2])
             if row is None:
-                fid = db.execute(
-                    "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, submission_id, "
-                    "downloaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (route, remote_name, remote_size, remote_modified, local_path, submission_id, now)).lastrowid
+                try:
+                    fid = db.execute(
+                        "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, "
+                        "submission_id, downloaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (route, remote_name, remote_size, remote_modified, local_path, submission_id, now)).lastrowid
+                except sqlite3.IntegrityError as exc:  # the UNIQUE key: the store's conflict, not SQLite's
+                    raise FeedbackAlreadyFiled(f"feedback {remote_name!r} of route {route} is filed already") from exc
             else:
                 fid = row[0]
                 db.execute("UPDATE feedback SET local_path = ?, submission_id = ?, downloaded_at = ? WHERE id = ?",
