@@ -214,6 +214,17 @@ class Store(abc.ABC):
                        remote_modified: str | None) -> None:
         """Write-ahead: a download of this remote file is about to start."""
 
+    # -- alerts ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def mark_alerted(self, sub_id: int, kind: str) -> bool:
+        """Journal that the ``kind`` alert of a submission is being sent (before it is handed to
+        the notifier); False if it was already: each such alert goes out once, across restarts."""
+
+    @abc.abstractmethod
+    def unalerted(self, states: Iterable[State]) -> list[Submission]:
+        """Submissions in ``states`` whose alert of that state has not been sent (a restart came
+        while it waited for feedback). Rows final before the journal knew alerts count as sent."""
+
     # -- attempts, leases, fencing --------------------------------------------------------
     def now(self) -> datetime:
         """The journal's clock: every lease is reckoned by it (PostgreSQL: the server's)."""

@@ -64,7 +64,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     UNIQUE(submission_id, n)
 );
 CREATE INDEX IF NOT EXISTS attempts_outcome ON attempts(outcome);
+CREATE TABLE IF NOT EXISTS alerts (
+    submission_id INTEGER NOT NULL REFERENCES submissions(id), kind TEXT NOT NULL, sent_at TEXT NOT NULL,
+    PRIMARY KEY (submission_id, kind)
+);
 """
+# States whose alert waits (for the feedback file) and so must survive a restart.
+_ALERTED_STATES = ("REJECTED", "PARTIALLY_REJECTED")
 
 # A file name without its last extension, as pathlib's ``stem`` (SQLite has no rpartition: rtrim
 # drops every character but '.' from the right, leaving the name up to its last dot). Feedback
@@ -151,7 +157,16 @@ class SQLiteStore(Store):
             for table, col, decl in _ADDED_COLUMNS:
                 if col not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+        had_alerts = bool(self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone())
         self._db.executescript(SCHEMA)
+        if have and not had_alerts:
+            # A journal from before alerts were journaled: its final rows were alerted then (a
+            # graceful stop sends every waiting alert); do not alert the whole history again.
+            self._db.execute(
+                "INSERT OR IGNORE INTO alerts (submission_id, kind, sent_at) SELECT id, state, ? FROM submissions "
+                f"WHERE state IN ({', '.join('?' for _ in _ALERTED_STATES)})",
+                (utcnow().isoformat(), *_ALERTED_STATES))
         self._normalise_feedback_times()
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -361,6 +376,22 @@ class SQLiteStore(Store):
                                                 args + states):
                         found[row["id"]] = _row_to_sub(row)
         return sorted(found.values(), key=lambda sub: sub.id)
+
+    # -- alerts ----------------------------------------------------------------------------
+    def mark_alerted(self, sub_id: int, kind: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO alerts (submission_id, kind, sent_at) VALUES (?, ?, ?)",
+                             (sub_id, kind, utcnow().isoformat()))
+            return cur.rowcount == 1
+
+    def unalerted(self, states: Iterable[State]) -> list[Submission]:
+        names = [str(st) for st in states]
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM submissions s WHERE state IN ({', '.join('?' for _ in names)}) AND NOT EXISTS "
+                "(SELECT 1 FROM alerts a WHERE a.submission_id = s.id AND a.kind = s.state) ORDER BY id",
+                names).fetchall()
+        return [_row_to_sub(r) for r in rows]
 
     # -- attempts, leases, fencing --------------------------------------------------------
     def begin_upload(self, sub_id: int, owner: str, lease_seconds: float, *, transport: str,
