@@ -171,16 +171,11 @@ def _same_content(src: Path, copy: Path) -> bool:
 def _resumable(src: Path, marker: Path, dest_dir: Path, name: str) -> Path | None:
     """The final name an interrupted copy of src was already linked under, if any."""
     try:
-        if os.lstat(marker).st_nlink < 2 or not _same_content(src, marker):
+        if not _same_content(src, marker):
             return None
-    except OSError:
+    except OSError:  # no marker: nothing was begun
         return None
-    for cand in _candidates(dest_dir, name):
-        if not os.path.lexists(cand):
-            return None
-        if _same_inode(marker, cand):
-            return cand
-    return None
+    return _already_linked(marker, dest_dir, name)
 
 
 def forget_move_marker(final: Path) -> None:
