@@ -171,7 +171,8 @@ def test_trigger_route_consumes_its_trigger_and_never_takes_a_file_half_written(
     refused), and a trigger alone (stale, or written first) never releases a file still being
     written: it must be stable as well."""
     cfg = sandbox_config(transports=("rest",))
-    route = cfg.routes[0].model_copy(update={"readiness": "trigger", "stable_seconds": 0.5})
+    # stable_seconds well above the writer's pauses: a loaded machine must not stretch one past it.
+    route = cfg.routes[0].model_copy(update={"readiness": "trigger", "stable_seconds": 1.5})
     cfg = cfg.model_copy(update={"routes": [route]})
     d = Daemon(cfg, dispatch_interval=0.2)
     d.start()
@@ -185,14 +186,14 @@ def test_trigger_route_consumes_its_trigger_and_never_takes_a_file_half_written(
         _final(d, "TRIG_link.csv", State.FAILED)
         assert sorted(p.name for p in outbox.iterdir()) == [".filex-agent"]  # both triggers consumed
 
-        # The same name again, appended to in slow steps (each shorter than stable_seconds)
+        # The same name again, appended to in slow steps (each much shorter than stable_seconds)
         # with a trigger already present, as a stale one would be.
         (outbox / "TRIG_a.csv.done").touch()
         chunks = [os.urandom(32 * 1024) for _ in range(8)]
         for c in chunks:
             with open(outbox / "TRIG_a.csv", "ab") as f:
                 f.write(c)
-            time.sleep(0.25)
+            time.sleep(0.2)
         whole = hashlib.sha256(b"".join(chunks)).hexdigest()
         second = wait_for(lambda: next((s for s in d.store.list() if s.file_name == "TRIG_a.csv"
                                         and s.id != first.id and s.state is State.ACCEPTED), None),
