@@ -20,6 +20,7 @@ from filex_agent.config import Config, RouteSettings
 from filex_agent.connections import Connections
 from filex_agent.errors import FilexError
 from filex_agent.feedback import FeedbackCollector
+from filex_agent.filing_calendar import hold_for_window
 from filex_agent.fsutil import cleanup_partials
 from filex_agent.hooks import Hooks, LoggingHooks, MultiHooks
 from filex_agent.leases import Heartbeat, new_owner, node_name, owner_is_dead_here
@@ -218,6 +219,8 @@ class Daemon:
 
     def _upload(self, sub_id: int) -> None:
         try:
+            if hold_for_window(self.config, self.store, sub_id):
+                return  # QUEUED until the route's submission window opens (filing_calendar)
             self.submitter.upload(sub_id)
         except Exception:  # noqa: BLE001
             log.exception("submission %s: upload worker failed", sub_id)

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
+from zoneinfo import ZoneInfo
 
 from filex_agent.config import Config, SecretRef, load_config
 from filex_agent.errors import AuthError, ConfigError, FilexError, NotEntitledError, TransientError
@@ -78,6 +79,7 @@ class Doctor:
         self.check_folders(cfg)
         self.check_secrets(cfg)
         self.check_metrics(cfg)
+        self.check_calendar(cfg)
         # Fail fast on network calls: two attempts, short backoff.
         net = cfg.network.model_copy(update={"max_attempts": min(2, cfg.network.max_attempts),
                                              "backoff_initial": 0.2, "backoff_max": 1.0})
@@ -163,6 +165,30 @@ class Doctor:
         loopback = host in ("127.0.0.1", "::1", "localhost")
         self.report(True, "metrics.listen", f"{host}:{port}" + ("" if loopback else
                                                                " (not loopback: protect it with a firewall)"))
+
+    def check_calendar(self, cfg: Config) -> None:
+        """Each expectation's next deadline, and that its route would take such files at all."""
+        from filex_agent.filing_calendar import Schedule, window_allows
+        from filex_agent.store import utcnow
+
+        now = utcnow()
+        for e in cfg.expectations:
+            name = f"expectation {e.name}"
+            route = cfg.route(e.route)
+            sample = e.pattern.replace("*", "x").replace("?", "x")
+            if "[" not in e.pattern and not route.wants(sample):
+                self.report(False, name, f"route {route.name} does not take files like {sample!r} "
+                                         "(its include/ignore patterns): this expectation could never be met",
+                            "fix the pattern, or the route's include/ignore")
+                continue
+            nxt = Schedule(e).next_deadline(now)
+            when = nxt.astimezone(ZoneInfo(e.timezone)).strftime("%Y-%m-%d %H:%M %Z") if nxt else "never"
+            self.report(True, name, f"{e.pattern!r} on {e.route}, next due {when} ({e.calendar} business days)")
+        for r in cfg.routes:
+            if r.submission_window is not None:
+                ok, opens, why = window_allows(r, now)
+                self.report(True, f"route {r.name} submission window",
+                            "open now" if ok else f"closed ({why}); opens {opens.isoformat() if opens else '?'}")
 
     # -- remote --------------------------------------------------------------------------------
     def check_tokens(self, cfg: Config, conns) -> set[str]:  # noqa: ANN001

@@ -35,7 +35,9 @@ from filex_agent.logging_setup import register_secret
 
 log = logging.getLogger(__name__)
 
-KINDS = ("REJECTED", "PARTIALLY_REJECTED", "FAILED", "STUCK", "ROUTE_DOWN")
+KINDS = ("REJECTED", "PARTIALLY_REJECTED", "FAILED", "STUCK", "ROUTE_DOWN",
+         # the filing calendar (filex_agent/filing_calendar.py)
+         "NOT_DROPPED", "AT_RISK", "REJECTED_BEFORE_DUE", "MISSED")
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 300.0  # a server asking for longer is treated as "give up for now"
 

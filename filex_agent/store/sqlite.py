@@ -6,15 +6,17 @@ import os
 import sqlite3
 import threading
 from dataclasses import fields as dc_fields
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 from filex_agent.store import (
     Attempt,
+    CalendarAlert,
     Event,
     FeedbackAlreadyFiled,
     JournalLocked,
+    Occurrence,
     Outcome,
     StaleEpoch,
     FeedbackFile,
@@ -57,6 +59,20 @@ CREATE TABLE IF NOT EXISTS feedback (
     UNIQUE(route, remote_name, remote_size, remote_modified)
 );
 CREATE INDEX IF NOT EXISTS feedback_sub ON feedback(submission_id);
+CREATE INDEX IF NOT EXISTS submissions_route_created ON submissions(route, created_at);
+CREATE TABLE IF NOT EXISTS calendar_occurrences (
+    expectation TEXT NOT NULL, deadline TEXT NOT NULL,
+    opens_at TEXT NOT NULL, closes_at TEXT NOT NULL, route TEXT NOT NULL, pattern TEXT NOT NULL,
+    label TEXT NOT NULL, state TEXT NOT NULL, on_time INTEGER, submission_id INTEGER, verdict TEXT,
+    early_close INTEGER NOT NULL DEFAULT 0, closed INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL,
+    PRIMARY KEY (expectation, deadline)
+);
+CREATE INDEX IF NOT EXISTS calendar_occurrences_open ON calendar_occurrences(closed, expectation);
+CREATE TABLE IF NOT EXISTS calendar_alerts (
+    expectation TEXT NOT NULL, deadline TEXT NOT NULL, kind TEXT NOT NULL,
+    first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL, sent_count INTEGER NOT NULL, cleared_at TEXT,
+    PRIMARY KEY (expectation, deadline, kind)
+);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     submission_id INTEGER NOT NULL REFERENCES submissions(id),
@@ -117,6 +133,25 @@ def _where(states: Iterable[State] | None, route: str | None) -> tuple[str, list
         sql += " AND route = ?"
         args.append(route)
     return sql, args
+
+
+_OCC_COLS = ("expectation", "deadline", "opens_at", "closes_at", "route", "pattern", "label", "state", "on_time",
+             "submission_id", "verdict", "early_close", "closed", "updated_at")
+
+
+def _ts(value: datetime) -> str:
+    """Instants as ISO text in UTC: one spelling per instant, so keys and text comparisons agree."""
+    return value.astimezone(timezone.utc).isoformat()
+
+
+def _row_to_occ(row: sqlite3.Row) -> Occurrence:
+    return Occurrence(
+        expectation=row["expectation"], deadline=datetime.fromisoformat(row["deadline"]),
+        opens_at=datetime.fromisoformat(row["opens_at"]), closes_at=datetime.fromisoformat(row["closes_at"]),
+        route=row["route"], pattern=row["pattern"], label=row["label"], state=row["state"],
+        on_time=None if row["on_time"] is None else bool(row["on_time"]), submission_id=row["submission_id"],
+        verdict=row["verdict"], early_close=bool(row["early_close"]), closed=bool(row["closed"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]))
 
 
 def _row_to_sub(row: sqlite3.Row) -> Submission:
@@ -413,6 +448,69 @@ class SQLiteStore(Store):
                 names).fetchall()
         return [_row_to_sub(r) for r in rows]
 
+    # -- filing calendar -------------------------------------------------------------------
+    def list_created(self, route: str, since: datetime, until: datetime) -> list[Submission]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM submissions WHERE route = ? AND created_at >= ? AND created_at < ? ORDER BY id",
+                (route, _ts(since), _ts(until))).fetchall()
+        return [_row_to_sub(r) for r in rows]
+
+    def save_occurrence(self, occ: Occurrence) -> None:
+        values = [getattr(occ, c) for c in _OCC_COLS]
+        values = [_ts(v) if isinstance(v, datetime) else int(v) if isinstance(v, bool) else v for v in values]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _OCC_COLS[2:])
+        with self._tx() as db:
+            # INSERT ... ON CONFLICT DO UPDATE: the same statement works on PostgreSQL.
+            db.execute(f"INSERT INTO calendar_occurrences ({', '.join(_OCC_COLS)}) "
+                       f"VALUES ({', '.join('?' for _ in _OCC_COLS)}) "
+                       f"ON CONFLICT (expectation, deadline) DO UPDATE SET {updates}", values)
+
+    def occurrences(self, expectation: str | None = None, since: datetime | None = None,
+                    until: datetime | None = None, open_only: bool = False) -> list[Occurrence]:
+        sql, args = "SELECT * FROM calendar_occurrences WHERE 1=1", []
+        if expectation is not None:
+            sql += " AND expectation = ?"
+            args.append(expectation)
+        if since is not None:
+            sql += " AND deadline >= ?"
+            args.append(_ts(since))
+        if until is not None:
+            sql += " AND deadline < ?"
+            args.append(_ts(until))
+        if open_only:
+            sql += " AND closed = 0"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY deadline, expectation", args).fetchall()
+        return [_row_to_occ(r) for r in rows]
+
+    def last_occurrence(self, expectation: str) -> Occurrence | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM calendar_occurrences WHERE expectation = ? "
+                                   "ORDER BY deadline DESC LIMIT 1", (expectation,)).fetchone()
+        return None if row is None else _row_to_occ(row)
+
+    def calendar_alerts(self, expectation: str, deadline: datetime) -> dict[str, CalendarAlert]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM calendar_alerts WHERE expectation = ? AND deadline = ?",
+                                    (expectation, _ts(deadline))).fetchall()
+        return {r["kind"]: CalendarAlert(
+            r["expectation"], datetime.fromisoformat(r["deadline"]), r["kind"],
+            datetime.fromisoformat(r["first_sent_at"]), datetime.fromisoformat(r["last_sent_at"]), r["sent_count"],
+            datetime.fromisoformat(r["cleared_at"]) if r["cleared_at"] else None) for r in rows}
+
+    def record_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO calendar_alerts (expectation, deadline, kind, first_sent_at, last_sent_at, "
+                       "sent_count, cleared_at) VALUES (?, ?, ?, ?, ?, 1, NULL) "
+                       "ON CONFLICT (expectation, deadline, kind) DO UPDATE SET last_sent_at = excluded.last_sent_at, "
+                       "sent_count = calendar_alerts.sent_count + 1, cleared_at = NULL",
+                       (expectation, _ts(deadline), kind, _ts(at), _ts(at)))
+
+    def clear_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE calendar_alerts SET cleared_at = ? WHERE expectation = ? AND deadline = ? "
+                       "AND kind = ? AND cleared_at IS NULL", (_ts(at), expectation, _ts(deadline), kind))
     def lock_instance(self, holder: str) -> bool:
         """An flock on ``JOURNAL.lock`` held until the process ends (the kernel drops it if the
         process dies, so a crash never leaves a stale lock); the holder is written into it."""
