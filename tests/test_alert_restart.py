@@ -60,7 +60,7 @@ def test_rejected_alert_survives_a_kill_while_it_waits_for_feedback(sandbox, tmp
             outbox = cfg.route(ROUTE).outbox
             outbox.mkdir(parents=True, exist_ok=True)
             (outbox / name).write_bytes(b"id,value\nbroken\n")
-            wait_for(lambda: state() == "REJECTED", timeout=40, what=f"{name} REJECTED")
+            wait_for(lambda: state() == "REJECTED", timeout=90, what=f"{name} REJECTED")
             procs[-1].kill()  # SIGKILL while the alert waits: nothing flushed
             procs[-1].wait(10)
             assert alerts() == []
@@ -68,19 +68,19 @@ def test_rejected_alert_survives_a_kill_while_it_waits_for_feedback(sandbox, tmp
             sandbox.clear_faults()
 
         procs.append(start())
-        got = wait_for(alerts, timeout=40, what="the REJECTED alert after the restart")
+        got = wait_for(alerts, timeout=90, what="the REJECTED alert after the restart")
         assert got[0]["feedback"], "sent once the feedback is filed, and names it"
         procs[-1].send_signal(signal.SIGTERM)
-        assert procs[-1].wait(30) == 0
+        assert procs[-1].wait(60) == 0
 
         procs.append(start())  # and a later start does not send it again
-        wait_for(lambda: started(3), timeout=30, what="the third start")
+        wait_for(lambda: started(3), timeout=90, what="the third start")
         # resume() runs right after the start; give the loop a few feedback cycles anyway.
         wait_for(lambda: log.read_text(errors="replace").count("REJECTED alert(s) taken up") >= 1, timeout=1,
                  what="the first restart's take-up in the log")
         time.sleep(2.0)  # 4 tracking polls: time for a wrongly re-sent alert to show
         procs[-1].send_signal(signal.SIGTERM)
-        assert procs[-1].wait(30) == 0
+        assert procs[-1].wait(60) == 0
         assert len(alerts()) == 1, log.read_text(errors="replace")[-3000:]
     finally:
         for p in procs:
