@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from dataclasses import fields as dc_fields
@@ -10,8 +11,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from filex_agent.store import (
+    OWNED_BY,
+    SCHEMA_VERSION,
     Attempt,
+    Duplicate,
     Event,
+    Lead,
+    NodeInfo,
+    SchemaTooNew,
     Outcome,
     StaleEpoch,
     FeedbackFile,
@@ -60,11 +67,17 @@ CREATE TABLE IF NOT EXISTS attempts (
     UNIQUE(submission_id, n)
 );
 CREATE INDEX IF NOT EXISTS attempts_outcome ON attempts(outcome);
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT PRIMARY KEY, started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS leaders (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until TEXT NOT NULL, epoch INTEGER NOT NULL DEFAULT 1
+);
 """
 
 # Columns added after the first release: (table, column, declaration). Added to an older journal
-# at open; ``user_version`` records the schema version reached.
-SCHEMA_VERSION = 2
+# at open; ``user_version`` records the schema version reached (SCHEMA_VERSION, shared with
+# PostgreSQL: 2 added leases and attempts, 3 the nodes and leaders tables).
 _ADDED_COLUMNS = [
     ("submissions", "owner", "TEXT"),
     ("submissions", "lease_until", "TEXT"),
@@ -134,6 +147,9 @@ class SQLiteStore(Store):
             self._migrate()
 
     def _migrate(self) -> None:
+        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(found, SCHEMA_VERSION, str(self.path))
         have = {r[1] for r in self._db.execute("PRAGMA table_info(submissions)")}
         if have:  # an older journal: add what later versions added before the indexes use it
             for table, col, decl in _ADDED_COLUMNS:
@@ -282,7 +298,7 @@ class SQLiteStore(Store):
                 "AND remote_modified IS ?", (route, remote_name, remote_size, remote_modified)).fetchone()
             if row is not None and row[1] is not None:
                 # Filed already: a second record would mean a second copy (the invariant is "once").
-                raise sqlite3.IntegrityError(f"feedback {remote_name!r} of route {route} is recorded already")
+                raise Duplicate(f"feedback {remote_name!r} of route {route} is recorded already")
             if row is None:
                 fid = db.execute(
                     "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, submission_id, "
@@ -425,6 +441,58 @@ class SQLiteStore(Store):
                        (owner, row["epoch"] + 1, now.isoformat(), sub_id))
         return self.get(sub_id)
 
+    # -- cluster: one node, but the same bookkeeping (``filex-agent nodes`` shows it) ---------
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def try_lead(self, name: str, owner: str, lease_seconds: float) -> bool:
+        now = utcnow()
+        until = (now + timedelta(seconds=lease_seconds)).isoformat()
+        with self._tx() as db:
+            row = db.execute("SELECT owner, lease_until FROM leaders WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO leaders (name, owner, lease_until) VALUES (?, ?, ?)", (name, owner, until))
+                return True
+            if row["owner"] != owner and datetime.fromisoformat(row["lease_until"]) > now:
+                return False
+            db.execute("UPDATE leaders SET owner = ?, lease_until = ?, epoch = epoch + ? WHERE name = ?",
+                       (owner, until, 0 if row["owner"] == owner else 1, name))
+            return True
+
+    def resign(self, name: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE leaders SET lease_until = ? WHERE name = ? AND owner = ?",
+                       (utcnow().isoformat(), name, owner))
+
+    def leaders(self) -> dict[str, Lead]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM leaders ORDER BY name").fetchall()
+        return {r["name"]: Lead(r["name"], r["owner"], datetime.fromisoformat(r["lease_until"]), r["epoch"])
+                for r in rows}
+
+    def heartbeat_node(self, node: str, info: dict[str, Any]) -> None:
+        now = utcnow().isoformat()
+        with self._tx() as db:
+            db.execute("INSERT INTO nodes (node, started_at, heartbeat_at, info) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (node) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, info = excluded.info",
+                       (node, now, now, json.dumps(info)))
+
+    def nodes(self) -> list[NodeInfo]:
+        now = utcnow().isoformat()
+        out = []
+        with self._lock:
+            for r in self._db.execute("SELECT * FROM nodes ORDER BY node").fetchall():
+                mine = {"node": r["node"], "now": now}
+                holds = self._db.execute(f"SELECT COUNT(*) FROM submissions WHERE state = 'UPLOADING' AND {OWNED_BY}",
+                                         mine).fetchone()[0]
+                leads = self._db.execute(f"SELECT name FROM leaders WHERE lease_until > :now AND {OWNED_BY} "
+                                         "ORDER BY name", mine).fetchall()
+                out.append(NodeInfo(r["node"], datetime.fromisoformat(r["started_at"]),
+                                    datetime.fromisoformat(r["heartbeat_at"]), json.loads(r["info"]), holds,
+                                    [x[0] for x in leads]))
+        return out
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -452,3 +520,5 @@ class _Tx:
             self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.store._lock.release()
+        if exc_type is sqlite3.IntegrityError and "UNIQUE" in str(exc):
+            raise Duplicate(str(exc)) from exc
