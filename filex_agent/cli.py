@@ -105,7 +105,7 @@ def cmd_routes(args) -> int:
 def status_rows(cfg: Config) -> list[dict[str, Any]]:
     from filex_agent.store import open_store
 
-    store = open_store(cfg.journal_path)
+    store = open_store(cfg.journal_path, journal=cfg.journal)
     try:
         rows = []
         for s in store.list():
@@ -303,7 +303,7 @@ def _cli_audit_hooks(cfg: Config):
         log.warning("audit log %s not writable by this user (%s); the agent records these changes later",
                     cfg.audit_path, exc.strerror)
         return None
-    store = open_store(cfg.journal_path)  # the hooks' own handle: read-only use (events, feedback)
+    store = open_store(cfg.journal_path, journal=cfg.journal)  # the hooks' own handle: read-only use (events, feedback)
     return AuditHooks(audit, store)
 
 

@@ -33,7 +33,7 @@ class Daemon:
     def __init__(self, config: Config, *, store: Store | None = None, hooks: Hooks | None = None,
                  dispatch_interval: float = 1.0):
         self.config = config
-        self.store = store or open_store(config.journal_path)
+        self.store = store or open_store(config.journal_path, journal=config.journal)
         self.hooks = MultiHooks(LoggingHooks(), *([hooks] if hooks else []))
         self.connections = Connections(config, on_retry=self.hooks.retry)
         self.submitter = Submitter(config, self.store, self.connections, self.hooks)

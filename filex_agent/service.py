@@ -63,7 +63,7 @@ class Service:
         self.cfg = cfg
         self.config_path = config_path
         self.notifier = build_notifier(cfg.notify)  # first: a missing secret stops us before anything opens
-        self.store = open_store(cfg.journal_path)
+        self.store = open_store(cfg.journal_path, journal=cfg.journal)
         self.audit = AuditLog(cfg.audit_path)
         self.metrics = Metrics()
         self.audit_hooks = AuditHooks(self.audit, self.store)
