@@ -1,4 +1,4 @@
-"""Command line: `filex-agent run|routes|status|submit|ls|track|release|profiles|audit|doctor`.
+"""Command line: `filex-agent run|routes|status|submit|ls|track|release|profiles|audit|doctor|nodes|journal`.
 
 Exit codes: 0 ok, 1 operation failed, 2 bad configuration or usage.
 """
@@ -398,6 +398,34 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_journal(args) -> int:
+    """`journal migrate`: copy the SQLite journal into an empty PostgreSQL one, once."""
+    from filex_agent.config import parse_journal
+    from filex_agent.store.migrate import sqlite_to_postgres
+    from filex_agent.store.postgres import open_postgres
+
+    cfg = _load(args)
+    source = Path(args.source) if args.source else cfg.journal_path
+    url = args.to or (cfg.journal.url if cfg.journal.is_postgres else None)
+    if not url:
+        raise ConfigError("--to", "the PostgreSQL journal to copy into: --to postgresql://user@host/dbname")
+    settings = {**cfg.journal.model_dump(exclude_none=True), "url": url}
+    if args.password:
+        settings["password"] = args.password
+    # The same checks as [journal]: no password inside the URL, the password a reference.
+    target_cfg = parse_journal(settings)
+    if not target_cfg.is_postgres:
+        raise ConfigError("--to", "must be a postgresql:// URL")
+    target = open_postgres(target_cfg)
+    try:
+        copied = sqlite_to_postgres(source, target)
+    finally:
+        target.close()
+    print(f"copied {source} into {target_cfg.url}: " + ", ".join(f"{t} {n}" for t, n in copied.items()))
+    print("now set [journal] url (and password) in every agent's config to this database and start them")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from filex_agent.doctor import run_doctor
 
@@ -439,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--verify", action="store_true", help="check every line; exit 1 naming the first bad one")
     au.add_argument("--since", metavar="DATE", help="only records at or after DATE (YYYY-MM-DD or ISO time, UTC)")
     add("doctor", cmd_doctor, "check config, credentials, entitlements and connectivity, one line per check")
+    jr = add("journal", cmd_journal, "journal maintenance: `migrate` copies the SQLite journal into PostgreSQL")
+    jr.add_argument("action", choices=["migrate"])
+    jr.add_argument("--to", metavar="URL", help="postgresql://user@host/dbname (default: [journal] url)")
+    jr.add_argument("--password", metavar="REF", help="env:VAR, file:/path or systemd:NAME (default: [journal] password)")
+    jr.add_argument("--from", dest="source", metavar="PATH", help="the SQLite journal (default: the config's)")
     return p
 
 

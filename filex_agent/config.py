@@ -408,10 +408,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> Config:
-    """Validate a config mapping; raise ConfigError naming the first bad key."""
+def _validate(model: type[_Strict], data: dict[str, Any], prefix: str = "") -> Any:
+    """``model`` from ``data``, or the ConfigError naming the first bad key."""
     try:
-        cfg = Config.model_validate(data)
+        return model.model_validate(data)
     except ConfigError:
         raise
     except ValidationError as exc:
@@ -422,7 +422,17 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> Config:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise ConfigError(_loc(err["loc"]) or "config", msg) from None
+        raise ConfigError(prefix + _loc(err["loc"]) or "config", msg) from None
+
+
+def parse_journal(data: dict[str, Any]) -> "JournalSettings":
+    """A ``[journal]`` table on its own (``journal migrate --to``), with the same checks."""
+    return _validate(JournalSettings, data, "journal.")
+
+
+def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Validate a config mapping; raise ConfigError naming the first bad key."""
+    cfg = _validate(Config, data)
     if base_dir is not None:
         cfg = _absolutise(cfg, base_dir)
     return cfg

@@ -348,12 +348,9 @@ def open_store(path: Path | str, *, journal: Any = None) -> Store:
     """The configured journal: PostgreSQL when ``journal`` (a ``JournalSettings``) has a
     ``postgresql://`` URL, else the SQLite file at ``path``."""
     if journal is not None and journal.is_postgres:
-        from filex_agent.store.postgres import PostgresStore
+        from filex_agent.store.postgres import open_postgres
 
-        return PostgresStore(journal.url, password=journal.password.resolve() if journal.password else None,
-                             sslmode=journal.sslmode, sslrootcert=journal.sslrootcert,
-                             statement_timeout=journal.statement_timeout_seconds,
-                             pool_size=journal.pool_size)
+        return open_postgres(journal)
     from filex_agent.store.sqlite import SQLiteStore
 
     return SQLiteStore(path)

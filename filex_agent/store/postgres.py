@@ -563,6 +563,14 @@ class PostgresStore(Store):
         self._pool.close()
 
 
+def open_postgres(journal: Any) -> PostgresStore:
+    """The store a ``[journal]`` table (``config.JournalSettings``) describes; the password
+    reference is resolved here, at the last moment, and kept by the pool only."""
+    return PostgresStore(journal.url, password=journal.password.resolve() if journal.password else None,
+                         sslmode=journal.sslmode, sslrootcert=journal.sslrootcert,
+                         statement_timeout=journal.statement_timeout_seconds, pool_size=journal.pool_size)
+
+
 def _why(exc: BaseException) -> str:
     """The first line of a driver error (libpq never puts the password in its messages)."""
     text = str(exc).strip().splitlines()
