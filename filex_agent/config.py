@@ -150,6 +150,10 @@ class TrackingSettings(_Strict):
     match_timeout_seconds: float = Field(3600.0, gt=0)
     # Flag a submission with no final status after this long.
     final_timeout_hours: float = Field(48.0, gt=0)
+    # An upload whose answer was lost (bytes may be at fileX) is sent again only when fileX has
+    # shown no trace of it for this long. fileX promises no delay between its bucket storing a
+    # file and tracking showing it; minutes, not seconds, so a slow fileX never gets a double.
+    unconfirmed_settle_seconds: float = Field(900.0, gt=0)
 
 
 class WatcherSettings(_Strict):
@@ -295,7 +299,7 @@ class JournalSettings(_Strict):
     # This agent's name in the cluster (owner of its leases, row in `filex-agent nodes`).
     node_name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "localhost")
     # A node that stops renewing (dead, paused, cut off) loses its uploads and singletons after this.
-    lease_seconds: float = Field(30.0, ge=2, le=3600)
+    lease_seconds: float = Field(30.0, ge=1, le=3600)
     statement_timeout_seconds: float = Field(10.0, gt=0, le=600)
     pool_size: int = Field(8, ge=2, le=100)
 

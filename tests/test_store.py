@@ -335,4 +335,7 @@ def test_old_journal_gains_the_new_columns(tmp_path):
     st = SQLiteStore(path)
     sub = st.get(1)
     assert sub.state is State.UPLOADING and sub.epoch == 0 and sub.owner is None
-    assert st.attempts(1) == []
+    # The interrupted REST upload had no tracking id: no byte can have left, so not committed.
+    (att,) = st.attempts(1)
+    assert att.remote_name == "a.csv" and att.upload_location == "0001/app1/in" and not att.may_have_landed
+    assert SQLiteStore(path).attempts(1) == [att]  # once

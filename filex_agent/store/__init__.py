@@ -208,6 +208,10 @@ class Store(abc.ABC):
     def events(self, sub_id: int) -> list[Event]: ...
 
     @abc.abstractmethod
+    def by_tracking_id(self, tracking_id: str) -> Submission | None:
+        """The submission that owns ``tracking_id`` (unique), if any."""
+
+    @abc.abstractmethod
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
         """An earlier submission of the same bytes that is pending or ACCEPTED."""
 
@@ -233,6 +237,12 @@ class Store(abc.ABC):
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
         """Write-ahead: a download of this remote file is about to start."""
+
+    def lock_instance(self, holder: str) -> bool:
+        """For ``run``: make this process the journal's only daemon, if the journal needs that.
+        True when it is exclusive now (every other daemon owner in it is dead); False for a
+        journal shared by several agents. Raises ``JournalLocked`` naming the running holder."""
+        return False
 
     # -- attempts, leases, fencing --------------------------------------------------------
     def now(self) -> datetime:
@@ -315,6 +325,10 @@ FeedbackKey = tuple[str, "int | None", "str | None"]
 
 class StateConflict(Exception):
     """The submission was not in an expected state (someone else moved it on)."""
+
+
+class JournalLocked(Exception):
+    """Another ``filex-agent run`` holds this journal."""
 
 
 class StaleEpoch(StateConflict):

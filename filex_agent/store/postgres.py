@@ -342,6 +342,11 @@ class PostgresStore(Store):
             "SELECT * FROM events WHERE submission_id = %s ORDER BY id", (sub_id,)).fetchall())
         return [Event(r["submission_id"], r["at"], r["state"], r["detail"]) for r in rows]
 
+    def by_tracking_id(self, tracking_id: str) -> Submission | None:
+        row = self._run(lambda cur: cur.execute("SELECT * FROM submissions WHERE tracking_id = %s",
+                                                (tracking_id,)).fetchone())
+        return None if row is None else _sub(row)
+
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
         states = ["CLAIMING", "QUEUED", "UPLOADING", "SUBMITTED", "ACCEPTED"]
         row = self._run(lambda cur: cur.execute(

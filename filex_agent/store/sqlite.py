@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import fields as dc_fields
@@ -16,6 +17,7 @@ from filex_agent.store import (
     Attempt,
     Duplicate,
     Event,
+    JournalLocked,
     Lead,
     NodeInfo,
     SchemaTooNew,
@@ -156,6 +158,19 @@ class SQLiteStore(Store):
                 if col not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
         self._db.executescript(SCHEMA)
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < 2:
+            # Uploads a pre-attempts agent left UPLOADING get the attempt row it would have
+            # written: committed (bytes may have landed) unless REST without a tracking id, the
+            # one case where the old journal proves no byte left.
+            self._db.execute(
+                "INSERT INTO attempts (submission_id, n, transport, remote_name, upload_location, owner, epoch, "
+                "started_at, outcome, committed_at, tracking_id) "
+                "SELECT id, 1, transport, file_name, org || '/' || application || '/in', 'before-upgrade', epoch, "
+                "COALESCE(upload_started_at, updated_at), 'PENDING', "
+                "CASE WHEN transport = 'rest' AND tracking_id IS NULL THEN NULL "
+                "ELSE COALESCE(upload_started_at, updated_at) END, tracking_id "
+                "FROM submissions s WHERE state = 'UPLOADING' "
+                "AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.submission_id = s.id)")
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- helpers -------------------------------------------------------------------------
@@ -247,6 +262,11 @@ class SQLiteStore(Store):
                 "SELECT * FROM events WHERE submission_id = ? ORDER BY id", (sub_id,)).fetchall()
         return [Event(r["submission_id"], datetime.fromisoformat(r["at"]), r["state"], r["detail"]) for r in rows]
 
+    def by_tracking_id(self, tracking_id: str) -> Submission | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM submissions WHERE tracking_id = ?", (tracking_id,)).fetchone()
+        return None if row is None else _row_to_sub(row)
+
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
         states = ("CLAIMING", "QUEUED", "UPLOADING", "SUBMITTED", "ACCEPTED")
         with self._lock:
@@ -319,6 +339,25 @@ class SQLiteStore(Store):
                              r["local_path"], r["submission_id"],
                              datetime.fromisoformat(r["downloaded_at"]) if r["downloaded_at"] else None)
                 for r in rows]
+
+    def lock_instance(self, holder: str) -> bool:
+        """An flock on ``JOURNAL.lock`` held until the process ends (the kernel drops it if the
+        process dies, so a crash never leaves a stale lock); the holder is written into it."""
+        import fcntl
+
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            running = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise JournalLocked(f"the journal {self.path} is in use by a running agent ({running}); "
+                                "one `filex-agent run` per data_dir (stop it first, or use another data_dir)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self._instance_fd = fd
+        return True
 
     # -- attempts, leases, fencing --------------------------------------------------------
     def begin_upload(self, sub_id: int, owner: str, lease_seconds: float, *, transport: str,
@@ -496,6 +535,10 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        fd = getattr(self, "_instance_fd", None)
+        if fd is not None:
+            self._instance_fd = None
+            os.close(fd)  # releases the instance lock
 
 
 def _fence(sub_id: int, current: int | None, epoch: int | None) -> None:
