@@ -239,10 +239,11 @@ class Submitter:
             self._not_sent(att, epoch, f"refused: {exc}")
             return self._fail(sub, path, f"fileX refused the upload: {exc}", epoch=epoch)
         except TransientError as exc:
+            # The transport's contract: a TransientError (not UploadUnconfirmed) means nothing of
+            # this attempt can become a filing at fileX, so another transport may take it.
             self._not_sent(att, epoch, f"failed before anything could land: {exc}")
-            nxt = self._fallback(route, sub) if not committed() else None
+            nxt = self._fallback(route, sub)
             if nxt is not None:
-                # Safe only because nothing of this attempt can become a filing at fileX.
                 was = sub.transport
                 sub = self.store.update(sub.id, epoch=epoch, transport=nxt, tracking_id=None)
                 return self._requeue(sub, f"{was} unavailable before anything could reach fileX ({exc}); "
