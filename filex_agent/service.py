@@ -176,13 +176,17 @@ class Service:
 
     def periodic(self) -> None:
         """Every minute: problem checks, token counters, queue gauges, audit catch-up."""
-        self.checks.run()
+        if self.daemon.leads("alerts"):  # one agent of a cluster alerts, not each
+            self.checks.run()
         self.metrics_hooks.poll_token_refreshes(self.daemon.connections)
         self.metrics_hooks.refresh(r.name for r in self.daemon.config.routes)
         self._sweep()
 
     def _sweep(self) -> None:
-        # Journal events no hook announced (recovery, upload started, tracking status changes).
+        # Journal events no hook announced (recovery, upload started, tracking status changes);
+        # in a cluster the leader's chain records them (each node's hooks record its own work).
+        if not self.daemon.leads("audit-sweep"):
+            return
         for sub in self.store.list([*PENDING_STATES, State.HELD]):
             self.audit_hooks.catch_up(sub.id)
 

@@ -28,7 +28,8 @@ from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
 from filex_agent.leases import new_owner
 from filex_agent.reconciler import unconfirmed_flag
-from filex_agent.store import Attempt, Outcome, StaleEpoch, State, StateConflict, Store, Submission, utcnow
+from filex_agent.store import (Attempt, Duplicate, Outcome, StaleEpoch, State, StateConflict, Store, Submission,
+                               utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,25 @@ class Submitter:
             return None
         if stat_mod.S_ISDIR(st.st_mode):
             return None
-        sub = self.store.create(route=route.name, org=route.org, application=route.application,
-                                transport=route.transports[0], file_name=path.name, source_path=str(path),
-                                local_path=str(path), state=State.CLAIMING)
+        try:
+            # owner: who is claiming, so that recovery leaves a live agent's claim alone.
+            sub = self.store.create(route=route.name, org=route.org, application=route.application,
+                                    transport=route.transports[0], file_name=path.name, source_path=str(path),
+                                    local_path=str(path), state=State.CLAIMING, owner=self.owner)
+        except Duplicate:
+            log.debug("%s is being claimed by another agent", path)
+            return None
         return self.complete_claim(sub, trigger)
 
-    def complete_claim(self, sub: Submission, trigger: Path | None = None) -> Submission:
-        """Second half of a claim (also used by recovery): refuse links, rename into the spool."""
+    def complete_claim(self, sub: Submission, trigger: Path | None = None) -> Submission | None:
+        """Second half of a claim (also used by recovery): refuse links, rename into the spool.
+        None when another agent sharing the journal claimed the file first (this row is gone)."""
         route = self.config.route(sub.route)
         path = Path(sub.source_path)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
-                                         reason="the file disappeared from the outbox before it was claimed; nothing was sent")
+            return self._vanished(sub)
         if stat_mod.S_ISLNK(st.st_mode):
             target = os.readlink(path)
             return self._fail(sub, path, f"refused: {path.name} is a symbolic link (to {target}); "
@@ -87,13 +93,23 @@ class Submitter:
         try:
             os.rename(path, target)
         except FileNotFoundError:
-            return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
-                                         reason="the file disappeared from the outbox before it was claimed; nothing was sent")
+            return self._vanished(sub)
         if trigger is not None:
             trigger.unlink(missing_ok=True)
-        sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING})
+        sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING}, owner=None)
         self.hooks.submission_changed(sub, "claimed")
         return self.validate(sub)
+
+    def _vanished(self, sub: Submission) -> Submission | None:
+        if self.store.discard_claim(sub.id):  # another agent's claim took it: let go, silently
+            log.debug("%s was claimed by another agent", sub.source_path)
+            return None
+        try:
+            return self.store.transition(sub.id, State.FAILED, "vanished", expect={State.CLAIMING}, final_at=utcnow(),
+                                         owner=None, reason="the file disappeared from the outbox before it was "
+                                                            "claimed; nothing was sent")
+        except StateConflict:  # a rescuer completed this very claim meanwhile: the file is in the spool
+            return None
 
     def validate(self, sub: Submission) -> Submission:
         """Name rules, size, readability, duplicate content. FAILED/HELD or stays QUEUED."""

@@ -10,8 +10,9 @@ from filex_agent.store import Duplicate, Outcome, SchemaTooNew, StaleEpoch, Stat
 
 
 def _new(store, **kw):
-    base = dict(route="r", org="0001", application="app1", transport="rest", file_name="a.csv",
-                source_path="/o/a.csv", local_path="/o/a.csv")
+    name = kw.get("file_name", "a.csv")
+    base = dict(route="r", org="0001", application="app1", transport="rest", file_name=name,
+                source_path=f"/o/{name}", local_path=f"/o/{name}")
     base.update(kw)
     return store.create(**base)
 
@@ -117,7 +118,7 @@ def test_tracking_ids_are_unique(journal):
     s = journal()
     _new(s, tracking_id="t")
     with pytest.raises(Duplicate):
-        _new(s, tracking_id="t")
+        _new(s, file_name="c.csv", tracking_id="t")
     other = _new(s, file_name="b.csv")
     with pytest.raises(Duplicate):
         s.transition(other.id, State.SUBMITTED, tracking_id="t")
@@ -339,3 +340,22 @@ def test_old_journal_gains_the_new_columns(tmp_path):
     (att,) = st.attempts(1)
     assert att.remote_name == "a.csv" and att.upload_location == "0001/app1/in" and not att.may_have_landed
     assert SQLiteStore(path).attempts(1) == [att]  # once
+
+
+def test_one_claim_per_outbox_file_and_the_loser_lets_go(journal):
+    a, b = journal(), journal()
+    mine = _new(a, source_path="/o/x.csv", local_path="/o/x.csv")
+    with pytest.raises(Duplicate):  # another agent claiming the same file at the same time
+        _new(b, source_path="/o/x.csv", local_path="/o/x.csv")
+    a.transition(mine.id, State.QUEUED, "claimed", local_path="/spool/1/x.csv")
+    # A slower agent saw the file before it left and claims it after: its rename finds nothing.
+    late = _new(b, source_path="/o/x.csv", local_path="/o/x.csv")
+    assert b.discard_claim(late.id)
+    with pytest.raises(KeyError):
+        b.get(late.id)
+    assert [s.id for s in b.list()] == [mine.id]
+    # A file that vanished with no other claim is not discarded (the caller records why).
+    alone = _new(b, source_path="/o/gone.csv", local_path="/o/gone.csv")
+    assert not b.discard_claim(alone.id)
+    assert not b.discard_claim(mine.id)  # not CLAIMING
+    assert b.get(alone.id).state is State.CLAIMING

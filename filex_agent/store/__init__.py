@@ -175,6 +175,9 @@ class NodeInfo:
 class Store(abc.ABC):
     """What the daemon needs from a journal. Implementations must be thread-safe."""
 
+    # Several agents (processes, machines) may use this journal at once: singletons need a leader.
+    shared = False
+
     @abc.abstractmethod
     def create(self, **fields: Any) -> Submission: ...
 
@@ -210,6 +213,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def by_tracking_id(self, tracking_id: str) -> Submission | None:
         """The submission that owns ``tracking_id`` (unique), if any."""
+
+    @abc.abstractmethod
+    def discard_claim(self, sub_id: int) -> bool:
+        """A claim race lost to another agent: delete this CLAIMING row (and its event) when
+        another submission of the same ``source_path``, not FAILED, was created in the hour
+        before it — the file left the outbox in the other agent's claim, so this row never held
+        anything. False (nothing deleted) otherwise: the file really vanished."""
 
     @abc.abstractmethod
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:

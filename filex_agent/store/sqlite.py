@@ -47,6 +47,8 @@ CREATE INDEX IF NOT EXISTS submissions_state ON submissions(state);
 CREATE INDEX IF NOT EXISTS submissions_route_state ON submissions(route, state);
 CREATE INDEX IF NOT EXISTS submissions_sha ON submissions(org, application, sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_tracking ON submissions(tracking_id) WHERE tracking_id IS NOT NULL;
+-- One claim per outbox file at a time: a second agent's claim of the same file is refused (Duplicate).
+CREATE UNIQUE INDEX IF NOT EXISTS submissions_claiming ON submissions(source_path) WHERE state = 'CLAIMING';
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     submission_id INTEGER NOT NULL REFERENCES submissions(id),
@@ -266,6 +268,19 @@ class SQLiteStore(Store):
         with self._lock:
             row = self._db.execute("SELECT * FROM submissions WHERE tracking_id = ?", (tracking_id,)).fetchone()
         return None if row is None else _row_to_sub(row)
+
+    def discard_claim(self, sub_id: int) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT state, source_path, created_at FROM submissions WHERE id = ?", (sub_id,)).fetchone()
+            if row is None or row["state"] != State.CLAIMING.value:
+                return False
+            since = (datetime.fromisoformat(row["created_at"]) - timedelta(hours=1)).isoformat()
+            if not db.execute("SELECT 1 FROM submissions WHERE source_path = ? AND id != ? AND state != 'FAILED' "
+                              "AND created_at >= ?", (row["source_path"], sub_id, since)).fetchone():
+                return False
+            db.execute("DELETE FROM events WHERE submission_id = ?", (sub_id,))
+            db.execute("DELETE FROM submissions WHERE id = ?", (sub_id,))
+            return True
 
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
         states = ("CLAIMING", "QUEUED", "UPLOADING", "SUBMITTED", "ACCEPTED")
