@@ -400,6 +400,41 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_nodes(args) -> int:
+    """The agents sharing this journal: last heartbeat, uploads held, singletons led."""
+    from filex_agent.store import open_store
+
+    cfg = _load(args)
+    store = open_store(cfg.journal_path, journal=cfg.journal)
+    try:
+        now = store.now()
+        nodes, leaders = store.nodes(), store.leaders()
+    finally:
+        store.close()
+    live = cfg.journal.lease_seconds
+    rows = [{"node": n.node, "alive": (now - n.heartbeat_at).total_seconds() <= live,
+             "last_heartbeat": n.heartbeat_at.isoformat(), "seconds_ago": round((now - n.heartbeat_at).total_seconds(), 1),
+             "started_at": n.started_at.isoformat(), "pid": n.info.get("pid"), "version": n.info.get("version"),
+             "uploading": n.holds, "leads": n.leads} for n in nodes]
+    leads = [{"singleton": name, "owner": lead.owner, "lease_until": lead.lease_until.isoformat(),
+              "live": lead.lease_until > now, "epoch": lead.epoch} for name, lead in leaders.items()]
+    if args.json:
+        print(json.dumps({"journal": _journal_name(cfg), "now": now.isoformat(), "nodes": rows, "leaders": leads},
+                         indent=2))
+        return 0
+    print(f"journal: {_journal_name(cfg)}")
+    _emit(args, [{**r, "alive": "yes" if r["alive"] else f"NO (silent {r['seconds_ago']:.0f}s)",
+                  "leads": ", ".join(r["leads"])} for r in rows],
+          ["node", "alive", "last_heartbeat", "pid", "version", "uploading", "leads"])
+    for lead in leads:
+        print(f"  {lead['singleton']}: led by {lead['owner']}" + ("" if lead["live"] else " (lease expired: none leads)"))
+    return 0
+
+
+def _journal_name(cfg: Config) -> str:
+    return cfg.journal.url if cfg.journal.is_postgres else str(cfg.journal_path)
+
+
 def cmd_journal(args) -> int:
     """`journal migrate`: copy the SQLite journal into an empty PostgreSQL one, once."""
     from filex_agent.config import parse_journal
@@ -469,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--verify", action="store_true", help="check every line; exit 1 naming the first bad one")
     au.add_argument("--since", metavar="DATE", help="only records at or after DATE (YYYY-MM-DD or ISO time, UTC)")
     add("doctor", cmd_doctor, "check config, credentials, entitlements and connectivity, one line per check")
+    add("nodes", cmd_nodes, "the agents sharing the journal: heartbeat, uploads held, singletons led", json_flag=True)
     jr = add("journal", cmd_journal, "journal maintenance: `migrate` copies the SQLite journal into PostgreSQL")
     jr.add_argument("action", choices=["migrate"])
     jr.add_argument("--to", metavar="URL", help="postgresql://user@host/dbname (default: [journal] url)")

@@ -397,7 +397,11 @@ class Config(_Strict):
 
     @property
     def audit_path(self) -> Path:
-        return self.audit.path or self.agent.data_dir / "audit.jsonl"
+        if self.audit.path:
+            return self.audit.path
+        # A shared journal: one hash chain per node (data_dir may be shared too), named by node.
+        return self.agent.data_dir / (f"audit-{self.journal.node_name}.jsonl" if self.journal.is_postgres
+                                      else "audit.jsonl")
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

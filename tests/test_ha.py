@@ -103,3 +103,113 @@ def test_an_agent_older_than_its_journal_refuses_to_start(tmp_path, capsys):
     assert main(["status", "-c", cfg]) == 1
     err = capsys.readouterr().err
     assert "schema version 99" in err and "upgrade this node" in err
+
+
+def _pg_journal(pg_server, url: str, **kw) -> dict:
+    import os
+
+    os.environ["FILEX_TEST_PG_PASSWORD"] = pg_server.password
+    return {"url": url, "password": "env:FILEX_TEST_PG_PASSWORD", **kw}
+
+
+def _node_config(sandbox, base, journal: dict, node: str):
+    """One agent of a cluster: shared data_dir and outboxes, its own node_name."""
+    from filex_agent.config import load_config
+    from filex_agent.sandbox.agent_config import write_sandbox_config
+
+    path = write_sandbox_config(sandbox, base, poll_seconds=0.5, stable_seconds=0.3, transports=("rest",),
+                                journal={**journal, "node_name": node})
+    mine = path.with_name(f"{node}.toml")
+    path.rename(mine)
+    return load_config(mine), mine
+
+
+def test_nodes_share_the_work_and_one_leads_with_failover(sandbox, tmp_path, pg_server, pg_url, capsys):
+    """Two agents on one PostgreSQL journal and one outbox: every file filed once, one leader of
+    each singleton; the leader stops and the other takes over within the lease."""
+    from pathlib import Path
+
+    from filex_agent.daemon import Daemon
+    from tests.conftest import wait_for
+
+    journal = _pg_journal(pg_server, pg_url, lease_seconds=2)
+    cfg_a, path_a = _node_config(sandbox, tmp_path, journal, "node-a")
+    cfg_b, _ = _node_config(sandbox, tmp_path, journal, "node-b")
+    a, b = Daemon(cfg_a, dispatch_interval=0.2), Daemon(cfg_b, dispatch_interval=0.2)
+    a.start()
+    b.start()
+    try:
+        outbox = Path(cfg_a.routes[0].outbox)
+        names = [f"HA_{i:02d}.csv" for i in range(12)]
+        for n in names:
+            (outbox / n).write_bytes(f"{n}\n".encode())
+        wait_for(lambda: sorted(s.file_name for s in a.store.list([State.ACCEPTED])) == names, timeout=60,
+                 what="every file accepted")
+        assert sorted(s.file_name for s in a.store.list()) == names  # no FAILED row from a claim race
+        for n in names:
+            assert len([u for u in sandbox.uploads() if u.name == n]) == 1
+        assert [a.leads("tracking"), b.leads("tracking")].count(True) == 1
+        leader, other = (a, b) if a.leads("tracking") else (b, a)
+        assert main(["nodes", "-c", str(path_a), "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert {n["node"] for n in shown["nodes"]} == {"node-a", "node-b"} and all(n["alive"] for n in shown["nodes"])
+        assert {x["singleton"]: x["owner"] for x in shown["leaders"]}["tracking"] == leader.owner
+        leader.stop(grace=5)  # a clean stop resigns: the other leads at its next heartbeat
+        wait_for(lambda: other.leads("tracking") and other.leads("feedback"), timeout=10, what="failover")
+        (outbox / "HA_after.csv").write_bytes(b"after\n")
+        wait_for(lambda: any(s.file_name == "HA_after.csv" and s.state is State.ACCEPTED
+                             for s in other.store.list()), timeout=30, what="filed after failover")
+    finally:
+        a.stop(grace=5)
+        b.stop(grace=5)
+
+
+def test_a_silent_leader_loses_the_lead_after_its_lease(tmp_path, pg_server, pg_url):
+    """The leader stops renewing (dead, paused): another node leads once the lease ran out, and the
+    silent one, resumed, no longer believes it leads."""
+    import time
+
+    from filex_agent.leases import Leadership
+    from filex_agent.store.postgres import PostgresStore
+
+    st_a = PostgresStore(pg_url, password=pg_server.password)
+    st_b = PostgresStore(pg_url, password=pg_server.password)
+    try:
+        a = Leadership(st_a, "a:1:x:run", "a", 1.0, info=dict, names=("tracking",))
+        b = Leadership(st_b, "b:2:y:run", "b", 1.0, info=dict, names=("tracking",))
+        a.beat()
+        b.beat()
+        assert a.leads("tracking") and not b.leads("tracking")
+        started = time.monotonic()
+        while not b.leads("tracking"):  # a is silent from now on
+            time.sleep(0.1)
+            b.beat()
+        assert 0.5 < time.monotonic() - started < 3
+        assert not a.leads("tracking")  # its own clock says the lease is gone
+        a.beat()
+        assert not a.leads("tracking")
+    finally:
+        st_a.close()
+        st_b.close()
+
+
+def test_doctor_checks_the_journal(tmp_path, pg_server, pg_url):
+    import io
+
+    from filex_agent.config import parse_config
+    from filex_agent.doctor import Doctor
+
+    def doctor(journal):
+        out = io.StringIO()
+        d = Doctor(out)
+        d.check_journal(parse_config({"agent": {"data_dir": str(tmp_path / "d")}, "journal": journal}))
+        return d, out.getvalue()
+
+    d, out = doctor(_pg_journal(pg_server, pg_url))
+    assert not d.failed, out
+    assert "reachable, schema version 3" in out and "journal clock" in out
+    assert "behind" in out or "ahead" in out
+    d, out = doctor({"url": pg_url.replace(str(pg_server.port), "1"), "password": "env:FILEX_TEST_PG_PASSWORD"})
+    assert d.failed and "FAIL  journal:" in out and "pg_hba.conf" in out and pg_server.password not in out
+    d, out = doctor({})
+    assert not d.failed and "will be created" in out

@@ -14,7 +14,7 @@ def _toml_str(value: str) -> str:
 def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stable_seconds: float = 1.0,
                          transports: tuple[str, ...] = ("rest", "s3", "sftp"),
                          s3: dict[str, int] | None = None, tracking: dict[str, float] | None = None,
-                         journal: dict[str, float] | None = None) -> Path:
+                         journal: dict[str, float | str] | None = None) -> Path:
     """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002; ``s3``, ``tracking``,
     ``journal``: more keys of those sections."""
     # The sandbox shows an upload within a second or two: a lost answer is decided in seconds,
@@ -54,7 +54,7 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
     lines += ["", "[network]", "max_attempts = 3", "backoff_initial = 0.2", "backoff_max = 2", "",
               "[tracking]", *(f"{k} = {v}" for k, v in tracking.items()), ""]
     if journal:
-        lines += ["[journal]", *(f"{k} = {v}" for k, v in journal.items()), ""]
+        lines += ["[journal]", *(f"{k} = {_toml_str(v) if isinstance(v, str) else v}" for k, v in journal.items()), ""]
     if s3:
         lines += ["[s3]", *(f"{k} = {int(v)}" for k, v in s3.items()), ""]
     if sftp is not None:
