@@ -293,7 +293,9 @@ class Daemon:
 
     def _rescue(self, sub: Submission, why: str, force: bool = False) -> None:
         sub = self.store.take_over(sub.id, self.owner, force=force)
-        pending = [a for a in self.store.attempts(sub.id) if a.outcome is Outcome.PENDING]
+        # SENT too: its owner died between recording the attempt SENT and the row SUBMITTED (two
+        # writes); fileX has it, so it must never be taken for "nothing can have landed".
+        pending = [a for a in self.store.attempts(sub.id) if a.outcome in (Outcome.PENDING, Outcome.SENT)]
         att = pending[-1] if pending else None
         if att is not None and att.may_have_landed:
             decide_by = self.store.now() + timedelta(seconds=self.config.tracking.unconfirmed_settle_seconds)

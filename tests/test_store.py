@@ -247,6 +247,10 @@ def test_expired_lease_is_found_and_taken_over(journal):
     assert [x.id for x in st.expired_leases()] == [s.id]
     taken = st.take_over(s.id, "rescuer")
     assert taken.owner == "rescuer" and taken.epoch == 2
+    st.transition(s.id, State.QUEUED, "settled by the rescuer", epoch=2, owner=None, lease_until=None)
+    with pytest.raises(StateConflict):  # a second rescuer, late: the row is settled already
+        st.take_over(s.id, "rescuer-2")
+    assert st.get(s.id).epoch == 2
 
 
 def test_one_leader_at_a_time_and_failover_after_the_lease(journal):

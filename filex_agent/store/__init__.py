@@ -299,9 +299,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def take_over(self, sub_id: int, owner: str, *, force: bool = False) -> Submission:
-        """Rescuer: take a row whose lease expired: epoch raised, owner set, lease cleared, so the
-        old owner's later writes are refused. ``StateConflict`` if another owner's lease is still
-        live, unless ``force`` (the caller knows that owner is dead: it held the instance lock)."""
+        """Rescuer: take an UPLOADING row whose lease expired: epoch raised, owner set, lease
+        cleared, so the old owner's later writes are refused. ``StateConflict`` if another
+        owner's lease is still live, unless ``force`` (the caller knows that owner is dead: it
+        held the instance lock), and always when the row is no longer UPLOADING (another
+        rescuer settled it first: taking it again would settle it twice)."""
 
     # -- cluster: singletons and the node registry --------------------------------------
     @abc.abstractmethod

@@ -538,7 +538,9 @@ class PostgresStore(Store):
 
     def take_over(self, sub_id: int, owner: str, *, force: bool = False) -> Submission:
         def go(cur: psycopg.Cursor) -> dict[str, Any]:
-            row = self._locked(cur, sub_id, "owner, lease_until, lease_until > now() AS live")
+            row = self._locked(cur, sub_id, "state, owner, lease_until, lease_until > now() AS live")
+            if row["state"] != State.UPLOADING.value:  # another rescuer settled it first
+                raise StateConflict(f"submission {sub_id} is {row['state']}, not UPLOADING")
             if row["live"] and not force and row["owner"] != owner:
                 raise StateConflict(f"submission {sub_id} is leased by {row['owner']} until {row['lease_until']}")
             return cur.execute("UPDATE submissions SET owner = %s, lease_until = NULL, epoch = epoch + 1, "

@@ -488,6 +488,8 @@ class SQLiteStore(Store):
                              (sub_id,)).fetchone()
             if row is None:
                 raise KeyError(f"no submission {sub_id}")
+            if row["state"] != State.UPLOADING.value:  # another rescuer settled it first
+                raise StateConflict(f"submission {sub_id} is {row['state']}, not UPLOADING")
             live = row["lease_until"] and datetime.fromisoformat(row["lease_until"]) > now
             if live and not force and row["owner"] != owner:
                 raise StateConflict(f"submission {sub_id} is leased by {row['owner']} until {row['lease_until']}")
