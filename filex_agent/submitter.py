@@ -112,12 +112,27 @@ class Submitter:
             return None
 
     def validate(self, sub: Submission) -> Submission:
-        """Name rules, size, readability, duplicate content. FAILED/HELD or stays QUEUED."""
+        """Name rules, size, readability, duplicate content. FAILED/HELD or stays QUEUED.
+
+        The row is QUEUED already, so another agent sharing the journal may start (and even
+        finish and archive) it meanwhile: every verdict here applies only while it is still
+        QUEUED, else the other agent's work stands."""
+        try:
+            return self._validate(sub)
+        except StateConflict as exc:
+            log.info("submission %s was taken on by another agent while it was checked: %s", sub.id, exc)
+            return self.store.get(sub.id)
+
+    def _validate(self, sub: Submission) -> Submission:
         route = self.config.route(sub.route)
         path = Path(sub.local_path)
+
+        def fail(reason: str) -> Submission:
+            return self._fail(sub, path, reason, expect=State.QUEUED)
+
         reason = valid_remote_name(sub.file_name)
         if reason:
-            return self._fail(sub, path, f"{reason}; the file was not uploaded. Rename it and drop it again.")
+            return fail(f"{reason}; the file was not uploaded. Rename it and drop it again.")
         try:
             st = path.stat()
             if st.st_nlink > 1:
@@ -126,21 +141,21 @@ class Submitter:
                 _private_copy(path)
                 st = path.stat()
             if st.st_size == 0:
-                return self._fail(sub, path, "the file is empty; nothing was uploaded")
+                return fail("the file is empty; nothing was uploaded")
             limit = route.max_size_mb * 1024 * 1024
             if st.st_size > limit:
-                return self._fail(sub, path, f"the file is {st.st_size} bytes, over the route's limit of "
-                                             f"{route.max_size_mb} MB (max_size_mb); not uploaded")
+                return fail(f"the file is {st.st_size} bytes, over the route's limit of "
+                            f"{route.max_size_mb} MB (max_size_mb); not uploaded")
             digest = sha256_file(path)
         except PermissionError:
-            return self._fail(sub, path, "the file cannot be read by the agent (permission denied); not uploaded")
+            return fail("the file cannot be read by the agent (permission denied); not uploaded")
         except OSError as exc:
-            return self._fail(sub, path, f"the file cannot be read: {exc.strerror}; not uploaded")
+            return fail(f"the file cannot be read: {exc.strerror}; not uploaded")
         sub = self.store.update(sub.id, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
         earlier = self.store.find_same_content(sub.org, sub.application, digest, exclude_id=sub.id)
         if earlier is not None:
             sub = self.store.transition(
-                sub.id, State.HELD, "duplicate", held_by=earlier.id,
+                sub.id, State.HELD, "duplicate", expect={State.QUEUED}, held_by=earlier.id,
                 reason=(f"same content (sha256 {digest[:12]}…) as submission {earlier.id} ({earlier.file_name}, "
                         f"{earlier.state}); held, not sent. Run `filex-agent release {sub.id}` to send it anyway."))
             self.hooks.submission_changed(sub, "HELD")
@@ -322,12 +337,13 @@ class Submitter:
         self.hooks.submission_changed(sub, "retry")
         return sub
 
-    def _fail(self, sub: Submission, path: Path, reason: str, epoch: int | None = None) -> Submission:
+    def _fail(self, sub: Submission, path: Path, reason: str, epoch: int | None = None,
+              expect: State | None = None) -> Submission:
         """Move the file aside to ``failed`` with a reason file; never delete it."""
         route = self.config.route(sub.route)
         failed_dir = route.folder("failed", self.config.agent.data_dir)
         sub = self.store.transition(sub.id, State.FAILED, "failed", epoch=epoch, reason=reason, final_at=utcnow(),
-                                    move_to=str(failed_dir), **_RELEASE)
+                                    move_to=str(failed_dir), expect=None if expect is None else {expect}, **_RELEASE)
         if os.path.lexists(path):
             dest = move_no_clobber(path, failed_dir)
             write_reason(dest, reason)
