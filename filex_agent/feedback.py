@@ -107,7 +107,8 @@ class FeedbackCollector:
             # row "in doubt", and the next download then reuses an identical file instead of
             # filing a second copy.
             self.store.begin_feedback(route.name, f.name, f.size, _modified(f))
-        with atomic_writer(dest, local_name, reuse_identical=in_doubt) as (out, result):
+        with atomic_writer(dest, local_name, reuse_identical=in_doubt,
+                           perms=self.config.file_perms) as (out, result):
             transport.download_feedback(f.name, out)
         path = result[0]
         sub = link_submission(f.name, subs)

@@ -17,7 +17,10 @@ import tempfile
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
+
+if TYPE_CHECKING:
+    from filex_agent.config import FilePerms
 
 CHUNK = 1 << 20
 
@@ -36,6 +39,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def apply_perms(target: int | Path, perms: "FilePerms | None") -> None:
+    """Give a filed file the configured mode and group (fd or path, never following a link).
+    A file the agent does not own (and cannot chown, not being root) keeps what it has."""
+    if perms is None:
+        return
+    if isinstance(target, int):
+        fd = target
+    else:
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # a link moved aside (never followed), or gone
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        try:
+            if perms.gid is not None and st.st_gid != perms.gid:
+                os.fchown(fd, -1, perms.gid)
+            if stat.S_IMODE(st.st_mode) != perms.mode:
+                os.fchmod(fd, perms.mode)
+        except PermissionError:
+            pass  # another user's file, or a group the agent is not in: left as it is
+    finally:
+        if not isinstance(target, int):
+            os.close(fd)
 
 
 def _candidates(dest_dir: Path, name: str) -> Iterator[Path]:
@@ -135,14 +166,15 @@ def move_no_clobber(src: Path, dest_dir: Path, name: str | None = None) -> Path:
 
 
 @contextmanager
-def atomic_writer(dest_dir: Path, name: str, *, reuse_identical: bool = False) -> Iterator[tuple[BinaryIO, list[Path]]]:
+def atomic_writer(dest_dir: Path, name: str, *, reuse_identical: bool = False,
+                  perms: "FilePerms | None" = None) -> Iterator[tuple[BinaryIO, list[Path]]]:
     """Write into a temporary file in dest_dir; on success fsync and link it under a free
     name (never overwriting). Yields (file, result) — result[0] is the final path afterwards.
     On any error the temporary file is removed and nothing appears under the final name.
 
     ``reuse_identical``: if ``name`` (or a ``~N`` variant) already holds exactly these bytes,
     that file is the result and no second copy is linked (redoing a write a crash may have
-    completed)."""
+    completed). ``perms``: mode and group of the file (else mkstemp's 0600)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".filex-partial-", dir=dest_dir)
     result: list[Path] = []
@@ -150,6 +182,7 @@ def atomic_writer(dest_dir: Path, name: str, *, reuse_identical: bool = False) -
         with os.fdopen(fd, "wb") as f:
             yield f, result
             f.flush()
+            apply_perms(f.fileno(), perms)
             os.fsync(f.fileno())
         same = None
         if reuse_identical:
@@ -193,8 +226,10 @@ def sanitize_remote_name(name: str) -> str:
     return name or "feedback"
 
 
-def write_reason(dest: Path, reason: str) -> Path:
-    """``NAME.reason.txt`` beside a file moved aside (never overwriting)."""
-    with atomic_writer(dest.parent, dest.name + ".reason.txt") as (f, result):
-        f.write((reason.rstrip() + "\n").encode("utf-8"))
+def write_reason(dest: Path, reason: str, perms: "FilePerms | None" = None) -> Path:
+    """``NAME.reason.txt`` beside a file moved aside (never overwriting), secrets redacted."""
+    from filex_agent.logging_setup import redact
+
+    with atomic_writer(dest.parent, dest.name + ".reason.txt", perms=perms) as (f, result):
+        f.write((redact(reason).rstrip() + "\n").encode("utf-8"))
     return result[0]

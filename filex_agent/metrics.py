@@ -45,6 +45,12 @@ class Metrics:
         self.last_tracking_poll_success = Gauge(
             "filex_last_tracking_poll_success_timestamp_seconds",
             "Unix time of the last successful tracking poll", registry=r)
+        self.calendar_occurrences = Gauge(
+            "filex_calendar_occurrences", "Filing-calendar occurrences open or under way, by state",
+            ["expectation", "state"], registry=r)
+        self.calendar_next_deadline = Gauge(
+            "filex_calendar_next_deadline_timestamp_seconds", "Unix time of the next deadline of an expectation",
+            ["expectation"], registry=r)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None

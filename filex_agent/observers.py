@@ -25,6 +25,7 @@ from typing import Any
 
 from filex_agent.audit import AuditLog
 from filex_agent.config import Config
+from filex_agent.filing_calendar import WINDOW_REASON
 from filex_agent.hooks import Hooks
 from filex_agent.metrics import Metrics
 from filex_agent.notify import Notification, Notifier
@@ -436,8 +437,8 @@ class ProblemChecks(Hooks):
         limit = timedelta(minutes=minutes)
         waiting: dict[str, list[tuple[datetime, Submission]]] = {}
         for sub in self.store.list([State.QUEUED]):
-            if not sub.reason or sub.attempts == 0:
-                continue  # queued for the first time, or released: not a failure
+            if not sub.reason or sub.attempts == 0 or sub.reason.startswith(WINDOW_REASON):
+                continue  # queued for the first time, released, or waiting for its window: not a failure
             waiting.setdefault(sub.route, []).append((self._failing_since(sub), sub))
         for route, subs in waiting.items():
             since = min(t for t, _ in subs)

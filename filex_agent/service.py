@@ -21,7 +21,8 @@ from types import FrameType
 from filex_agent import sdnotify
 from filex_agent.audit import AuditLog
 from filex_agent.config import Config, NotifySettings, load_config
-from filex_agent.errors import FilexError
+from filex_agent.errors import ConfigError, FilexError
+from filex_agent.filing_calendar import CalendarWatch
 from filex_agent.hooks import MultiHooks
 from filex_agent.logging_setup import configure_logging, register_secret
 from filex_agent.metrics import Metrics, parse_listen
@@ -77,6 +78,7 @@ class Service:
         self.metrics_hooks = MetricsHooks(self.metrics, self.store)
         self.notify_hooks = NotifyHooks(self.notifier, self.store, cfg)
         self.checks = ProblemChecks(cfg, self.store, self.notifier)
+        self.calendar = CalendarWatch(cfg, self.store, self.notifier, self.metrics, on_change=self._audit_occurrence)
         self.daemon = Daemon(cfg, store=self.store, exclusive=exclusive, hooks=MultiHooks(
             self.audit_hooks, self.metrics_hooks, self.notify_hooks, self.checks))
         self.watchdog = sdnotify.Watchdog()
@@ -140,6 +142,10 @@ class Service:
                 log.error("metrics server on %s not started: %s", self.cfg.metrics.listen, exc)
         try:
             self.daemon.start()
+        except ConfigError as exc:  # e.g. a spool a producer replaced: the operator must look
+            log.error("start-up refused: %s", exc)
+            self._shutdown()
+            return 2
         except Exception:
             log.exception("start-up failed")
             self._shutdown()
@@ -147,6 +153,7 @@ class Service:
         self._audit_event("agent.started", routes=[r.name for r in self.cfg.routes], pid=os.getpid())
         self._sweep()
         self.metrics_hooks.refresh(r.name for r in self.cfg.routes)
+        self._guard(self.calendar.run)
         sdnotify.ready(self.status_line())
         self.watchdog.start(self.alive)
         last_status = last_check = time.monotonic()
@@ -177,9 +184,10 @@ class Service:
         return 0
 
     def periodic(self) -> None:
-        """Every minute: problem checks, token counters, queue gauges, audit catch-up."""
-        if self.daemon.leads("alerts"):  # one agent of a cluster alerts, not each
+        """Every minute: problem checks, filing calendar, token counters, queue gauges, audit catch-up."""
+        if self.daemon.leads("alerts"):  # one agent of a cluster alerts and keeps the calendar, not each
             self.checks.run()
+            self._guard(self.calendar.run)
         self.metrics_hooks.poll_token_refreshes(self.daemon.connections)
         self.metrics_hooks.refresh(r.name for r in self.daemon.config.routes)
         self._sweep()
@@ -203,6 +211,11 @@ class Service:
             fn()
         except Exception:  # noqa: BLE001 - housekeeping must not stop the service
             log.exception("%s failed", getattr(fn, "__name__", fn))
+
+    def _audit_occurrence(self, occ, previous: str | None) -> None:  # noqa: ANN001 - an Occurrence
+        self._audit_event("calendar.occurrence", expectation=occ.expectation, period=occ.label,
+                          deadline=occ.deadline.isoformat(), route=occ.route, state=occ.state, previous=previous,
+                          on_time=occ.on_time, submission_id=occ.submission_id, verdict=occ.verdict)
 
     def _audit_event(self, event: str, **fields: object) -> None:
         try:
@@ -265,10 +278,10 @@ class Service:
             return False
         self.cfg = new
         self.notify_hooks.config = new
-        self.checks.config = new
+        self.checks.config = self.calendar.config = new
         if notifier is not None:
             old_notifier, self.notifier = self.notifier, notifier
-            self.notify_hooks.notifier = self.checks.notifier = notifier
+            self.notify_hooks.notifier = self.checks.notifier = self.calendar.notifier = notifier
             old_notifier.stop(timeout=5)
         if (new.agent.log_level, new.agent.log_format) != (old.agent.log_level, old.agent.log_format):
             _configure_logging(new)

@@ -24,23 +24,19 @@ from filex_agent.errors import (
     TransientError,
     UploadUnconfirmed,
 )
-from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
+from filex_agent.fsutil import apply_perms, move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
 from filex_agent.leases import new_owner
 from filex_agent.reconciler import unconfirmed_flag
+from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
 from filex_agent.store import (Attempt, Duplicate, Outcome, StaleEpoch, State, StateConflict, Store, Submission,
                                utcnow)
 
 log = logging.getLogger(__name__)
 
-SPOOL = ".filex-agent"  # inside the outbox: same filesystem, so the claim is an atomic rename
 MAX_UNEXPECTED = 3  # unexpected (non-classified) errors before a file is failed, not retried forever
 MAX_TOKEN_REFUSALS = 6  # fresh tokens refused by fileX before a file is failed
 _RELEASE = {"owner": None, "lease_until": None}  # fields that end a worker's ownership
-
-
-def spool_dir(route: RouteSettings) -> Path:
-    return Path(route.outbox) / SPOOL
 
 
 class Submitter:
@@ -61,6 +57,12 @@ class Submitter:
         except FileNotFoundError:
             return None
         if stat_mod.S_ISDIR(st.st_mode):
+            return None
+        try:
+            check_spool(route)
+        except SpoolError as exc:
+            # Not the file's fault: it stays in the outbox, and is taken once the spool is fixed.
+            log.error("%s; %s stays in the outbox", exc, path.name)
             return None
         try:
             # owner: who is claiming, so that recovery leaves a live agent's claim alone.
@@ -88,12 +90,13 @@ class Submitter:
         if not stat_mod.S_ISREG(st.st_mode):
             return self._fail(sub, path, f"refused: {path.name} is not a regular file")
         target = spool_dir(route) / str(sub.id) / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
         sub = self.store.update(sub.id, local_path=str(target))
         try:
-            os.rename(path, target)
+            problem = claim_into_spool(route, sub.id, path)
         except FileNotFoundError:
             return self._vanished(sub)
+        if problem:
+            return self._fail(sub, target, problem)
         if trigger is not None:
             trigger.unlink(missing_ok=True)
         sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING}, owner=None)
@@ -346,7 +349,8 @@ class Submitter:
                                     move_to=str(failed_dir), expect=None if expect is None else {expect}, **_RELEASE)
         if os.path.lexists(path):
             dest = move_no_clobber(path, failed_dir)
-            write_reason(dest, reason)
+            apply_perms(dest, self.config.file_perms)
+            write_reason(dest, reason, self.config.file_perms)
             sub = self.store.update(sub.id, local_path=str(dest), move_to=None)
         self.hooks.submission_changed(sub, "FAILED")
         return sub
@@ -369,6 +373,7 @@ class Submitter:
         dest_dir = Path(sub.move_to)
         if os.path.lexists(src):
             dest = move_no_clobber(src, dest_dir, sub.file_name)
+            apply_perms(dest, self.config.file_perms)
             _remove_empty_spool_dir(src.parent)
             return self.store.update(sub.id, local_path=str(dest), move_to=None)
         # Crash after the move but before the journal update: the file is already there.

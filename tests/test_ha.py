@@ -34,6 +34,14 @@ def _fill(st) -> None:
     st.begin_feedback("r", "fb2.txt", None, None)  # in doubt
     st.heartbeat_node("old", {"pid": 7})
     st.try_lead("tracking", "old:1:x", 30)
+    from datetime import datetime, timezone
+
+    from filex_agent.store import Occurrence
+
+    due = datetime(2026, 12, 1, 21, 0, tzinfo=timezone.utc)
+    st.save_occurrence(Occurrence("daily", due, due, due, "r", "*.csv", "2026-12-01", "ACCEPTED", True, 4,
+                                  "ACCEPTED", closed=True, updated_at=due))
+    st.record_calendar_alert("daily", due, "LATE", due)
 
 
 def _snapshot(st) -> dict:
@@ -41,7 +49,8 @@ def _snapshot(st) -> dict:
     return {"subs": subs, "events": {s.id: [(e.state, e.detail) for e in st.events(s.id)] for s in subs},
             "attempts": {s.id: st.attempts(s.id) for s in subs}, "fb": st.feedback_keys("r"),
             "fb_for": st.feedback_for(4), "nodes": [(n.node, n.info) for n in st.nodes()],
-            "leaders": {k: (v.owner, v.epoch) for k, v in st.leaders().items()}}
+            "leaders": {k: (v.owner, v.epoch) for k, v in st.leaders().items()},
+            "calendar": [(o, st.calendar_alerts(o.expectation, o.deadline)) for o in st.occurrences()]}
 
 
 def test_journal_migrate_copies_every_row_once(tmp_path, pg_server, pg_url, monkeypatch, capsys):

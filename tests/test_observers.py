@@ -335,6 +335,20 @@ def test_route_down_then_resolved(tmp_path, store):
     assert checks.run() == set() and notifier.resolved == ["ROUTE_DOWN:r1"]
 
 
+def test_route_not_down_while_waiting_for_its_submission_window(tmp_path, store):
+    """A file that failed once and then waits overnight for the route's window is not an outage."""
+    from filex_agent.filing_calendar import WINDOW_REASON
+
+    cfg = make_config(tmp_path, notify={"route_down_minutes": 30})
+    checks = ProblemChecks(cfg, store, RecordingNotifier(), clock=lambda: now[0])
+    now = [utcnow()]
+    sub = _retrying(store, "late.csv", "r1")
+    store.update(sub.id, reason=f"{WINDOW_REASON}: outside the submission window; goes out at 06:00",
+                 next_attempt_at=now[0] + timedelta(hours=10))
+    now[0] += timedelta(hours=9)
+    assert checks.run() == set()
+
+
 def test_route_not_down_while_other_files_get_through(tmp_path, store):
     cfg = make_config(tmp_path, notify={"route_down_minutes": 30})
     notifier = RecordingNotifier()

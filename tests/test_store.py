@@ -363,3 +363,37 @@ def test_one_claim_per_outbox_file_and_the_loser_lets_go(journal):
     assert not b.discard_claim(alone.id)
     assert not b.discard_claim(mine.id)  # not CLAIMING
     assert b.get(alone.id).state is State.CLAIMING
+
+
+def test_calendar_occurrences_and_alerts(journal):
+    from datetime import datetime, timedelta, timezone
+
+    from filex_agent.store import Occurrence
+
+    s = journal()
+    d1 = datetime(2026, 12, 1, 21, 0, tzinfo=timezone.utc)
+    d2 = d1 + timedelta(days=1)
+
+    def occ(deadline, **kw):
+        return Occurrence(expectation="daily", deadline=deadline, opens_at=deadline - timedelta(hours=8),
+                          closes_at=deadline + timedelta(hours=1), route="r", pattern="*.csv",
+                          label=deadline.date().isoformat(), **{"state": "EXPECTED", **kw})
+
+    s.save_occurrence(occ(d1))
+    s.save_occurrence(occ(d2))
+    s.save_occurrence(occ(d1, on_time=True, submission_id=7, verdict="ACCEPTED", closed=True, state="ACCEPTED"))
+    got = s.occurrences("daily")
+    assert [(o.deadline, o.state, o.closed, o.on_time) for o in got] == [(d1, "ACCEPTED", True, True),
+                                                                          (d2, "EXPECTED", False, None)]
+    assert [o.deadline for o in s.occurrences(open_only=True)] == [d2]
+    assert [o.deadline for o in s.occurrences(since=d2)] == [d2] and s.occurrences(until=d1) == []
+    assert s.last_occurrence("daily").deadline == d2 and s.last_occurrence("other") is None
+    s.record_calendar_alert("daily", d2, "LATE", d2)
+    s.record_calendar_alert("daily", d2, "LATE", d2 + timedelta(minutes=5))
+    s.clear_calendar_alert("daily", d2, "LATE", d2 + timedelta(minutes=6))
+    (alert,) = s.calendar_alerts("daily", d2).values()
+    assert (alert.kind, alert.sent_count, alert.first_sent_at, alert.last_sent_at, alert.cleared_at) == (
+        "LATE", 2, d2, d2 + timedelta(minutes=5), d2 + timedelta(minutes=6))
+    sub = _new(s, route="r")
+    assert [x.id for x in s.list_created("r", sub.created_at, sub.created_at + timedelta(seconds=1))] == [sub.id]
+    assert s.list_created("r", sub.created_at + timedelta(seconds=1), sub.created_at + timedelta(seconds=2)) == []

@@ -19,6 +19,8 @@ from filex_agent.transports import UploadResult
 class Scripted:
     """Raises the scripted errors in turn, then succeeds."""
 
+    reports_commit = False  # no finer point of no return: anything may land from the first byte
+
     def __init__(self, errors):
         self.errors = list(errors)
         self.uploads = 0

@@ -45,6 +45,7 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
         "",
         "[environment]",
         'name = "custom"',
+        "allow_insecure = true  # the sandbox speaks plain http on loopback",
         f"fip_token_url = {_toml_str(sb.fip_token_url)}",
         f"api_base_url = {_toml_str(sb.api_base_url)}",
         f"s3_endpoint_url = {_toml_str(sb.s3_endpoint_url)}",
@@ -68,6 +69,10 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
         lines += ["", "[[routes]]", f'name = "{name}"', f"outbox = {_toml_str(str(data_dir / 'outbox' / name))}",
                   f'org = "{org}"', f'application = "{app}"', f'transport = "{kind}"', 'credential = "sandbox"',
                   f"stable_seconds = {stable_seconds}"]
+    if routes and routes[0][3] == "rest":
+        # The filing calendar's demo: due every calendar day, so it shows on any day.
+        lines += ["", "[[expectations]]", 'name = "daily-demo"', f'route = "{routes[0][0]}"', 'pattern = "daily-*"',
+                  'recurrence = "calendar_day"', 'due = "23:59"', 'timezone = "America/New_York"']
     path = data_dir / "filex-agent.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -172,6 +172,43 @@ class NodeInfo:
     leads: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Occurrence:
+    """One due filing of a calendar expectation (filex_agent/filing_calendar.py).
+
+    Keyed by (expectation, deadline). A matching file claimed on ``route`` in
+    [``opens_at``, ``closes_at``) counts for it; ``closed`` once nothing can change it any more.
+    """
+
+    expectation: str
+    deadline: datetime  # UTC
+    opens_at: datetime
+    closes_at: datetime
+    route: str
+    pattern: str
+    label: str  # the period in local terms: "2026-11-25", "2026-Q1", ...
+    state: str  # EXPECTED, DROPPED, SUBMITTED, ACCEPTED, REJECTED, PARTIALLY_REJECTED, MISSED
+    on_time: bool | None = None  # ACCEPTED: uploaded at or before the deadline
+    submission_id: int | None = None  # the submission that satisfied it (or the latest one seen)
+    verdict: str | None = None  # that submission's state
+    early_close: bool = False
+    closed: bool = False
+    updated_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass
+class CalendarAlert:
+    """The last time a calendar alert kind was sent for one occurrence (restart-proof dedupe)."""
+
+    expectation: str
+    deadline: datetime
+    kind: str
+    first_sent_at: datetime
+    last_sent_at: datetime
+    sent_count: int
+    cleared_at: datetime | None = None
+
+
 class Store(abc.ABC):
     """What the daemon needs from a journal. Implementations must be thread-safe."""
 
@@ -247,6 +284,37 @@ class Store(abc.ABC):
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
         """Write-ahead: a download of this remote file is about to start."""
+
+    # -- filing calendar -------------------------------------------------------------------
+    @abc.abstractmethod
+    def list_created(self, route: str, since: datetime, until: datetime) -> list[Submission]:
+        """Submissions of ``route`` claimed (``created_at``) in [since, until), oldest first."""
+
+    @abc.abstractmethod
+    def save_occurrence(self, occ: Occurrence) -> None:
+        """Insert or replace the occurrence keyed by (expectation, deadline)."""
+
+    @abc.abstractmethod
+    def occurrences(self, expectation: str | None = None, since: datetime | None = None,
+                    until: datetime | None = None, open_only: bool = False) -> list[Occurrence]:
+        """Occurrences with ``since <= deadline < until`` (each bound optional), by deadline;
+        ``open_only``: those not ``closed``."""
+
+    @abc.abstractmethod
+    def last_occurrence(self, expectation: str) -> Occurrence | None:
+        """The occurrence of ``expectation`` with the latest deadline."""
+
+    @abc.abstractmethod
+    def calendar_alerts(self, expectation: str, deadline: datetime) -> dict[str, CalendarAlert]:
+        """Alerts recorded for one occurrence, by kind."""
+
+    @abc.abstractmethod
+    def record_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        """An alert was sent at ``at`` (first or again): counted, and no longer cleared."""
+
+    @abc.abstractmethod
+    def clear_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        """The problem the alert was about has ended (its next occurrence alerts at once)."""
 
     def lock_instance(self, holder: str) -> bool:
         """For ``run``: make this process the journal's only daemon, if the journal needs that.

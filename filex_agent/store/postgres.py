@@ -36,12 +36,14 @@ from filex_agent.store import (
     OWNED_BY,
     SCHEMA_VERSION,
     Attempt,
+    CalendarAlert,
     Duplicate,
     Event,
     FeedbackFile,
     JournalUnavailable,
     Lead,
     NodeInfo,
+    Occurrence,
     Outcome,
     SchemaTooNew,
     StaleEpoch,
@@ -102,6 +104,22 @@ CREATE TABLE attempts (
     UNIQUE(submission_id, n)
 );
 CREATE INDEX attempts_outcome ON attempts(outcome);
+CREATE INDEX submissions_route_created ON submissions(route, created_at);
+CREATE TABLE calendar_occurrences (
+    expectation TEXT NOT NULL, deadline TIMESTAMPTZ NOT NULL,
+    opens_at TIMESTAMPTZ NOT NULL, closes_at TIMESTAMPTZ NOT NULL, route TEXT NOT NULL, pattern TEXT NOT NULL,
+    label TEXT NOT NULL, state TEXT NOT NULL, on_time BOOLEAN, submission_id BIGINT, verdict TEXT,
+    early_close BOOLEAN NOT NULL DEFAULT FALSE, closed BOOLEAN NOT NULL DEFAULT FALSE,
+    updated_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (expectation, deadline)
+);
+CREATE INDEX calendar_occurrences_open ON calendar_occurrences(closed, expectation);
+CREATE TABLE calendar_alerts (
+    expectation TEXT NOT NULL, deadline TIMESTAMPTZ NOT NULL, kind TEXT NOT NULL,
+    first_sent_at TIMESTAMPTZ NOT NULL, last_sent_at TIMESTAMPTZ NOT NULL, sent_count INTEGER NOT NULL,
+    cleared_at TIMESTAMPTZ,
+    PRIMARY KEY (expectation, deadline, kind)
+);
 CREATE TABLE nodes (
     node TEXT PRIMARY KEY, started_at TIMESTAMPTZ NOT NULL, heartbeat_at TIMESTAMPTZ NOT NULL,
     info JSONB NOT NULL DEFAULT '{}'
@@ -115,10 +133,12 @@ CREATE TABLE leaders (
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "a schema change needs a migration for PostgreSQL too"
 
 # Tables in the order a copy must fill them (foreign keys), with their identity column.
-TABLES = ["submissions", "events", "attempts", "feedback", "nodes", "leaders"]
+TABLES = ["submissions", "events", "attempts", "feedback", "calendar_occurrences", "calendar_alerts", "nodes",
+          "leaders"]
 
 _SUB_FIELDS = [f.name for f in dc_fields(Submission)]
 _ATTEMPT_FIELDS = [f.name for f in dc_fields(Attempt)]
+_OCC_FIELDS = [f.name for f in dc_fields(Occurrence)]
 # Columns the server sets from its own clock.
 _SERVER_TIME = {"updated_at"}
 
@@ -431,6 +451,56 @@ class PostgresStore(Store):
             (sub_id,)).fetchall())
         return [FeedbackFile(r["id"], r["route"], r["remote_name"], r["remote_size"], r["remote_modified"],
                              r["local_path"], r["submission_id"], r["downloaded_at"]) for r in rows]
+
+    # -- filing calendar -------------------------------------------------------------------
+    def list_created(self, route: str, since: datetime, until: datetime) -> list[Submission]:
+        rows = self._run(lambda cur: cur.execute(
+            "SELECT * FROM submissions WHERE route = %s AND created_at >= %s AND created_at < %s ORDER BY id",
+            (route, since, until)).fetchall())
+        return [_sub(r) for r in rows]
+
+    def save_occurrence(self, occ: Occurrence) -> None:
+        cols = _OCC_FIELDS
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:])
+        self._run(lambda cur: cur.execute(
+            f"INSERT INTO calendar_occurrences ({', '.join(cols)}) VALUES ({', '.join('%s' for _ in cols)}) "
+            f"ON CONFLICT (expectation, deadline) DO UPDATE SET {updates}", [getattr(occ, c) for c in cols]))
+
+    def occurrences(self, expectation: str | None = None, since: datetime | None = None,
+                    until: datetime | None = None, open_only: bool = False) -> list[Occurrence]:
+        sql, args = "SELECT * FROM calendar_occurrences WHERE TRUE", []
+        for cond, value in (("expectation = %s", expectation), ("deadline >= %s", since), ("deadline < %s", until)):
+            if value is not None:
+                sql += f" AND {cond}"
+                args.append(value)
+        if open_only:
+            sql += " AND NOT closed"
+        rows = self._run(lambda cur: cur.execute(sql + " ORDER BY deadline, expectation", args).fetchall())
+        return [Occurrence(**{k: r[k] for k in _OCC_FIELDS}) for r in rows]
+
+    def last_occurrence(self, expectation: str) -> Occurrence | None:
+        r = self._run(lambda cur: cur.execute("SELECT * FROM calendar_occurrences WHERE expectation = %s "
+                                              "ORDER BY deadline DESC LIMIT 1", (expectation,)).fetchone())
+        return None if r is None else Occurrence(**{k: r[k] for k in _OCC_FIELDS})
+
+    def calendar_alerts(self, expectation: str, deadline: datetime) -> dict[str, CalendarAlert]:
+        rows = self._run(lambda cur: cur.execute(
+            "SELECT * FROM calendar_alerts WHERE expectation = %s AND deadline = %s",
+            (expectation, deadline)).fetchall())
+        return {r["kind"]: CalendarAlert(r["expectation"], r["deadline"], r["kind"], r["first_sent_at"],
+                                         r["last_sent_at"], r["sent_count"], r["cleared_at"]) for r in rows}
+
+    def record_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        self._run(lambda cur: cur.execute(
+            "INSERT INTO calendar_alerts (expectation, deadline, kind, first_sent_at, last_sent_at, sent_count, "
+            "cleared_at) VALUES (%s, %s, %s, %s, %s, 1, NULL) ON CONFLICT (expectation, deadline, kind) DO UPDATE "
+            "SET last_sent_at = EXCLUDED.last_sent_at, sent_count = calendar_alerts.sent_count + 1, cleared_at = NULL",
+            (expectation, deadline, kind, at, at)))
+
+    def clear_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        self._run(lambda cur: cur.execute(
+            "UPDATE calendar_alerts SET cleared_at = %s WHERE expectation = %s AND deadline = %s AND kind = %s "
+            "AND cleared_at IS NULL", (at, expectation, deadline, kind)))
 
     # -- attempts, leases, fencing --------------------------------------------------------
     def begin_upload(self, sub_id: int, owner: str, lease_seconds: float, *, transport: str,

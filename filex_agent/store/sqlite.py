@@ -7,19 +7,23 @@ import os
 import sqlite3
 import threading
 from dataclasses import fields as dc_fields
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from filex_agent.errors import FilexError
+from filex_agent.logging_setup import redact
 from filex_agent.store import (
     OWNED_BY,
     SCHEMA_VERSION,
     Attempt,
+    CalendarAlert,
     Duplicate,
     Event,
     JournalLocked,
     Lead,
     NodeInfo,
+    Occurrence,
     SchemaTooNew,
     Outcome,
     StaleEpoch,
@@ -62,6 +66,20 @@ CREATE TABLE IF NOT EXISTS feedback (
     UNIQUE(route, remote_name, remote_size, remote_modified)
 );
 CREATE INDEX IF NOT EXISTS feedback_sub ON feedback(submission_id);
+CREATE INDEX IF NOT EXISTS submissions_route_created ON submissions(route, created_at);
+CREATE TABLE IF NOT EXISTS calendar_occurrences (
+    expectation TEXT NOT NULL, deadline TEXT NOT NULL,
+    opens_at TEXT NOT NULL, closes_at TEXT NOT NULL, route TEXT NOT NULL, pattern TEXT NOT NULL,
+    label TEXT NOT NULL, state TEXT NOT NULL, on_time INTEGER, submission_id INTEGER, verdict TEXT,
+    early_close INTEGER NOT NULL DEFAULT 0, closed INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL,
+    PRIMARY KEY (expectation, deadline)
+);
+CREATE INDEX IF NOT EXISTS calendar_occurrences_open ON calendar_occurrences(closed, expectation);
+CREATE TABLE IF NOT EXISTS calendar_alerts (
+    expectation TEXT NOT NULL, deadline TEXT NOT NULL, kind TEXT NOT NULL,
+    first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL, sent_count INTEGER NOT NULL, cleared_at TEXT,
+    PRIMARY KEY (expectation, deadline, kind)
+);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     submission_id INTEGER NOT NULL REFERENCES submissions(id),
@@ -95,7 +113,14 @@ _ATTEMPT_FIELDS = [f.name for f in dc_fields(Attempt)]
 _ATTEMPT_DT = {"started_at", "committed_at", "ended_at", "decide_by"}
 
 
+# Free text that may carry an exception's message: scrubbed like a log line before it is kept
+# (the journal is read by `status`, the audit trail, alerts and reason files).
+_TEXT_FIELDS = frozenset({"reason", "flag"})
+
+
 def _enc(key: str, value: Any) -> Any:
+    if key in _TEXT_FIELDS and isinstance(value, str):
+        return redact(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, State):
@@ -116,6 +141,25 @@ def _where(states: Iterable[State] | None, route: str | None) -> tuple[str, list
     return sql, args
 
 
+_OCC_COLS = ("expectation", "deadline", "opens_at", "closes_at", "route", "pattern", "label", "state", "on_time",
+             "submission_id", "verdict", "early_close", "closed", "updated_at")
+
+
+def _ts(value: datetime) -> str:
+    """Instants as ISO text in UTC: one spelling per instant, so keys and text comparisons agree."""
+    return value.astimezone(timezone.utc).isoformat()
+
+
+def _row_to_occ(row: sqlite3.Row) -> Occurrence:
+    return Occurrence(
+        expectation=row["expectation"], deadline=datetime.fromisoformat(row["deadline"]),
+        opens_at=datetime.fromisoformat(row["opens_at"]), closes_at=datetime.fromisoformat(row["closes_at"]),
+        route=row["route"], pattern=row["pattern"], label=row["label"], state=row["state"],
+        on_time=None if row["on_time"] is None else bool(row["on_time"]), submission_id=row["submission_id"],
+        verdict=row["verdict"], early_close=bool(row["early_close"]), closed=bool(row["closed"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]))
+
+
 def _row_to_sub(row: sqlite3.Row) -> Submission:
     data = {k: row[k] for k in _SUB_FIELDS}
     for k in _DT_FIELDS:
@@ -134,10 +178,39 @@ def _row_to_attempt(row: sqlite3.Row) -> Attempt:
     return Attempt(**data)
 
 
+class JournalOwnerError(FilexError):
+    """root about to open (and so create root-owned -wal/-shm files in) another user's journal."""
+
+
+def _refuse_foreign_journal_as_root(path: Path) -> None:
+    """As root, SQLite would create ``-wal``/``-shm`` (or the journal itself) owned by root, which
+    the daemon, running as its own user, then cannot open: refuse, naming the owner."""
+    if os.geteuid() != 0:
+        return
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), path.parent):
+        try:
+            uid = os.stat(p).st_uid
+        except FileNotFoundError:
+            continue
+        if uid != 0:
+            try:
+                import pwd
+
+                user = pwd.getpwuid(uid).pw_name
+            except (ImportError, KeyError):
+                user = str(uid)
+            raise JournalOwnerError(
+                f"the journal {path} belongs to {user}; as root this command would leave files there the "
+                f"agent cannot open. Run it as that user: sudo -u {user} filex-agent ...")
+        if p == path:  # the journal exists and is root's: its folder does not matter
+            break
+
+
 class SQLiteStore(Store):
     def __init__(self, path: Path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_foreign_journal_as_root(path)
         self.path = path
         # One connection guarded by a lock: writes are small and serialised anyway.
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -244,7 +317,7 @@ class SQLiteStore(Store):
             sets = ", ".join(f"{k} = ?" for k in fields)
             db.execute(f"UPDATE submissions SET {sets} WHERE id = ?", [_enc(k, v) for k, v in fields.items()] + [sub_id])
             db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
-                       (sub_id, now.isoformat(), str(state), detail))
+                       (sub_id, now.isoformat(), str(state), None if detail is None else redact(detail)))
         return self.get(sub_id)
 
     def update(self, sub_id: int, *, epoch: int | None = None, **fields: Any) -> Submission:
@@ -355,6 +428,70 @@ class SQLiteStore(Store):
                              datetime.fromisoformat(r["downloaded_at"]) if r["downloaded_at"] else None)
                 for r in rows]
 
+    # -- filing calendar -------------------------------------------------------------------
+    def list_created(self, route: str, since: datetime, until: datetime) -> list[Submission]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM submissions WHERE route = ? AND created_at >= ? AND created_at < ? ORDER BY id",
+                (route, _ts(since), _ts(until))).fetchall()
+        return [_row_to_sub(r) for r in rows]
+
+    def save_occurrence(self, occ: Occurrence) -> None:
+        values = [getattr(occ, c) for c in _OCC_COLS]
+        values = [_ts(v) if isinstance(v, datetime) else int(v) if isinstance(v, bool) else v for v in values]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _OCC_COLS[2:])
+        with self._tx() as db:
+            # INSERT ... ON CONFLICT DO UPDATE: the same statement works on PostgreSQL.
+            db.execute(f"INSERT INTO calendar_occurrences ({', '.join(_OCC_COLS)}) "
+                       f"VALUES ({', '.join('?' for _ in _OCC_COLS)}) "
+                       f"ON CONFLICT (expectation, deadline) DO UPDATE SET {updates}", values)
+
+    def occurrences(self, expectation: str | None = None, since: datetime | None = None,
+                    until: datetime | None = None, open_only: bool = False) -> list[Occurrence]:
+        sql, args = "SELECT * FROM calendar_occurrences WHERE 1=1", []
+        if expectation is not None:
+            sql += " AND expectation = ?"
+            args.append(expectation)
+        if since is not None:
+            sql += " AND deadline >= ?"
+            args.append(_ts(since))
+        if until is not None:
+            sql += " AND deadline < ?"
+            args.append(_ts(until))
+        if open_only:
+            sql += " AND closed = 0"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY deadline, expectation", args).fetchall()
+        return [_row_to_occ(r) for r in rows]
+
+    def last_occurrence(self, expectation: str) -> Occurrence | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM calendar_occurrences WHERE expectation = ? "
+                                   "ORDER BY deadline DESC LIMIT 1", (expectation,)).fetchone()
+        return None if row is None else _row_to_occ(row)
+
+    def calendar_alerts(self, expectation: str, deadline: datetime) -> dict[str, CalendarAlert]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM calendar_alerts WHERE expectation = ? AND deadline = ?",
+                                    (expectation, _ts(deadline))).fetchall()
+        return {r["kind"]: CalendarAlert(
+            r["expectation"], datetime.fromisoformat(r["deadline"]), r["kind"],
+            datetime.fromisoformat(r["first_sent_at"]), datetime.fromisoformat(r["last_sent_at"]), r["sent_count"],
+            datetime.fromisoformat(r["cleared_at"]) if r["cleared_at"] else None) for r in rows}
+
+    def record_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO calendar_alerts (expectation, deadline, kind, first_sent_at, last_sent_at, "
+                       "sent_count, cleared_at) VALUES (?, ?, ?, ?, ?, 1, NULL) "
+                       "ON CONFLICT (expectation, deadline, kind) DO UPDATE SET last_sent_at = excluded.last_sent_at, "
+                       "sent_count = calendar_alerts.sent_count + 1, cleared_at = NULL",
+                       (expectation, _ts(deadline), kind, _ts(at), _ts(at)))
+
+    def clear_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE calendar_alerts SET cleared_at = ? WHERE expectation = ? AND deadline = ? "
+                       "AND kind = ? AND cleared_at IS NULL", (_ts(at), expectation, _ts(deadline), kind))
+
     def lock_instance(self, holder: str) -> bool:
         """An flock on ``JOURNAL.lock`` held until the process ends (the kernel drops it if the
         process dies, so a crash never leaves a stale lock); the holder is written into it."""
@@ -449,7 +586,8 @@ class SQLiteStore(Store):
             self._fenced_attempt(db, attempt_id, epoch)
             db.execute("UPDATE attempts SET outcome = ?, detail = COALESCE(?, detail), decide_by = ?, "
                        "ended_at = CASE WHEN ? = 'UNCONFIRMED' THEN ended_at ELSE ? END WHERE id = ?",
-                       (outcome.value, detail, decide_by.isoformat() if decide_by else None, outcome.value, now,
+                       (outcome.value, None if detail is None else redact(detail),
+                        decide_by.isoformat() if decide_by else None, outcome.value, now,
                         attempt_id))
         return self._attempt(attempt_id)
 
