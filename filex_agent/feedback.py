@@ -15,7 +15,7 @@ from filex_agent.config import Config, RouteSettings
 from filex_agent.errors import AuthError, FilexError, NotEntitledError, PermanentError
 from filex_agent.fsutil import atomic_writer, sanitize_remote_name
 from filex_agent.hooks import Hooks
-from filex_agent.store import Store, Submission
+from filex_agent.store import Duplicate, Store, Submission
 from filex_agent.transports import RemoteFile
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,17 @@ class FeedbackCollector:
             transport.download_feedback(f.name, out)
         path = result[0]
         sub = link_submission(f.name, subs)
-        self.store.record_feedback(route.name, f.name, f.size, _modified(f), str(path), sub.id if sub else None)
+        try:
+            self.store.record_feedback(route.name, f.name, f.size, _modified(f), str(path), sub.id if sub else None)
+        except Duplicate:
+            # Agents sharing a journal: a collector paused past its lead resumed after the new
+            # leader had filed this file. The recorded copy stands; this one goes.
+            recorded = [x.local_path for x in self.store.feedback_for(sub.id)
+                        if x.remote_name == f.name] if sub is not None else []
+            if recorded and Path(recorded[0]) != path:
+                path.unlink(missing_ok=True)
+            log.info("route %s: feedback %s was filed meanwhile by another agent", route.name, f.name)
+            return 0
         log.info("route %s: feedback %s filed as %s%s", route.name, f.name, path,
                  f" (submission {sub.id})" if sub else "")
         if sub is not None:
