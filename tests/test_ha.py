@@ -222,3 +222,42 @@ def test_doctor_checks_the_journal(tmp_path, pg_server, pg_url):
     assert d.failed and "FAIL  journal:" in out and "pg_hba.conf" in out and pg_server.password not in out
     d, out = doctor({})
     assert not d.failed and "will be created" in out
+
+
+def test_a_collector_that_lost_its_lead_leaves_the_new_leaders_copy(sandbox, sandbox_config, monkeypatch):
+    """Collector A is paused after downloading a feedback file, before recording it; B (the new
+    leader) files it meanwhile. A's record is refused and its own copy removed: one local copy."""
+    import os
+    from pathlib import Path
+
+    from filex_agent.daemon import Daemon
+    from filex_agent.feedback import FeedbackCollector
+
+    cfg = sandbox_config(transports=("s3",))
+    d = Daemon(cfg)
+    route = cfg.routes[0]
+    sub = d.store.create(route=route.name, org=route.org, application=route.application, transport="s3",
+                         file_name="FBRACE.csv", source_path="/o/FBRACE.csv", local_path="/o/FBRACE.csv",
+                         state=State.SUBMITTED, tracking_id=f"fbrace-{os.getpid()}")
+    name = f"FBRACE_{sub.tracking_id}_feedback.txt"
+    sandbox.admin_s3.put_object(Bucket=sandbox.bucket, Key=f"{route.org}/{route.application}/out/{name}",
+                                Body=b"feedback\n")
+    a = FeedbackCollector(cfg, d.store, d.connections, d.hooks)
+    b = FeedbackCollector(cfg, d.store, d.connections, d.hooks)
+    real = d.store.record_feedback
+    raced = []
+
+    def paused_then_record(*args, **kw):
+        if not raced:  # A's first record: B runs a whole cycle "while A is paused"
+            raced.append(1)
+            monkeypatch.setattr(d.store, "record_feedback", real)
+            assert b.collect(route) == 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(d.store, "record_feedback", paused_then_record)
+    assert a.collect(route) == 0
+    folder = route.folder("feedback", cfg.agent.data_dir)
+    assert [p.name for p in folder.iterdir() if p.name.startswith("FBRACE")] == [name]
+    (filed,) = d.store.feedback_for(sub.id)
+    assert Path(filed.local_path).name == name
+    d.stop(grace=0)
