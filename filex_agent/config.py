@@ -481,7 +481,7 @@ class RouteSettings(_Strict):
     include: list[str] = ["*"]
     ignore: list[str] = DEFAULT_IGNORE
     # "stable": taken after close-after-write and stable_seconds without size/mtime change;
-    # "trigger": taken when NAME<trigger_suffix> appears beside NAME.
+    # "trigger": taken when NAME<trigger_suffix> appears beside NAME and NAME is stable as well.
     readiness: Literal["stable", "trigger"] = "stable"
     stable_seconds: float = Field(5.0, ge=0)
     trigger_suffix: str = ".done"

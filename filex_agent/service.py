@@ -151,6 +151,7 @@ class Service:
             self._shutdown()
             return 1
         self._audit_event("agent.started", routes=[r.name for r in self.cfg.routes], pid=os.getpid())
+        self._guard(self.notify_hooks.resume)
         self._sweep()
         self.metrics_hooks.refresh(r.name for r in self.cfg.routes)
         self._guard(self.calendar.run)

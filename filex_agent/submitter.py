@@ -24,7 +24,7 @@ from filex_agent.errors import (
     TransientError,
     UploadUnconfirmed,
 )
-from filex_agent.fsutil import apply_perms, move_no_clobber, sha256_file, write_reason
+from filex_agent.fsutil import apply_perms, forget_move_marker, move_no_clobber, sha256_file, write_reason
 from filex_agent.hooks import Hooks
 from filex_agent.leases import new_owner
 from filex_agent.reconciler import unconfirmed_flag
@@ -55,6 +55,7 @@ class Submitter:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
+            _consume(trigger)  # vanished: its trigger must not release the next file of that name
             return None
         if stat_mod.S_ISDIR(st.st_mode):
             return None
@@ -79,6 +80,11 @@ class Submitter:
         None when another agent sharing the journal claimed the file first (this row is gone)."""
         route = self.config.route(sub.route)
         path = Path(sub.source_path)
+        if trigger is None and route.readiness == "trigger":
+            trigger = path.with_name(path.name + route.trigger_suffix)  # recovery finishing a claim
+        # Consumed first, on every path that takes the file (claimed, refused, vanished): a trigger
+        # left behind would release the next file of that name while it is being written.
+        _consume(trigger)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -97,8 +103,6 @@ class Submitter:
             return self._vanished(sub)
         if problem:
             return self._fail(sub, target, problem)
-        if trigger is not None:
-            trigger.unlink(missing_ok=True)
         sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING}, owner=None)
         self.hooks.submission_changed(sub, "claimed")
         return self.validate(sub)
@@ -379,6 +383,7 @@ class Submitter:
         # Crash after the move but before the journal update: the file is already there.
         for cand in sorted(dest_dir.glob(f"{Path(sub.file_name).stem}*")):
             if sub.sha256 and cand.is_file() and cand.stat().st_size == sub.size and sha256_file(cand) == sub.sha256:
+                forget_move_marker(cand)  # a copy-move cut off after the source went
                 return self.store.update(sub.id, local_path=str(cand), move_to=None)
         log.error("submission %s: original %s is missing and not found in %s", sub.id, src, dest_dir)
         return self.store.update(sub.id, move_to=None, flag=f"original file missing (was {src})")
@@ -399,6 +404,14 @@ def _private_copy(path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _consume(trigger: Path | None) -> None:
+    if trigger is not None:
+        try:
+            trigger.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. a directory of that name: say so, the claim goes on
+            log.warning("cannot remove trigger %s: %s", trigger, exc.strerror or exc)
 
 
 def _remove_empty_spool_dir(d: Path) -> None:

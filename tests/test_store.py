@@ -1,12 +1,15 @@
 """The journal's conformance suite: every test runs against SQLite and PostgreSQL (``journal``
 opens the test's journal; calling it again is a reopen, or a second node on the same journal)."""
 
+import sqlite3
 import threading
 import time
 
 import pytest
 
-from filex_agent.store import Duplicate, Outcome, SchemaTooNew, StaleEpoch, State, StateConflict
+from filex_agent.store import (Duplicate, FeedbackAlreadyFiled, Outcome, SchemaTooNew, StaleEpoch, State,
+                               StateConflict)
+from filex_agent.store.sqlite import SQLiteStore
 
 
 def _new(store, **kw):
@@ -133,8 +136,9 @@ def test_feedback_recorded_once(journal):
     s.record_feedback("r", "f.txt", 10, "2025-01-01", "/fb/f.txt", sub.id)
     assert s.feedback_seen("r", "f.txt", 10, "2025-01-01")
     assert not s.feedback_seen("r", "f.txt", 11, "2025-01-01")
-    with pytest.raises(Duplicate):
+    with pytest.raises(FeedbackAlreadyFiled) as caught:  # the store's conflict, not SQLite's
         s.record_feedback("r", "f.txt", 10, "2025-01-01", "/fb/f~1.txt", sub.id)
+    assert caught.value.local_path == "/fb/f.txt" and not isinstance(caught.value, sqlite3.Error)
     assert [f.local_path for f in s.feedback_for(sub.id)] == ["/fb/f.txt"]
 
 
@@ -397,3 +401,64 @@ def test_calendar_occurrences_and_alerts(journal):
     sub = _new(s, route="r")
     assert [x.id for x in s.list_created("r", sub.created_at, sub.created_at + timedelta(seconds=1))] == [sub.id]
     assert s.list_created("r", sub.created_at + timedelta(seconds=1), sub.created_at + timedelta(seconds=2)) == []
+
+
+def test_feedback_key_time_is_the_utc_second_whatever_the_transport_wrote():
+    from datetime import datetime, timezone
+
+    from filex_agent.store import feedback_instant
+
+    same = ["2025-08-22T17:29:58.000-04:00", "2025-08-22T17:29:58.999-04:00", "2025-08-22 21:29:58+00:00",
+            "2025-08-22T21:29:58Z", datetime(2025, 8, 22, 21, 29, 58, 500000, tzinfo=timezone.utc),
+            datetime.fromtimestamp(1755898198, timezone.utc)]
+    assert {feedback_instant(v) for v in same} == {"2025-08-22T21:29:58Z"}
+    assert feedback_instant(None) is None and feedback_instant("not a time") == "not a time"
+
+
+def test_older_feedback_rows_are_normalised_when_the_journal_is_opened(tmp_path):
+    import sqlite3
+
+    s = SQLiteStore(tmp_path / "j.sqlite3")
+    s.record_feedback("r", "a.txt", 5, "2025-08-22T21:29:58Z", "/fb/a.txt", None)
+    s.close()
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:  # as an older agent wrote it, over REST
+        db.execute("UPDATE feedback SET remote_modified = '2025-08-22T17:29:58-04:00'")
+    db.close()
+    s = SQLiteStore(tmp_path / "j.sqlite3")
+    assert s.feedback_keys("r") == ({("a.txt", 5, "2025-08-22T21:29:58Z")}, set())
+    assert s.feedback_seen("r", "a.txt", 5, "2025-08-22T21:29:58.000+00:00")
+    s.close()
+
+
+def test_feedback_times_are_one_key_whatever_the_transport_wrote(journal):
+    s = journal()
+    s.begin_feedback("r", "a.txt", 5, "2025-08-22T17:29:58.000-04:00")  # REST's spelling
+    assert s.feedback_keys("r") == (set(), {("a.txt", 5, "2025-08-22T21:29:58Z")})
+    s.record_feedback("r", "a.txt", 5, "2025-08-22 21:29:58+00:00", "/fb/a.txt", None)  # S3's
+    assert s.feedback_seen("r", "a.txt", 5, "2025-08-22T21:29:58Z")
+    with pytest.raises(FeedbackAlreadyFiled):
+        s.record_feedback("r", "a.txt", 5, "2025-08-22T21:29:58.9Z", "/fb/a~1.txt", None)
+    assert s.feedback_keys("r") == ({("a.txt", 5, "2025-08-22T21:29:58Z")}, set())
+
+
+def test_feedback_candidates_by_tracking_id_or_stem(journal):
+    s = journal()
+    a = _new(s, file_name="REPORT.csv", state=State.SUBMITTED, tracking_id="t-a")
+    b = _new(s, file_name="arch.tar.gz", state=State.ACCEPTED, tracking_id="t-b")
+    _new(s, file_name="REPORT.txt", state=State.QUEUED)  # fileX has not got it: never a candidate
+    c = _new(s, file_name=".rc", state=State.REJECTED)
+    _new(s, route="other", file_name="REPORT.csv", state=State.SUBMITTED, tracking_id="t-x")
+    assert [x.id for x in s.feedback_candidates("r", ["REPORT", "zzz"])] == [a.id]
+    assert [x.id for x in s.feedback_candidates("r", ["arch.tar", "t-a"])] == [a.id, b.id]
+    assert [x.id for x in s.feedback_candidates("r", [".rc"])] == [c.id]
+    assert s.feedback_candidates("r", []) == []
+
+
+def test_each_alert_is_journaled_once(journal):
+    s = journal()
+    rej = _new(s, file_name="a.csv", state=State.REJECTED)
+    part = _new(s, file_name="b.csv", state=State.PARTIALLY_REJECTED)
+    assert [x.id for x in s.unalerted([State.REJECTED, State.PARTIALLY_REJECTED])] == [rej.id, part.id]
+    assert s.mark_alerted(rej.id, "REJECTED")
+    assert not s.mark_alerted(rej.id, "REJECTED")  # a second sender (restart, another agent) stands down
+    assert [x.id for x in s.unalerted([State.REJECTED, State.PARTIALLY_REJECTED])] == [part.id]

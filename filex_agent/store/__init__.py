@@ -44,6 +44,8 @@ class State(str, enum.Enum):
 
 FINAL_STATES = frozenset({State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED, State.FAILED})
 PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.UNCONFIRMED, State.SUBMITTED})
+# fileX has the bytes: the only submissions a feedback file can belong to.
+REACHED_STATES = frozenset({State.SUBMITTED, State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED})
 
 
 class Outcome(str, enum.Enum):
@@ -262,6 +264,9 @@ class Store(abc.ABC):
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
         """An earlier submission of the same bytes that is pending or ACCEPTED."""
 
+    # The feedback once-only key is (route, remote_name, remote_size, remote_modified), with
+    # remote_modified normalised by ``feedback_instant`` on the way in and out (implementations
+    # must do both, so rows written before the normalisation still match).
     @abc.abstractmethod
     def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
                       remote_modified: str | None) -> bool: ...
@@ -269,10 +274,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def record_feedback(self, route: str, remote_name: str, remote_size: int | None,
                         remote_modified: str | None, local_path: str | None,
-                        submission_id: int | None) -> FeedbackFile: ...
+                        submission_id: int | None) -> FeedbackFile:
+        """Confirm a download (completing a ``begin_feedback`` row if there is one);
+        ``FeedbackAlreadyFiled`` if that remote file is recorded as filed already."""
 
     @abc.abstractmethod
     def feedback_for(self, sub_id: int) -> list[FeedbackFile]: ...
+
+    @abc.abstractmethod
+    def feedback_candidates(self, route: str, parts: Iterable[str]) -> list[Submission]:
+        """Submissions of ``route`` that reached fileX (``REACHED_STATES``) whose tracking id or
+        file stem (the name without its last extension) is one of ``parts``: an indexed lookup,
+        whatever the size of the history."""
 
     @abc.abstractmethod
     def feedback_keys(self, route: str) -> tuple[set[FeedbackKey], set[FeedbackKey]]:
@@ -284,6 +297,17 @@ class Store(abc.ABC):
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
         """Write-ahead: a download of this remote file is about to start."""
+
+    # -- alerts ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def mark_alerted(self, sub_id: int, kind: str) -> bool:
+        """Journal that the ``kind`` alert of a submission is being sent (before it is handed to
+        the notifier); False if it was already: each such alert goes out once, across restarts."""
+
+    @abc.abstractmethod
+    def unalerted(self, states: Iterable[State]) -> list[Submission]:
+        """Submissions in ``states`` whose alert of that state has not been sent (a restart came
+        while it waited for feedback). Rows final before the journal knew alerts count as sent."""
 
     # -- filing calendar -------------------------------------------------------------------
     @abc.abstractmethod
@@ -401,6 +425,43 @@ class Store(abc.ABC):
 
 
 FeedbackKey = tuple[str, "int | None", "str | None"]
+
+
+def file_stem(name: str) -> str:
+    """``name`` without its last extension (``a.tar.gz`` → ``a.tar``; ``noext`` and ``.rc`` whole),
+    as the journal indexes it for ``feedback_candidates``."""
+    return name if name.find(".") <= 0 else name[: name.rfind(".")]
+
+
+def feedback_instant(value: datetime | str | None) -> str | None:
+    """A remote file's modified time as the feedback once-only key holds it: the UTC instant at
+    whole-second precision (``2025-08-22T21:29:58Z``), whatever the transport said.
+
+    REST lists ``2025-08-22T17:29:58.000-04:00``, S3 ``2025-08-22 21:29:58+00:00``, SFTP integer
+    seconds: the same ``out`` file must give the same key over each, or changing a route's
+    transport would file every feedback file again. Truncated, not rounded: SFTP truncates.
+    Text that is not a time (or a naive time, taken as UTC) is kept as it is / read as UTC.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+        except ValueError:
+            return text
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FeedbackAlreadyFiled(Exception):
+    """``record_feedback`` for a remote file the journal has filed already (listed twice, or
+    filed meanwhile by another process): filing it again would make a second copy."""
+
+    def __init__(self, message: str, local_path: str | None = None):
+        super().__init__(message)
+        self.local_path = local_path  # where the earlier filing put it
 
 
 class StateConflict(Exception):

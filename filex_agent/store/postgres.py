@@ -39,18 +39,21 @@ from filex_agent.store import (
     CalendarAlert,
     Duplicate,
     Event,
+    FeedbackAlreadyFiled,
     FeedbackFile,
     JournalUnavailable,
     Lead,
     NodeInfo,
     Occurrence,
     Outcome,
+    REACHED_STATES,
     SchemaTooNew,
     StaleEpoch,
     State,
     StateConflict,
     Store,
     Submission,
+    feedback_instant,
 )
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,13 @@ CREATE TABLE calendar_alerts (
     cleared_at TIMESTAMPTZ,
     PRIMARY KEY (expectation, deadline, kind)
 );
+-- Feedback linking looks file stems up (the name without its last extension, as store.file_stem).
+CREATE INDEX submissions_route_stem ON submissions(route, (CASE WHEN strpos(file_name, '.') <= 1 THEN file_name
+    ELSE regexp_replace(file_name, '\\.[^.]*$', '') END));
+CREATE TABLE alerts (
+    submission_id BIGINT NOT NULL REFERENCES submissions(id), kind TEXT NOT NULL, sent_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (submission_id, kind)
+);
 CREATE TABLE nodes (
     node TEXT PRIMARY KEY, started_at TIMESTAMPTZ NOT NULL, heartbeat_at TIMESTAMPTZ NOT NULL,
     info JSONB NOT NULL DEFAULT '{}'
@@ -133,8 +143,11 @@ CREATE TABLE leaders (
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "a schema change needs a migration for PostgreSQL too"
 
 # Tables in the order a copy must fill them (foreign keys), with their identity column.
-TABLES = ["submissions", "events", "attempts", "feedback", "calendar_occurrences", "calendar_alerts", "nodes",
-          "leaders"]
+TABLES = ["submissions", "events", "attempts", "feedback", "alerts", "calendar_occurrences", "calendar_alerts",
+          "nodes", "leaders"]
+# The stem expression of the submissions_route_stem index, verbatim (so the planner uses it).
+_STEM = ("(CASE WHEN strpos(file_name, '.') <= 1 THEN file_name "
+         "ELSE regexp_replace(file_name, '\\.[^.]*$', '') END)")
 
 _SUB_FIELDS = [f.name for f in dc_fields(Submission)]
 _ATTEMPT_FIELDS = [f.name for f in dc_fields(Attempt)]
@@ -399,8 +412,10 @@ class PostgresStore(Store):
     _FB_KEY = ("route = %s AND remote_name = %s AND remote_size IS NOT DISTINCT FROM %s "
                "AND remote_modified IS NOT DISTINCT FROM %s")
 
+    # remote_modified is normalised (feedback_instant) on the way in and out, as the Store says.
     def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
                       remote_modified: str | None) -> bool:
+        remote_modified = feedback_instant(remote_modified)
         row = self._run(lambda cur: cur.execute(
             f"SELECT 1 FROM feedback WHERE {self._FB_KEY} AND downloaded_at IS NOT NULL",
             (route, remote_name, remote_size, remote_modified)).fetchone())
@@ -413,12 +428,13 @@ class PostgresStore(Store):
             "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = %s",
             (route,)).fetchall())
         for r in rows:
-            key = (r["remote_name"], r["remote_size"], r["remote_modified"])
+            key = (r["remote_name"], r["remote_size"], feedback_instant(r["remote_modified"]))
             (filed if r["downloaded_at"] is not None else doubt).add(key)
         return filed, doubt
 
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
+        remote_modified = feedback_instant(remote_modified)
         self._run(lambda cur: cur.execute(
             "INSERT INTO feedback (route, remote_name, remote_size, remote_modified) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT DO NOTHING", (route, remote_name, remote_size, remote_modified)))
@@ -426,13 +442,16 @@ class PostgresStore(Store):
     def record_feedback(self, route: str, remote_name: str, remote_size: int | None,
                         remote_modified: str | None, local_path: str | None,
                         submission_id: int | None) -> FeedbackFile:
-        key = (route, remote_name, remote_size, remote_modified)
+        key = (route, remote_name, remote_size, feedback_instant(remote_modified))
 
         def go(cur: psycopg.Cursor) -> dict[str, Any]:
-            row = cur.execute(f"SELECT id, downloaded_at FROM feedback WHERE {self._FB_KEY} FOR UPDATE",
+            row = cur.execute(f"SELECT id, downloaded_at, local_path FROM feedback WHERE {self._FB_KEY} FOR UPDATE",
                               key).fetchone()
             if row is not None and row["downloaded_at"] is not None:
-                raise Duplicate(f"feedback {remote_name!r} of route {route} is recorded already")
+                # Filed already (listed twice, or by another agent): a second copy would break "once".
+                raise FeedbackAlreadyFiled(f"feedback {remote_name!r} of route {route} is filed already"
+                                           + (f" as {row['local_path']}" if row["local_path"] else ""),
+                                           row["local_path"])
             if row is None:
                 return cur.execute(
                     "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, submission_id, "
@@ -451,6 +470,29 @@ class PostgresStore(Store):
             (sub_id,)).fetchall())
         return [FeedbackFile(r["id"], r["route"], r["remote_name"], r["remote_size"], r["remote_modified"],
                              r["local_path"], r["submission_id"], r["downloaded_at"]) for r in rows]
+
+    def feedback_candidates(self, route: str, parts: Iterable[str]) -> list[Submission]:
+        parts = sorted(set(parts))
+        states = [str(st) for st in REACHED_STATES]
+        rows = self._run(lambda cur: cur.execute(
+            f"SELECT * FROM submissions WHERE route = %s AND state = ANY(%s) AND "
+            f"(tracking_id = ANY(%s) OR {_STEM} = ANY(%s)) ORDER BY id", (route, states, parts, parts)).fetchall())
+        return [_sub(r) for r in rows]
+
+    # -- alerts ----------------------------------------------------------------------------
+    def mark_alerted(self, sub_id: int, kind: str) -> bool:
+        row = self._run(lambda cur: cur.execute(
+            "INSERT INTO alerts (submission_id, kind, sent_at) VALUES (%s, %s, now()) ON CONFLICT DO NOTHING "
+            "RETURNING kind", (sub_id, kind)).fetchone())
+        return row is not None
+
+    def unalerted(self, states: Iterable[State]) -> list[Submission]:
+        names = [str(st) for st in states]
+        rows = self._run(lambda cur: cur.execute(
+            "SELECT * FROM submissions s WHERE state = ANY(%s) AND NOT EXISTS "
+            "(SELECT 1 FROM alerts a WHERE a.submission_id = s.id AND a.kind = s.state) ORDER BY id",
+            (names,)).fetchall())
+        return [_sub(r) for r in rows]
 
     # -- filing calendar -------------------------------------------------------------------
     def list_created(self, route: str, since: datetime, until: datetime) -> list[Submission]:

@@ -20,6 +20,7 @@ from filex_agent.store import (
     CalendarAlert,
     Duplicate,
     Event,
+    FeedbackAlreadyFiled,
     JournalLocked,
     Lead,
     NodeInfo,
@@ -28,10 +29,12 @@ from filex_agent.store import (
     Outcome,
     StaleEpoch,
     FeedbackFile,
+    REACHED_STATES,
     State,
     StateConflict,
     Store,
     Submission,
+    feedback_instant,
     utcnow,
 )
 
@@ -53,6 +56,7 @@ CREATE INDEX IF NOT EXISTS submissions_sha ON submissions(org, application, sha2
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_tracking ON submissions(tracking_id) WHERE tracking_id IS NOT NULL;
 -- One claim per outbox file at a time: a second agent's claim of the same file is refused (Duplicate).
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_claiming ON submissions(source_path) WHERE state = 'CLAIMING';
+CREATE INDEX IF NOT EXISTS submissions_route_stem ON submissions(route, {stem});
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     submission_id INTEGER NOT NULL REFERENCES submissions(id),
@@ -89,6 +93,10 @@ CREATE TABLE IF NOT EXISTS attempts (
     UNIQUE(submission_id, n)
 );
 CREATE INDEX IF NOT EXISTS attempts_outcome ON attempts(outcome);
+CREATE TABLE IF NOT EXISTS alerts (
+    submission_id INTEGER NOT NULL REFERENCES submissions(id), kind TEXT NOT NULL, sent_at TEXT NOT NULL,
+    PRIMARY KEY (submission_id, kind)
+);
 CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY, started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}'
 );
@@ -96,6 +104,16 @@ CREATE TABLE IF NOT EXISTS leaders (
     name TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until TEXT NOT NULL, epoch INTEGER NOT NULL DEFAULT 1
 );
 """
+# States whose alert waits (for the feedback file) and so must survive a restart.
+_ALERTED_STATES = ("REJECTED", "PARTIALLY_REJECTED")
+
+# A file name without its last extension, as pathlib's ``stem`` (SQLite has no rpartition: rtrim
+# drops every character but '.' from the right, leaving the name up to its last dot). Feedback
+# linking looks stems up through an index on exactly this expression.
+_UP_TO_LAST_DOT = "rtrim(file_name, replace(file_name, '.', ''))"
+STEM_SQL = (f"(CASE WHEN instr(file_name, '.') <= 1 THEN file_name "
+            f"ELSE substr({_UP_TO_LAST_DOT}, 1, length({_UP_TO_LAST_DOT}) - 1) END)")
+SCHEMA = SCHEMA.replace("{stem}", STEM_SQL)
 
 # Columns added after the first release: (table, column, declaration). Added to an older journal
 # at open; ``user_version`` records the schema version reached (SCHEMA_VERSION, shared with
@@ -232,7 +250,16 @@ class SQLiteStore(Store):
             for table, col, decl in _ADDED_COLUMNS:
                 if col not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+        had_alerts = bool(self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone())
         self._db.executescript(SCHEMA)
+        if have and not had_alerts:
+            # A journal from before alerts were journaled: its final rows were alerted then (a
+            # graceful stop sends every waiting alert); do not alert the whole history again.
+            self._db.execute(
+                "INSERT OR IGNORE INTO alerts (submission_id, kind, sent_at) SELECT id, state, ? FROM submissions "
+                f"WHERE state IN ({', '.join('?' for _ in _ALERTED_STATES)})",
+                (utcnow().isoformat(), *_ALERTED_STATES))
         if self._db.execute("PRAGMA user_version").fetchone()[0] < 2:
             # Uploads a pre-attempts agent left UPLOADING get the attempt row it would have
             # written: committed (bytes may have landed) unless REST without a tracking id, the
@@ -246,7 +273,28 @@ class SQLiteStore(Store):
                 "ELSE COALESCE(upload_started_at, updated_at) END, tracking_id "
                 "FROM submissions s WHERE state = 'UPLOADING' "
                 "AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.submission_id = s.id)")
+        self._normalise_feedback_times()
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _normalise_feedback_times(self) -> None:
+        """Feedback rows written before ``feedback_instant`` hold the transport's own text: rewrite
+        them once, so the key matches whichever transport lists the file now. A row whose
+        normalised key exists already (the same file filed twice by that very defect) keeps its
+        text; ``feedback_keys`` still normalises it on read."""
+        rows = self._db.execute("SELECT id, route, remote_name, remote_size, remote_modified FROM feedback "
+                                "WHERE remote_modified IS NOT NULL AND remote_modified NOT GLOB "
+                                "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'"
+                                ).fetchall()
+        if not rows:
+            return
+        with self._tx() as db:
+            for r in rows:
+                norm = feedback_instant(r["remote_modified"])
+                if norm == r["remote_modified"] or db.execute(
+                        "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
+                        "AND remote_modified = ?", (r["route"], r["remote_name"], r["remote_size"], norm)).fetchone():
+                    continue
+                db.execute("UPDATE feedback SET remote_modified = ? WHERE id = ?", (norm, r["id"]))
 
     # -- helpers -------------------------------------------------------------------------
     def _tx(self):
@@ -367,6 +415,7 @@ class SQLiteStore(Store):
     # -- feedback ------------------------------------------------------------------------
     def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
                       remote_modified: str | None) -> bool:
+        remote_modified = feedback_instant(remote_modified)
         with self._lock:
             row = self._db.execute(
                 "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
@@ -382,11 +431,12 @@ class SQLiteStore(Store):
                 "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = ?",
                 (route,)).fetchall()
         for r in rows:
-            (filed if r[3] is not None else doubt).add((r[0], r[1], r[2]))
+            (filed if r[3] is not None else doubt).add((r[0], r[1], feedback_instant(r[2])))
         return filed, doubt
 
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
+        remote_modified = feedback_instant(remote_modified)
         with self._tx() as db:
             row = db.execute(
                 "SELECT id FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? AND remote_modified IS ?",
@@ -399,19 +449,25 @@ class SQLiteStore(Store):
                         remote_modified: str | None, local_path: str | None,
                         submission_id: int | None) -> FeedbackFile:
         """Confirm a download (completing a ``begin_feedback`` row if there is one)."""
+        remote_modified = feedback_instant(remote_modified)
         now = utcnow().isoformat()
         with self._tx() as db:
             row = db.execute(
-                "SELECT id, downloaded_at FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
-                "AND remote_modified IS ?", (route, remote_name, remote_size, remote_modified)).fetchone()
+                "SELECT id, downloaded_at, local_path FROM feedback WHERE route = ? AND remote_name = ? "
+                "AND remote_size IS ? AND remote_modified IS ?",
+                (route, remote_name, remote_size, remote_modified)).fetchone()
             if row is not None and row[1] is not None:
                 # Filed already: a second record would mean a second copy (the invariant is "once").
-                raise Duplicate(f"feedback {remote_name!r} of route {route} is recorded already")
+                raise FeedbackAlreadyFiled(f"feedback {remote_name!r} of route {route} is filed already"
+                                           + (f" as {row[2]}" if row[2] else ""), row[2])
             if row is None:
-                fid = db.execute(
-                    "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, submission_id, "
-                    "downloaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (route, remote_name, remote_size, remote_modified, local_path, submission_id, now)).lastrowid
+                try:
+                    fid = db.execute(
+                        "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, "
+                        "submission_id, downloaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (route, remote_name, remote_size, remote_modified, local_path, submission_id, now)).lastrowid
+                except sqlite3.IntegrityError as exc:  # the UNIQUE key: the store's conflict, not SQLite's
+                    raise FeedbackAlreadyFiled(f"feedback {remote_name!r} of route {route} is filed already") from exc
             else:
                 fid = row[0]
                 db.execute("UPDATE feedback SET local_path = ?, submission_id = ?, downloaded_at = ? WHERE id = ?",
@@ -427,6 +483,39 @@ class SQLiteStore(Store):
                              r["local_path"], r["submission_id"],
                              datetime.fromisoformat(r["downloaded_at"]) if r["downloaded_at"] else None)
                 for r in rows]
+
+    def feedback_candidates(self, route: str, parts: Iterable[str]) -> list[Submission]:
+        parts = sorted(set(parts))
+        states = [str(st) for st in REACHED_STATES]
+        in_states = f"state IN ({', '.join('?' for _ in states)})"
+        found: dict[int, Submission] = {}
+        with self._lock:
+            for i in range(0, len(parts), 400):  # well under SQLite's bound on parameters
+                chunk = parts[i:i + 400]
+                marks = ", ".join("?" for _ in chunk)
+                for where in (f"tracking_id IS NOT NULL AND tracking_id IN ({marks}) AND route = ?",
+                              f"route = ? AND {STEM_SQL} IN ({marks})"):
+                    args = [*chunk, route] if where.startswith("tracking_id") else [route, *chunk]
+                    for row in self._db.execute(f"SELECT * FROM submissions WHERE {where} AND {in_states}",
+                                                args + states):
+                        found[row["id"]] = _row_to_sub(row)
+        return sorted(found.values(), key=lambda sub: sub.id)
+
+    # -- alerts ----------------------------------------------------------------------------
+    def mark_alerted(self, sub_id: int, kind: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO alerts (submission_id, kind, sent_at) VALUES (?, ?, ?)",
+                             (sub_id, kind, utcnow().isoformat()))
+            return cur.rowcount == 1
+
+    def unalerted(self, states: Iterable[State]) -> list[Submission]:
+        names = [str(st) for st in states]
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM submissions s WHERE state IN ({', '.join('?' for _ in names)}) AND NOT EXISTS "
+                "(SELECT 1 FROM alerts a WHERE a.submission_id = s.id AND a.kind = s.state) ORDER BY id",
+                names).fetchall()
+        return [_row_to_sub(r) for r in rows]
 
     # -- filing calendar -------------------------------------------------------------------
     def list_created(self, route: str, since: datetime, until: datetime) -> list[Submission]:
