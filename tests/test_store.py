@@ -452,6 +452,9 @@ def test_feedback_candidates_by_tracking_id_or_stem(journal):
     assert [x.id for x in s.feedback_candidates("r", ["arch.tar", "t-a"])] == [a.id, b.id]
     assert [x.id for x in s.feedback_candidates("r", [".rc"])] == [c.id]
     assert s.feedback_candidates("r", []) == []
+    # Its owner died after the PUT; fileX's feedback may come before the reconciler decides.
+    u = _new(s, file_name="LATE.csv", state=State.UNCONFIRMED)
+    assert [x.id for x in s.feedback_candidates("r", ["LATE"])] == [u.id]
 
 
 def test_each_alert_is_journaled_once(journal):

@@ -44,8 +44,11 @@ class State(str, enum.Enum):
 
 FINAL_STATES = frozenset({State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED, State.FAILED})
 PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.UNCONFIRMED, State.SUBMITTED})
-# fileX has the bytes: the only submissions a feedback file can belong to.
-REACHED_STATES = frozenset({State.SUBMITTED, State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED})
+# fileX has (UNCONFIRMED: may have) the bytes: the only submissions a feedback file can belong
+# to. UNCONFIRMED too: fileX's feedback can come before the reconciler has seen the upload in
+# tracking (an owner killed or paused after its PUT), and the feedback then proves it landed.
+REACHED_STATES = frozenset({State.UNCONFIRMED, State.SUBMITTED, State.ACCEPTED, State.REJECTED,
+                            State.PARTIALLY_REJECTED})
 
 
 class Outcome(str, enum.Enum):
