@@ -71,7 +71,7 @@ def test_ha_chaos_three_agents_one_journal(tmp_path):
         for d in nodes.values():
             d.start()
         for d in nodes.values():
-            assert d.wait_started(timeout=30), f"{d.cfg_path.stem} did not start; see its log"
+            assert d.wait_started(timeout=60), f"{d.cfg_path.stem} did not start; see its log"
         for t in threads:
             t.start()
 
