@@ -75,3 +75,56 @@ def rest_daemon(sandbox_config):
         yield d
     finally:
         d.stop(grace=5)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the session (skipped, with the reason, where there is none)."""
+    from tests.pg_fixture import PgServer, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    server = PgServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server, request):
+    """A fresh database on the session's server, for one test; its URL (no password in it)."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    return pg_server.database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def journal(request, tmp_path):
+    """Opens the test's journal, SQLite or PostgreSQL (the Store conformance suite runs on both);
+    each call is a new handle on the same journal (a reopen, or another node)."""
+    opened = []
+
+    def open_journal():
+        if request.param == "sqlite":
+            from filex_agent.store.sqlite import SQLiteStore
+
+            store = SQLiteStore(tmp_path / "j.sqlite3")
+        else:
+            from filex_agent.store.postgres import PostgresStore
+
+            server = request.getfixturevalue("pg_server")
+            store = PostgresStore(request.getfixturevalue("pg_url"), password=server.password)
+        opened.append(store)
+        return store
+
+    open_journal.kind = request.param
+    yield open_journal
+    for store in opened:
+        try:
+            store.close()
+        except Exception:
+            pass
