@@ -6,6 +6,33 @@ Everything binds 127.0.0.1 on free ports. Nothing here needs FINRA credentials::
         httpx.post(sb.fip_token_url, auth=(sb.client_id, sb.client_secret), ...)
 
 State lives in memory and in the moto bucket; ``data_dir`` only receives ``uploads.jsonl`` and logs.
+
+As strict as fileX's documents, never more lenient: a transfer token from ``/S3TransferTokens``
+may write (PutObject, multipart, abort) under ``in/`` but not read, head or list it; it reads and
+lists ``out/`` and ``in_arcv/`` only. A pre-signed URL does only the method and key it was signed
+for. A name starting with ``.`` or ending in ``.filepart`` is never taken as a filing (the SFTP
+temporary-name convention the agent relies on; the reference is silent). ``uploads()`` has one
+entry per object fileX took from ``in/`` (size, sha256); the object is then archived to
+``in_arcv/{stem}_{trackingId}{suffix}`` and its record gets ``submissionTime`` (when it was taken),
+``fileSize`` and ``uploadLocation``.
+
+Faults (``inject_fault(kind, **kw)`` or ``POST /_sandbox/faults`` with ``{"kind": ..., ...}``;
+``count`` uses, ``path_prefix``, ``method`` (HTTP) and ``operation`` narrow which requests):
+
+* target ``api`` (FIP + fileX REST): ``status`` (``status``, ``retry_after``), ``slow``
+  (``seconds``), ``garbage`` (a 200 with ``body``), ``drop`` (connection closed, no answer);
+* target ``s3`` (S3 direct and pre-signed URLs): ``status``, ``slow``, ``drop``, ``corrupt`` (one
+  flipped byte in a PUT body); ``operation`` is the S3 name (``PutObject``, ``UploadPart``,
+  ``CompleteMultipartUpload``, ``GetObject``, ...; see ``server.s3_operation``);
+* target ``sftp``: ``drop`` kills the SSH session, ``slow``; ``operation`` is one of ``open``,
+  ``write``, ``close``, ``rename``, ``remove``, ``stat``, ``list``;
+* ``after=True`` (``status``/``drop``): the request takes effect first (the object is stored, the
+  tracking record and URL are created, the SFTP close/rename is done) and then the answer is lost:
+  a 5xx, or the connection closed without one. Without it, nothing happens;
+* ``receive_lag`` (``seconds``, also ``Sandbox(receive_lag=)``): fileX takes an object only that
+  long after it first appeared in ``in/``; until then it stays there, a REST record stays
+  "Request Received" and S3/SFTP uploads have no record;
+* ``revoke_tokens``, ``presign_expire_now``, ``s3_creds_expire_now`` (``count``).
 """
 
 from __future__ import annotations
