@@ -96,6 +96,7 @@ def test_temporary_name_then_rename_is_one_filing(sb: Sandbox, client: Client) -
     assert entry.transport == "sftp"
     settle()
     assert len(filings(sb, "report.csv")) == 1 and in_keys(sb, ".report") == []
+    assert [a.operation for a in sb.arrivals() if a.key.endswith("report.csv")] == ["SftpRename"]
     rec = sb.tracking(entry.tracking_id)
     assert rec is not None and rec["fileSize"] == len(data) and rec["submissionTime"] is not None
 
@@ -112,6 +113,7 @@ def test_plain_close_is_a_filing_even_empty(sb: Sandbox, client: Client) -> None
     put(client, "/0001/app1/in/empty.txt", b"")
     entry = wait_for(lambda: filings(sb, "empty.txt"))[0]
     assert entry.size == 0
+    assert [a.operation for a in sb.arrivals() if a.key.endswith("/empty.txt")] == ["SftpClose"]
 
 
 def test_session_dying_with_the_file_open_files_what_arrived(sb: Sandbox) -> None:

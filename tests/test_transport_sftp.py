@@ -42,6 +42,9 @@ class StandInSandbox:
                     operation: str | None = None) -> list[Any]:
         return []  # no faults armed here; the real Sandbox's faults are tested in test_sandbox_sftp.py
 
+    def record_arrival(self, key: str, operation: str) -> None:
+        pass
+
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandInSandbox]:

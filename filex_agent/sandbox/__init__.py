@@ -136,9 +136,11 @@ SFTP_OPERATIONS = ("open", "write", "close", "rename", "remove", "stat", "list")
 
 @dataclass(frozen=True)
 class Arrival:
-    """An object written into some ``{org}/{app}/in/`` through the S3 endpoint, as S3 confirmed it
-    (PutObject or CompleteMultipartUpload answered 200) — before the processor moves it on, so two
-    uploads of one name in quick succession are two arrivals even if the processor sees one."""
+    """An object written into some ``{org}/{app}/in/`` by a client, as the server stored it: through
+    the S3 endpoint (PutObject or CompleteMultipartUpload answered 200, or would have but for an
+    ``after`` fault) or SFTP (a close or a rename onto a name that is not temporary) — before the
+    processor moves it on, so two uploads of one name in quick succession are two arrivals even if
+    the processor sees one."""
 
     key: str
     operation: str

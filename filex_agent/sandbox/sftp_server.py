@@ -177,6 +177,7 @@ class _WriteHandle(paramiko.SFTPHandle):
                 Bucket=self.si.server.sandbox.bucket, Key=self.key, Body=self.writefile, Metadata=dict(METADATA)
             )
             log.info("sandbox sftp: received %s", self.key)
+            self.si.server.arrived(self.key, "SftpClose")
             return SFTP_OK
         finally:
             self.writefile.close()
@@ -372,6 +373,7 @@ class _SftpFs(paramiko.SFTPServerInterface):
                                            MetadataDirective="COPY")
                 self.server.s3.delete_object(Bucket=bucket, Key=src_key)
             log.info("sandbox sftp: renamed %s to %s", src_key, dst_key)
+            self.server.arrived(dst_key, "SftpRename")
             return SFTP_OK
         except Exception:
             log.exception("sandbox sftp: rename %s %s", oldpath, newpath)
@@ -436,6 +438,13 @@ class SandboxSftpServer:
         if self._s3 is None:
             self._s3 = self.sandbox.s3_client()
         return self._s3
+
+    def arrived(self, key: str, operation: str) -> None:
+        """An object now stands under a name fileX takes (not a temporary one): an arrival."""
+        from filex_agent.sandbox.processor import is_temporary
+
+        if not is_temporary(key.rsplit("/", 1)[-1]):
+            self.sandbox.record_arrival(key, operation)
 
     @property
     def known_hosts_line(self) -> str:
