@@ -190,6 +190,9 @@ def test_put_rules(api: httpx.Client) -> None:
     assert api.put("/files/0001/app1/in/bad%23name.txt").status_code == 400
     assert api.put("/files/0001/app1/in/with space.txt").status_code == 400
     assert api.put("/files/0001/app1/in/ok:!@,&-='_.txt").status_code == 200
+    # Temporary names are never taken from in/, so fileX-as-documented-here refuses them up front.
+    assert api.put("/files/0001/app1/in/.hidden.txt").status_code == 400
+    assert api.put("/files/0001/app1/in/report.csv.filepart").status_code == 400
 
 
 # ---------------------------------------------------------------------- REST lifecycle
@@ -695,4 +698,5 @@ def test_receive_lag_delays_every_arrival(api: httpx.Client, sb: Sandbox) -> Non
         assert raw["submissionTime"] is not None and raw["fileSize"] == 2 and raw["uploadLocation"] == "0001/app2/in"
         assert rec.fileSize == 4 and rec.submissionTime is not None
     finally:
-        sb.receive_lag = 0
+        sb.clear_faults()
+    assert sb.receive_lag == 0  # clearing the faults ends the lag too

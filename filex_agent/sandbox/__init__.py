@@ -164,7 +164,7 @@ class Sandbox:
         self.processing_delay = processing_delay
         # fileX takes an object from in/ only this many seconds after it was stored (changeable at
         # run time with the "receive_lag" fault); until then it stays in in/ with no (final) record.
-        self.receive_lag = float(receive_lag)
+        self.receive_lag = self._initial_receive_lag = float(receive_lag)
         self.token_seconds = token_seconds
         self.s3_credential_seconds = s3_credential_seconds
         self.presign_seconds = 900
@@ -630,10 +630,12 @@ class Sandbox:
                  fault.path_prefix or "every path")
 
     def clear_faults(self) -> None:
+        """Disarm every fault; a receive lag set by a fault goes back to the constructor's."""
         with self._lock:
             self._faults.clear()
             self._presign_expire_count = 0
             self._s3_creds_expire_count = 0
+            self.receive_lag = self._initial_receive_lag
 
     def take_faults(self, path: str, target: str = "api", method: str = "GET",
                     operation: str | None = None) -> list[Fault]:

@@ -31,6 +31,7 @@ from moto.server import ThreadedMotoServer
 from werkzeug.serving import make_server
 
 from filex_agent.config import valid_remote_name
+from filex_agent.sandbox.processor import is_temporary
 
 if TYPE_CHECKING:
     from filex_agent.sandbox import Fault, Sandbox
@@ -663,6 +664,10 @@ class _Handler(BaseHTTPRequestHandler):
         reason = valid_remote_name(name)
         if reason:
             raise _HttpError(400, reason)
+        if is_temporary(name):
+            # Never taken from in/ (see processor.is_temporary): say so now rather than leave a
+            # record in "Request Received" for ever.
+            raise _HttpError(400, "a name starting with '.' or ending in '.filepart' is never taken as a filing")
         rec = self.sb.new_tracking(org, app, name, transport="rest")
         url, expires = self.sb.presign("PUT", f"{org}/{app}/in/{name}", tracking_id=rec["trackingId"])
         self._send(200, {"url": url, "expirationTime": iso(expires), "trackingId": rec["trackingId"]})
