@@ -29,14 +29,18 @@ from filex_agent.sandbox import Sandbox, UploadLogEntry
 TIMEOUT = httpx.Timeout(10.0)
 
 
-@pytest.fixture(scope="module")
-def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    box = Sandbox(tmp_path_factory.mktemp("sandbox"), processing_delay=0.3)
+def running_sandbox(data_dir: Path, **kw: Any) -> Iterator[Sandbox]:
+    box = Sandbox(data_dir, **kw)
     box.start()
     try:
         yield box
     finally:
         box.stop()
+
+
+@pytest.fixture(scope="module")
+def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    yield from running_sandbox(tmp_path_factory.mktemp("sandbox"), processing_delay=0.3)
 
 
 @pytest.fixture(autouse=True)

@@ -3,26 +3,23 @@ and sessions killed before or after an operation took effect."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import paramiko
 import pytest
 
 from filex_agent.sandbox import Sandbox, UploadLogEntry
+from tests.test_sandbox import running_sandbox, wait_for
 
 
 @pytest.fixture(scope="module")
 def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    box = Sandbox(tmp_path_factory.mktemp("sandbox-sftp"), processing_delay=0.2, sftp=True)
-    box.start()
-    try:
-        yield box
-    finally:
-        box.stop()
+    yield from running_sandbox(tmp_path_factory.mktemp("sandbox-sftp"), processing_delay=0.2, sftp=True)
 
 
 @pytest.fixture(autouse=True)
@@ -56,13 +53,15 @@ def client(sb: Sandbox) -> Iterator[Client]:
         c.close()
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+@contextlib.contextmanager
+def killed_session(sb: Sandbox) -> Iterator[Client]:
+    """A fresh session whose requests inside the block must end in a killed session."""
+    c = Client(sb)
+    try:
+        with pytest.raises((OSError, EOFError, paramiko.SSHException)):
+            yield c
+    finally:
+        c.close()
 
 
 def filings(sb: Sandbox, name: str) -> list[UploadLogEntry]:
@@ -151,18 +150,14 @@ def test_rename_onto_an_existing_file_is_refused(sb: Sandbox, client: Client) ->
 @pytest.mark.parametrize("operation", ["close", "rename"])
 def test_drop_after_the_operation_took_effect(sb: Sandbox, operation: str) -> None:
     name = f"after-{operation}.txt"
+    temp = f"/0001/app1/in/.{name}.filepart"
     data = os.urandom(10_000)
-    c = Client(sb)
-    try:
-        temp = f"/0001/app1/in/.{name}.filepart"
-        sb.inject_fault("drop", target="sftp", after=True, operation=operation)
-        with pytest.raises((OSError, EOFError, paramiko.SSHException)):
-            put(c, temp, data)
-            c.sftp.rename(temp, f"/0001/app1/in/{name}")
-        # The server did it; the client never heard back and its session is gone.
-        assert not c.transport.is_active() or wait_for(lambda: not c.transport.is_active(), timeout=5)
-    finally:
-        c.close()
+    sb.inject_fault("drop", target="sftp", after=True, operation=operation)
+    with killed_session(sb) as c:
+        put(c, temp, data)
+        c.sftp.rename(temp, f"/0001/app1/in/{name}")
+    # The server did it; the client never heard back and its session is gone.
+    assert wait_for(lambda: not c.transport.is_active(), timeout=5)
     if operation == "close":
         wait_for(lambda: in_keys(sb, f".{name}") == [f"0001/app1/in/.{name}.filepart"])
         settle()
@@ -176,25 +171,17 @@ def test_drop_after_the_operation_took_effect(sb: Sandbox, operation: str) -> No
 
 
 def test_drop_after_close_of_a_plain_name_is_a_filing(sb: Sandbox) -> None:
-    c = Client(sb)
-    try:
-        sb.inject_fault("drop", target="sftp", after=True, operation="close", path_prefix="/0001/app1/in/plain-")
-        with pytest.raises((OSError, EOFError, paramiko.SSHException)):
-            put(c, "/0001/app1/in/plain-after.txt", b"whole")
-    finally:
-        c.close()
+    sb.inject_fault("drop", target="sftp", after=True, operation="close", path_prefix="/0001/app1/in/plain-")
+    with killed_session(sb) as c:
+        put(c, "/0001/app1/in/plain-after.txt", b"whole")
     assert wait_for(lambda: filings(sb, "plain-after.txt"))[0].size == 5
 
 
 def test_drop_before_the_rename_leaves_only_the_temporary_file(sb: Sandbox) -> None:
-    c = Client(sb)
-    try:
+    with killed_session(sb) as c:
         put(c, "/0001/app1/in/.before.txt.filepart", b"bytes")
         sb.inject_fault("drop", target="sftp", operation="rename")
-        with pytest.raises((OSError, EOFError, paramiko.SSHException)):
-            c.sftp.rename("/0001/app1/in/.before.txt.filepart", "/0001/app1/in/before.txt")
-    finally:
-        c.close()
+        c.sftp.rename("/0001/app1/in/.before.txt.filepart", "/0001/app1/in/before.txt")
     settle()
     assert filings(sb, "before.txt") == []
     assert in_keys(sb, ".before") == ["0001/app1/in/.before.txt.filepart"]
@@ -208,13 +195,9 @@ def test_drop_before_the_rename_leaves_only_the_temporary_file(sb: Sandbox) -> N
 
 
 def test_drop_before_open_creates_nothing(sb: Sandbox) -> None:
-    c = Client(sb)
-    try:
-        sb.inject_fault("drop", target="sftp", operation="open")
-        with pytest.raises((OSError, EOFError, paramiko.SSHException)):
-            put(c, "/0001/app1/in/never-opened.txt", b"x")
-    finally:
-        c.close()
+    sb.inject_fault("drop", target="sftp", operation="open")
+    with killed_session(sb) as c:
+        put(c, "/0001/app1/in/never-opened.txt", b"x")
     settle()
     assert filings(sb, "never-opened.txt") == [] and in_keys(sb, "never-opened") == []
 
