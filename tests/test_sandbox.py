@@ -641,6 +641,24 @@ def test_s3_fault_on_complete_multipart_only(api: httpx.Client, sb: Sandbox) -> 
     assert [a.operation for a in sb.arrivals() if a.key == key] == ["CompleteMultipartUpload"]
 
 
+def test_s3_fault_after_upload_part_keeps_the_part(api: httpx.Client, sb: Sandbox) -> None:
+    """UploadPart answered 503 after moto stored the part: completing with that part's ETag works."""
+    tok = S3TransferTokens.model_validate(api.get("/S3TransferTokens/0001/app1").json())
+    s3 = temp_s3(sb, tok)
+    key = "0001/app1/in/part-after.bin"
+    body = b"one small last part"
+    md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+    up = s3.create_multipart_upload(Bucket=sb.bucket, Key=key)["UploadId"]
+    sb.inject_fault("status", target="s3", after=True, operation="UploadPart", method="PUT")
+    with pytest.raises(ClientError) as exc:
+        s3.upload_part(Bucket=sb.bucket, Key=key, UploadId=up, PartNumber=1, Body=body)
+    assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    s3.complete_multipart_upload(Bucket=sb.bucket, Key=key, UploadId=up,
+                                 MultipartUpload={"Parts": [{"ETag": f'"{md5}"', "PartNumber": 1}]})
+    assert wait_for(lambda: next((u for u in sb.uploads() if u.key == key), None)).sha256 == (
+        hashlib.sha256(body).hexdigest())
+
+
 @pytest.mark.parametrize("kind", ["status", "drop"])
 def test_api_after_fault_creates_the_tracking_record(api: httpx.Client, sb: Sandbox, kind: str) -> None:
     name = f"api-after-{kind}.txt"

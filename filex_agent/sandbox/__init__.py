@@ -85,7 +85,8 @@ def iso(dt: datetime | None) -> str | None:
 
 @dataclass(frozen=True)
 class UploadLogEntry:
-    """One object that arrived in some ``{org}/{app}/in/``."""
+    """One filing: an object fileX took from some ``{org}/{app}/in/`` (``time``: when it took it,
+    which is also the record's ``submissionTime``). Two entries for one name are a double filing."""
 
     key: str
     org: str
