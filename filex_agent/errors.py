@@ -43,3 +43,13 @@ class NotEntitledError(PermanentError):
 
 class RemoteChangedError(TransientError):
     """The local file changed while it was being uploaded; the upload was discarded."""
+
+
+class UploadUnconfirmed(TransientError):
+    """Bytes may have reached fileX and the answer was lost (timeout or dropped connection after
+    the body went out, a 5xx after S3 may have stored it, a stop past its grace). A transport
+    raises this instead of sending again: only the reconciler, from fileX's evidence, decides."""
+
+    def __init__(self, message: str, tracking_id: str | None = None):
+        super().__init__(message)
+        self.tracking_id = tracking_id

@@ -19,7 +19,8 @@ class State(str, enum.Enum):
     CLAIMING = "CLAIMING"  # row written, atomic rename out of the outbox not yet confirmed
     QUEUED = "QUEUED"  # claimed, waiting for (another) upload attempt
     HELD = "HELD"  # same content already pending/accepted: waits for `release`
-    UPLOADING = "UPLOADING"  # upload started; outcome unknown until confirmed
+    UPLOADING = "UPLOADING"  # a worker owns it (lease) and is sending it
+    UNCONFIRMED = "UNCONFIRMED"  # bytes may have reached fileX, answer unknown: the reconciler decides
     SUBMITTED = "SUBMITTED"  # fileX has the bytes; waiting for a final tracking status
     ACCEPTED = "ACCEPTED"
     REJECTED = "REJECTED"
@@ -31,7 +32,19 @@ class State(str, enum.Enum):
 
 
 FINAL_STATES = frozenset({State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED, State.FAILED})
-PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.SUBMITTED})
+PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.UNCONFIRMED, State.SUBMITTED})
+
+
+class Outcome(str, enum.Enum):
+    """What became of one upload attempt."""
+
+    PENDING = "PENDING"  # under way: its owner holds the submission's lease
+    SENT = "SENT"  # fileX has the bytes of this attempt
+    NOT_SENT = "NOT_SENT"  # nothing of this attempt can become a filing at fileX
+    UNCONFIRMED = "UNCONFIRMED"  # bytes may have left, the answer is unknown (lost response, crash, stop)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def utcnow() -> datetime:
@@ -67,6 +80,11 @@ class Submission:
     final_at: datetime | None = None
     held_by: int | None = None
     flag: str | None = None  # an operator-visible warning (no tracking match, outage...)
+    # Ownership while UPLOADING: who sends it, until when (renewed by heartbeat), and the fencing
+    # epoch, raised by every take-over: a write carrying an older epoch is refused (StaleEpoch).
+    owner: str | None = None
+    lease_until: datetime | None = None
+    epoch: int = 0
 
     @property
     def is_final(self) -> bool:
@@ -79,6 +97,34 @@ class Event:
     at: datetime
     state: str
     detail: str | None
+
+
+@dataclass
+class Attempt:
+    """One upload attempt, journaled before its first byte. Decides whether a re-send is safe."""
+
+    id: int
+    submission_id: int
+    n: int  # 1, 2, ... per submission
+    transport: str
+    remote_name: str
+    upload_location: str  # "org/app/in"
+    owner: str
+    epoch: int
+    started_at: datetime
+    outcome: Outcome = Outcome.PENDING
+    # Set (write-ahead) just before the request that can make the file a filing at fileX: the
+    # PUT of the body, PutObject/CompleteMultipartUpload, the SFTP rename into place.
+    committed_at: datetime | None = None
+    tracking_id: str | None = None
+    ended_at: datetime | None = None
+    detail: str | None = None
+    # UNCONFIRMED: when the reconciler stops waiting for evidence and sends the file again.
+    decide_by: datetime | None = None
+
+    @property
+    def may_have_landed(self) -> bool:
+        return self.committed_at is not None
 
 
 @dataclass
@@ -116,16 +162,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def transition(self, sub_id: int, state: State, detail: str | None = None, *,
-                   expect: Iterable[State] | None = None, **fields: Any) -> Submission:
+                   expect: Iterable[State] | None = None, epoch: int | None = None, **fields: Any) -> Submission:
         """Set state (+fields) and append an event, atomically. With ``expect``, only if the
-        current state is one of those (else ``StateConflict``)."""
+        current state is one of those (else ``StateConflict``); with ``epoch``, only if the
+        submission's fencing epoch is still that one (else ``StaleEpoch``)."""
 
     @abc.abstractmethod
-    def update(self, sub_id: int, **fields: Any) -> Submission:
-        """Change fields without a state change (no event)."""
+    def update(self, sub_id: int, *, epoch: int | None = None, **fields: Any) -> Submission:
+        """Change fields without a state change (no event); fenced like ``transition``."""
 
     @abc.abstractmethod
     def events(self, sub_id: int) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def by_tracking_id(self, tracking_id: str) -> Submission | None:
+        """The submission that owns ``tracking_id`` (unique), if any."""
 
     @abc.abstractmethod
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
@@ -154,6 +205,61 @@ class Store(abc.ABC):
                        remote_modified: str | None) -> None:
         """Write-ahead: a download of this remote file is about to start."""
 
+    def lock_instance(self, holder: str) -> bool:
+        """For ``run``: make this process the journal's only daemon, if the journal needs that.
+        True when it is exclusive now (every other daemon owner in it is dead); False for a
+        journal shared by several agents. Raises ``JournalLocked`` naming the running holder."""
+        return False
+
+    # -- attempts, leases, fencing --------------------------------------------------------
+    def now(self) -> datetime:
+        """The journal's clock: every lease is reckoned by it (PostgreSQL: the server's)."""
+        return utcnow()
+
+    @abc.abstractmethod
+    def begin_upload(self, sub_id: int, owner: str, lease_seconds: float, *, transport: str,
+                     remote_name: str, upload_location: str) -> tuple[Submission, Attempt]:
+        """Atomically: QUEUED → UPLOADING, owner and lease set, epoch raised by one, a PENDING
+        attempt row written. ``StateConflict`` if the row is not QUEUED, its lease is held, or it
+        has an UNCONFIRMED attempt (a submission with one is never sent again until decided)."""
+
+    @abc.abstractmethod
+    def commit_attempt(self, attempt_id: int, epoch: int, tracking_id: str | None = None) -> Attempt:
+        """Write-ahead, fenced: the request that can make the file a filing is about to go out.
+        ``tracking_id`` (REST) is stored on the attempt and the submission. ``StaleEpoch`` if the
+        submission has been taken over since."""
+
+    @abc.abstractmethod
+    def set_ticket(self, attempt_id: int, epoch: int, tracking_id: str) -> Attempt:
+        """Fenced: fileX handed out ``tracking_id`` for this attempt (before any byte is sent)."""
+
+    @abc.abstractmethod
+    def end_attempt(self, attempt_id: int, outcome: Outcome, detail: str | None = None, *,
+                    epoch: int | None = None, decide_by: datetime | None = None) -> Attempt:
+        """Record an attempt's outcome (fenced when ``epoch`` is given)."""
+
+    @abc.abstractmethod
+    def attempts(self, sub_id: int) -> list[Attempt]:
+        """A submission's attempts, oldest first."""
+
+    @abc.abstractmethod
+    def unconfirmed(self) -> list[Attempt]:
+        """Every UNCONFIRMED attempt (the reconciler's work list), oldest first."""
+
+    @abc.abstractmethod
+    def renew_leases(self, owner: str, lease_seconds: float) -> set[int]:
+        """Heartbeat: extend every lease ``owner`` holds; the ids it still holds."""
+
+    @abc.abstractmethod
+    def expired_leases(self) -> list[Submission]:
+        """UPLOADING submissions whose lease has run out (their owner died or stalled)."""
+
+    @abc.abstractmethod
+    def take_over(self, sub_id: int, owner: str, *, force: bool = False) -> Submission:
+        """Rescuer: take a row whose lease expired: epoch raised, owner set, lease cleared, so the
+        old owner's later writes are refused. ``StateConflict`` if another owner's lease is still
+        live, unless ``force`` (the caller knows that owner is dead: it held the instance lock)."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -163,6 +269,15 @@ FeedbackKey = tuple[str, "int | None", "str | None"]
 
 class StateConflict(Exception):
     """The submission was not in an expected state (someone else moved it on)."""
+
+
+class JournalLocked(Exception):
+    """Another ``filex-agent run`` holds this journal."""
+
+
+class StaleEpoch(StateConflict):
+    """A write carried a fencing epoch older than the submission's: its lease was taken over, so
+    the writer must abandon what it was doing (upload nothing more, move nothing)."""
 
 
 def open_store(path: Path) -> Store:

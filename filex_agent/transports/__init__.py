@@ -50,6 +50,15 @@ class Transport(abc.ABC):
     # pre-signed URL), so the journal can record it write-ahead; crash recovery then asks
     # tracking about exactly that id.
     on_ticket: Callable[[str], None] | None = None
+    # Called (synchronously; it may raise to abort) just before the first request whose success
+    # can make the file a filing at fileX: the pre-signed PUT of the body, PutObject or
+    # CompleteMultipartUpload, the SFTP rename into ``in/``. The caller journals "bytes may have
+    # landed" there. After it, a failure whose outcome is unknown raises ``UploadUnconfirmed``
+    # and is never retried by the transport; before it, retries are safe.
+    on_commit: Callable[[], None] | None = None
+    # True when this transport calls ``on_commit`` at its point of no return. False: the caller
+    # must assume anything may land from the first byte (it journals the commit before upload).
+    reports_commit: bool = False
 
     def __init__(self, org: str, application: str):
         self.org = org
