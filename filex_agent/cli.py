@@ -9,12 +9,14 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 from filex_agent.config import Config, ConfigError, load_config
 from filex_agent.errors import FilexError
-from filex_agent.store import JournalLocked
+from filex_agent.store import JournalLocked, State
 from filex_agent.hooks import Hooks
 
 log = logging.getLogger("filex_agent")
@@ -122,24 +124,41 @@ def cmd_routes(args) -> int:
     return 0
 
 
-def status_rows(cfg: Config) -> list[dict[str, Any]]:
-    from filex_agent.store import open_store
+STATUS_PAGE = 500  # rows read from the journal at a time: memory stays flat whatever --limit is
+
+
+def iter_status_rows(cfg: Config, *, limit: int = 1000, states: Sequence[str] | None = None,
+                     since: datetime | None = None) -> Iterator[dict[str, Any]]:
+    """Submissions newest first, read in keyset pages (never the whole journal at once);
+    ``limit`` 0 means all of them."""
+    from filex_agent.store import SubmissionQuery, open_store
 
     store = open_store(cfg.journal_path, journal=cfg.journal)
     try:
-        rows = []
-        for s in store.list():
-            rows.append({
-                "id": s.id, "file": s.file_name, "local_path": s.local_path, "route": s.route, "org": s.org,
-                "application": s.application, "transport": s.transport, "size": s.size, "sha256": s.sha256,
-                "tracking_id": s.tracking_id, "state": s.state.value, "downstream_status": s.downstream_status,
-                "reason": s.reason, "flag": s.flag, "attempts": s.attempts,
-                "created_at": s.created_at.isoformat(), "updated_at": s.updated_at.isoformat(),
-                "feedback": [f.local_path for f in store.feedback_for(s.id) if f.local_path],
-            })
-        return rows
+        query = SubmissionQuery(states=tuple(states) if states else None, created_from=since)
+        after, left = None, limit or None
+        while left is None or left > 0:
+            page = store.search(query, STATUS_PAGE if left is None else min(left, STATUS_PAGE), after=after)
+            for s in page.rows:
+                yield {
+                    "id": s.id, "file": s.file_name, "local_path": s.local_path, "route": s.route, "org": s.org,
+                    "application": s.application, "transport": s.transport, "size": s.size, "sha256": s.sha256,
+                    "tracking_id": s.tracking_id, "state": s.state.value, "downstream_status": s.downstream_status,
+                    "reason": s.reason, "flag": s.flag, "attempts": s.attempts,
+                    "created_at": s.created_at.isoformat(), "updated_at": s.updated_at.isoformat(),
+                    "feedback": [f.local_path for f in store.feedback_for(s.id) if f.local_path],
+                }
+            if left is not None:
+                left -= len(page.rows)
+            if page.older is None:
+                return
+            after = page.older
     finally:
         store.close()
+
+
+def status_rows(cfg: Config, **paging: Any) -> list[dict[str, Any]]:
+    return list(iter_status_rows(cfg, **paging))
 
 
 _STATE_STYLE = {"ACCEPTED": "green", "REJECTED": "bold red", "PARTIALLY_REJECTED": "bold yellow",
@@ -160,10 +179,21 @@ def _human_size(n: int | None) -> str:
 
 def cmd_status(args) -> int:
     cfg = _load(args)
-    rows = status_rows(cfg)
+    if args.limit < 0:
+        raise ConfigError("--limit", f"{args.limit} is negative (0 means every submission)")
+    known = {st.value for st in State}
+    states = [st.strip().upper() for st in (args.state or "").split(",") if st.strip()]
+    if bad := [st for st in states if st not in known]:
+        raise ConfigError("--state", f"unknown state(s) {', '.join(bad)}; one of {', '.join(sorted(known))}")
+    rows = iter_status_rows(cfg, limit=args.limit, states=states, since=_parse_since(args.since))
     if args.json:
-        _emit(args, rows, [])
+        # Streamed, one row at a time: `--limit 0` on a journal of millions stays in flat memory.
+        print("[", end="")
+        for i, row in enumerate(rows):
+            print(("," if i else "") + "\n" + json.dumps(row, default=str), end="")
+        print("\n]")
         return 0
+    rows = list(rows)
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -546,7 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sandbox", action="store_true", help="start the built-in sandbox fileX and run against it")
     r.add_argument("--data-dir", help="with --sandbox: folder for the generated config, outboxes and journal")
     add("routes", cmd_routes, "list the routes", json_flag=True)
-    add("status", cmd_status, "every submission from the journal", json_flag=True)
+    st = add("status", cmd_status, "submissions from the journal, newest first", json_flag=True)
+    st.add_argument("--limit", type=int, default=1000, metavar="N",
+                    help="at most N submissions (default 1000; 0: all, read page by page)")
+    st.add_argument("--state", metavar="STATE[,STATE]", help="only these states, e.g. QUEUED,SUBMITTED")
+    st.add_argument("--since", metavar="DATE", help="only submissions created at or after DATE "
+                    "(YYYY-MM-DD or ISO time, UTC)")
     s = add("submit", cmd_submit, "submit one file now")
     s.add_argument("file")
     s.add_argument("--route", required=True)
