@@ -25,7 +25,7 @@ from filex_agent.fsutil import cleanup_partials
 from filex_agent.hooks import Hooks, LoggingHooks, MultiHooks
 from filex_agent.leases import Heartbeat, Leadership, new_owner, node_name, owner_is_dead_here
 from filex_agent.reconciler import Reconciler, unconfirmed_flag
-from filex_agent.store import Outcome, State, StateConflict, Store, Submission, open_store, utcnow
+from filex_agent.store import FINAL_STATES, Outcome, State, StateConflict, Store, Submission, open_store, utcnow
 from filex_agent.submitter import Submitter
 from filex_agent.tracker import Tracker
 
@@ -146,8 +146,9 @@ class Daemon:
         A removed route with unfinished submissions stays known (not watched) until they end.
         """
         new_names = {r.name for r in config.routes}
+        unfinished = [st for st in State if st not in FINAL_STATES]
         retired = [r for r in self.config.routes if r.name not in new_names
-                   and any(not s.is_final for s in self.store.list(route=r.name))]
+                   and self.store.count(unfinished, r.name)]
         effective = config.model_copy(update={"routes": list(config.routes) + retired})
         if self.watcher is not None:
             # First: it raises (new outbox cannot be created) before anything has changed.
@@ -368,9 +369,8 @@ class Daemon:
             if self._exclusive_over(sub.owner) or owner_is_dead_here(sub.owner, self.node):
                 self._guarded(sub, self._rescue, "the agent that was uploading it is gone", True)
         self.rescue_expired()
-        for sub in self.store.list():
-            if sub.move_to:
-                self._guarded(sub, self.submitter.finish_move)
+        for sub in self.store.pending_moves():  # an index lookup, not a read of the history
+            self._guarded(sub, self.submitter.finish_move)
 
     def _exclusive_over(self, owner: str | None) -> bool:
         """This process holds the journal alone, so ``owner``, a `run` before it, is dead."""

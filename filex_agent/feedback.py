@@ -16,7 +16,7 @@ from filex_agent.config import Config, RouteSettings
 from filex_agent.errors import AuthError, FilexError, NotEntitledError, PermanentError
 from filex_agent.fsutil import atomic_writer, sanitize_remote_name
 from filex_agent.hooks import Hooks
-from filex_agent.store import FeedbackAlreadyFiled, State, Store, Submission, feedback_instant, file_stem
+from filex_agent.store import FeedbackAlreadyFiled, Store, Submission, feedback_instant, file_stem
 from filex_agent.transports import RemoteFile
 
 log = logging.getLogger(__name__)
@@ -88,14 +88,15 @@ class FeedbackCollector:
         dest = route.folder("feedback", self.config.agent.data_dir)
         with self.connections.transport(route) as transport:
             listing = transport.list_feedback()
-            # One query for the whole route, whatever the size of the listing.
-            filed, doubt = self.store.feedback_keys(route.name)
+            # The keys of the files listed only (a few queries whatever the size of the listing),
+            # not the route's years of feedback: the cycle costs what fileX lists.
+            filed, doubt = self.store.feedback_keys(route.name, {f.name for f in listing})
             # Each remote file once, even if the listing shows it twice.
             new = list({_key(f): f for f in listing if _key(f) not in filed}.values())
             if not new:
                 return 0
             first_time = (not route.download_existing_feedback and not filed and not doubt
-                          and not self.store.count(list(State), route.name))
+                          and not self.store.route_has_history(route.name))
             n = 0
             for f in new:
                 try:

@@ -405,9 +405,10 @@ class ProblemChecks(Hooks):
     def _seed(self) -> None:
         """Last successful upload per route from the journal (once, at the first run)."""
         last: dict[str, datetime] = {}
-        for sub in self.store.list():
-            if sub.uploaded_at is not None and (sub.route not in last or sub.uploaded_at > last[sub.route]):
-                last[sub.route] = sub.uploaded_at
+        for route in self.config.routes:  # one index lookup per route, whatever the history
+            when = self.store.last_upload(route.name)
+            if when is not None:
+                last[route.name] = when
         with self._lock:
             for route, when in last.items():
                 if route not in self._last_upload or when > self._last_upload[route]:

@@ -297,10 +297,25 @@ class Store(abc.ABC):
         whatever the size of the history."""
 
     @abc.abstractmethod
-    def feedback_keys(self, route: str) -> tuple[set[FeedbackKey], set[FeedbackKey]]:
-        """(filed, in doubt) keys ``(remote_name, remote_size, remote_modified)`` of a route, in one
-        query: a listing of 100,000 files must not cost 100,000 lookups. "In doubt": a download
-        was begun (``begin_feedback``) and never confirmed — a crash may have left it filed."""
+    def feedback_keys(self, route: str, names: Iterable[str] | None = None) -> tuple[set[FeedbackKey], set[FeedbackKey]]:
+        """(filed, in doubt) keys ``(remote_name, remote_size, remote_modified)`` of a route, of the
+        files named ``names`` (all of the route's when None), in a few queries: a listing of
+        100,000 files must not cost 100,000 lookups, nor a cycle read years of feedback. "In
+        doubt": a download was begun (``begin_feedback``) and never confirmed — a crash may have
+        left it filed."""
+
+    @abc.abstractmethod
+    def route_has_history(self, route: str) -> bool:
+        """Whether ``route`` has any submission or feedback row (two indexed probes, not a count)."""
+
+    @abc.abstractmethod
+    def pending_moves(self) -> list[Submission]:
+        """Submissions whose local move (``move_to``) is journaled but not done, oldest first:
+        an indexed lookup, whatever the size of the history (recovery at start-up)."""
+
+    @abc.abstractmethod
+    def last_upload(self, route: str) -> datetime | None:
+        """The latest ``uploaded_at`` of ``route`` (an index lookup), or None."""
 
     @abc.abstractmethod
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,

@@ -142,6 +142,14 @@ CREATE TABLE leaders (
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "a schema change needs a migration for PostgreSQL too"
 
+# Indexes that change no schema (a journal without them still works, only slower): made at every
+# open if missing, so adding one needs no schema version. They keep the daemon's recurring work
+# proportional to what is pending, not to the history (bench/journal_scale.py).
+INDEXES = [
+    "CREATE INDEX IF NOT EXISTS submissions_move ON submissions(id) WHERE move_to IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS submissions_route_uploaded ON submissions(route, uploaded_at)",
+]
+
 # Tables in the order a copy must fill them (foreign keys), with their identity column.
 TABLES = ["submissions", "events", "attempts", "feedback", "alerts", "calendar_occurrences", "calendar_alerts",
           "nodes", "leaders"]
@@ -268,6 +276,8 @@ class PostgresStore(Store):
                     log.info("journal %s: migrating schema to version %d", self.url, version)
                     cur.execute(sql)
                     cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+            for sql in INDEXES:
+                cur.execute(sql)
 
         self._run(go)
 
@@ -421,16 +431,33 @@ class PostgresStore(Store):
             (route, remote_name, remote_size, remote_modified)).fetchone())
         return row is not None
 
-    def feedback_keys(self, route: str) -> tuple[set, set]:
+    def feedback_keys(self, route: str, names: Iterable[str] | None = None) -> tuple[set, set]:
         filed: set = set()
         doubt: set = set()
-        rows = self._run(lambda cur: cur.execute(
-            "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = %s",
-            (route,)).fetchall())
+        sql = "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = %s"
+        if names is None:
+            rows = self._run(lambda cur: cur.execute(sql, (route,)).fetchall())
+        else:
+            rows = self._run(lambda cur: cur.execute(f"{sql} AND remote_name = ANY(%s)",
+                                                     (route, sorted(set(names)))).fetchall())
         for r in rows:
             key = (r["remote_name"], r["remote_size"], feedback_instant(r["remote_modified"]))
             (filed if r["downloaded_at"] is not None else doubt).add(key)
         return filed, doubt
+
+    def route_has_history(self, route: str) -> bool:
+        return self._run(lambda cur: cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM submissions WHERE route = %s) "
+            "OR EXISTS (SELECT 1 FROM feedback WHERE route = %s) AS found", (route, route)).fetchone()["found"])
+
+    def pending_moves(self) -> list[Submission]:
+        rows = self._run(lambda cur: cur.execute(
+            "SELECT * FROM submissions WHERE move_to IS NOT NULL ORDER BY id").fetchall())
+        return [_sub(r) for r in rows]
+
+    def last_upload(self, route: str) -> datetime | None:
+        return self._run(lambda cur: cur.execute(
+            "SELECT MAX(uploaded_at) AS t FROM submissions WHERE route = %s", (route,)).fetchone()["t"])
 
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:

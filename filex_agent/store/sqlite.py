@@ -111,6 +111,11 @@ CREATE INDEX IF NOT EXISTS submissions_name ON submissions(file_name);
 CREATE INDEX IF NOT EXISTS submissions_final ON submissions(final_at, state, route);
 CREATE INDEX IF NOT EXISTS submissions_uploaded_created ON submissions(uploaded_at, created_at);
 CREATE INDEX IF NOT EXISTS submissions_flag ON submissions(id) WHERE flag IS NOT NULL;
+-- Work that must not cost a scan of the history: moves to finish at start-up, a route's last upload.
+CREATE INDEX IF NOT EXISTS submissions_move ON submissions(id) WHERE move_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS submissions_route_uploaded ON submissions(route, uploaded_at);
+-- Bookkeeping of the store itself (e.g. how far a one-off rewrite got), never copied elsewhere.
+CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY, started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}'
 );
@@ -332,14 +337,22 @@ class SQLiteStore(Store):
         """Feedback rows written before ``feedback_instant`` hold the transport's own text: rewrite
         them once, so the key matches whichever transport lists the file now. A row whose
         normalised key exists already (the same file filed twice by that very defect) keeps its
-        text; ``feedback_keys`` still normalises it on read."""
-        rows = self._db.execute("SELECT id, route, remote_name, remote_size, remote_modified FROM feedback "
-                                "WHERE remote_modified IS NOT NULL AND remote_modified NOT GLOB "
-                                "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'"
-                                ).fetchall()
-        if not rows:
+        text; ``feedback_keys`` still normalises it on read.
+
+        Only rows added since the last open are looked at (``store_meta`` remembers the last id
+        checked): opening a journal with years of feedback reads none of it."""
+        mark = self._db.execute("SELECT value FROM store_meta WHERE key = 'feedback_times_checked'").fetchone()
+        checked = int(mark[0]) if mark else 0
+        top = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM feedback").fetchone()[0]
+        if top == checked:
             return
+        rows = self._db.execute("SELECT id, route, remote_name, remote_size, remote_modified FROM feedback "
+                                "WHERE id > ? AND id <= ? AND remote_modified IS NOT NULL AND remote_modified NOT GLOB "
+                                "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'",
+                                (checked, top)).fetchall()
         with self._tx() as db:
+            db.execute("INSERT INTO store_meta (key, value) VALUES ('feedback_times_checked', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(top),))
             for r in rows:
                 norm = feedback_instant(r["remote_modified"])
                 if norm == r["remote_modified"] or db.execute(
@@ -475,16 +488,38 @@ class SQLiteStore(Store):
                 (route, remote_name, remote_size, remote_modified)).fetchone()
         return row is not None
 
-    def feedback_keys(self, route: str) -> tuple[set, set]:
+    def feedback_keys(self, route: str, names: Iterable[str] | None = None) -> tuple[set, set]:
         filed: set = set()
         doubt: set = set()
+        sql = "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = ?"
+        rows: list[sqlite3.Row] = []
         with self._lock:
-            rows = self._db.execute(
-                "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = ?",
-                (route,)).fetchall()
+            if names is None:
+                rows = self._db.execute(sql, (route,)).fetchall()
+            else:
+                wanted = sorted(set(names))
+                for i in range(0, len(wanted), 400):  # well under SQLite's bound on parameters
+                    chunk = wanted[i:i + 400]
+                    rows += self._db.execute(f"{sql} AND remote_name IN ({_marks(chunk)})",
+                                             (route, *chunk)).fetchall()
         for r in rows:
             (filed if r[3] is not None else doubt).add((r[0], r[1], feedback_instant(r[2])))
         return filed, doubt
+
+    def route_has_history(self, route: str) -> bool:
+        with self._lock:
+            return any(self._db.execute(f"SELECT 1 FROM {table} WHERE route = ? LIMIT 1", (route,)).fetchone()
+                       for table in ("submissions", "feedback"))
+
+    def pending_moves(self) -> list[Submission]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM submissions WHERE move_to IS NOT NULL ORDER BY id").fetchall()
+        return [_row_to_sub(r) for r in rows]
+
+    def last_upload(self, route: str) -> datetime | None:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(uploaded_at) FROM submissions WHERE route = ?", (route,)).fetchone()
+        return datetime.fromisoformat(row[0]) if row[0] else None
 
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
