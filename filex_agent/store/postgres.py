@@ -324,10 +324,14 @@ class PostgresStore(Store):
             # other node's writes at each start, even when there is nothing to create.
             present = {r["indexname"] for r in cur.execute(
                 "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'submissions'")}
-            for name, spec in _VIEW_INDEXES.items():
-                if name not in present:
-                    log.info("journal %s: creating index %s (status page)", self.url, name)
-                    cur.execute(f"CREATE INDEX {name} ON submissions {spec}")
+            missing = [name for name in _VIEW_INDEXES if name not in present]
+            if missing:
+                # Once, on an existing journal: seconds per million rows, more than one statement
+                # of the daemon may take (other nodes' writes wait meanwhile; their reads do not).
+                log.info("journal %s: building indexes %s (status page)", self.url, ", ".join(missing))
+                cur.execute("SET LOCAL statement_timeout = 0")
+            for name in missing:
+                cur.execute(f"CREATE INDEX {name} ON submissions {_VIEW_INDEXES[name]}")
 
         self._run(go)
 
