@@ -102,6 +102,24 @@ def pg_url(pg_server, request):
     return pg_server.database(name)
 
 
+def open_test_store(request, kind: str, sqlite_path):
+    """A Store of ``kind``: the SQLite file ``sqlite_path``, or the test's PostgreSQL database."""
+    if kind == "sqlite":
+        from filex_agent.store.sqlite import SQLiteStore
+
+        return SQLiteStore(sqlite_path)
+    from filex_agent.store.postgres import PostgresStore
+
+    server = request.getfixturevalue("pg_server")
+    return PostgresStore(request.getfixturevalue("pg_url"), password=server.password)
+
+
+@pytest.fixture
+def store_of_kind(request):
+    """``open_test_store`` for fixtures of other modules (a test module cannot import conftest)."""
+    return lambda kind, sqlite_path: open_test_store(request, kind, sqlite_path)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def journal(request, tmp_path):
     """Opens the test's journal, SQLite or PostgreSQL (the Store conformance suite runs on both);
@@ -109,15 +127,7 @@ def journal(request, tmp_path):
     opened = []
 
     def open_journal():
-        if request.param == "sqlite":
-            from filex_agent.store.sqlite import SQLiteStore
-
-            store = SQLiteStore(tmp_path / "j.sqlite3")
-        else:
-            from filex_agent.store.postgres import PostgresStore
-
-            server = request.getfixturevalue("pg_server")
-            store = PostgresStore(request.getfixturevalue("pg_url"), password=server.password)
+        store = open_test_store(request, request.param, tmp_path / "j.sqlite3")
         opened.append(store)
         return store
 

@@ -110,3 +110,36 @@ def test_the_lease_is_reckoned_by_the_server_clock(server):
         assert abs((st.now() - server_now).total_seconds()) < 5
     finally:
         st.close()
+
+
+def test_a_journal_from_before_the_status_page_gets_its_indexes_at_open(server):
+    from filex_agent.store import PageKey, SubmissionQuery
+    from filex_agent.store.postgres import _VIEW_INDEXES
+
+    server.database("views")
+    st = _open(server, "views")
+    subs = [_new(st, f"N{i}.csv") for i in range(3)]
+    st.close()
+    with server.connect("views") as db:  # as a journal migrated by the version before them left it
+        for name in _VIEW_INDEXES:
+            db.execute(f"DROP INDEX {name}")
+    st = _open(server, "views")
+    try:
+        page = st.search(SubmissionQuery(text="N"), 2, after=PageKey(subs[2].created_at, subs[2].id))
+        assert [s.id for s in page.rows] == [subs[1].id, subs[0].id]
+        with server.connect("views") as db:
+            names = {r[0] for r in db.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'submissions'")}
+            assert set(_VIEW_INDEXES) <= names
+            assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]  # no new version
+            # The queries' shapes can use them (the name index only in the collation they compare in).
+            db.execute("SET enable_seqscan = off")
+            plan = "\n".join(r[0] for r in db.execute(
+                "EXPLAIN SELECT * FROM submissions WHERE file_name COLLATE \"C\" >= 'N' "
+                "AND file_name COLLATE \"C\" < 'N\U0010ffff'"))
+            assert "submissions_name" in plan, plan
+            plan = "\n".join(r[0] for r in db.execute(
+                "EXPLAIN SELECT * FROM submissions WHERE (created_at, id) < (now(), 5) "
+                "ORDER BY created_at DESC, id DESC LIMIT 3"))
+            assert "submissions_created" in plan, plan
+    finally:
+        st.close()

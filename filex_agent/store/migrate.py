@@ -38,6 +38,8 @@ def sqlite_to_postgres(source: Path, target: PostgresStore) -> dict[str, int]:
             raise MigrationRefused(f"the SQLite journal has tables this copy does not know: {', '.join(unknown)}")
 
         def copy(cur: psycopg.Cursor) -> dict[str, int]:
+            # A large journal takes longer than the store's per-statement timeout (1M rows: ~45 s).
+            cur.execute("SET LOCAL statement_timeout = 0")
             # No other node may write while the target is checked and filled.
             cur.execute(f"LOCK TABLE {', '.join(TABLES)} IN EXCLUSIVE MODE")
             present = {t: cur.execute(f"SELECT COUNT(*) AS n FROM {t}").fetchone()["n"] for t in TABLES}

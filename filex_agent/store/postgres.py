@@ -14,7 +14,11 @@ both). What differs, and why:
   is reported (``JournalUnavailable``), never silently retried (a retried ``create`` could
   write a second row).
 * Schema migrations are versioned (``schema_version``) and applied under an advisory lock by the
-  first node to start; a node older than the schema refuses to start (``SchemaTooNew``).
+  first node to start; a node older than the schema refuses to start (``SchemaTooNew``). Indexes
+  that only speed up reads (the status page's) are created at open when missing, as SQLite does:
+  they change no row the schema allows, so they need no version (an older node ignores them).
+* The status page's reads run in read-only transactions, planned for their own values (never a
+  generic plan: a rare and a common file-name prefix want different plans).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import logging
 import random
 import time
 from dataclasses import fields as dc_fields
+from dataclasses import replace
 from datetime import datetime
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -46,6 +51,7 @@ from filex_agent.store import (
     NodeInfo,
     Occurrence,
     Outcome,
+    PageKey,
     REACHED_STATES,
     SchemaTooNew,
     StaleEpoch,
@@ -53,7 +59,10 @@ from filex_agent.store import (
     StateConflict,
     Store,
     Submission,
+    SubmissionPage,
+    SubmissionQuery,
     feedback_instant,
+    open_state_names,
 )
 
 log = logging.getLogger(__name__)
@@ -142,13 +151,24 @@ CREATE TABLE leaders (
 ]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "a schema change needs a migration for PostgreSQL too"
 
-# Indexes that change no schema (a journal without them still works, only slower): made at every
-# open if missing, so adding one needs no schema version. They keep the daemon's recurring work
-# proportional to what is pending, not to the history (bench/journal_scale.py).
-INDEXES = [
-    "CREATE INDEX IF NOT EXISTS submissions_move ON submissions(id) WHERE move_to IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS submissions_route_uploaded ON submissions(route, uploaded_at)",
-]
+# The status page's read-only views (keyset pages newest first, with or without a filter on state
+# or route; a file name prefix; outcomes by final time; latency by upload time; flags): SQLite's
+# indexes, created at open when missing. The name index is in the "C" collation (byte order), the
+# order the prefix ranges compare in: the database's own collation may sort "a-b" outside
+# ["a", "a\U0010ffff").
+_VIEW_INDEXES = {
+    "submissions_created": "(created_at, id)",
+    "submissions_state_created": "(state, created_at, id)",
+    "submissions_route_created_id": "(route, created_at, id)",
+    "submissions_name": '(file_name COLLATE "C")',
+    "submissions_final": "(final_at, state, route)",
+    "submissions_uploaded_created": "(uploaded_at, created_at)",
+    "submissions_flag": "(id) WHERE flag IS NOT NULL",
+    # The daemon's recurring work, proportional to what is pending, not to the history
+    # (bench/journal_scale.py): moves to finish at start-up, a route's last upload.
+    "submissions_move": "(id) WHERE move_to IS NOT NULL",
+    "submissions_route_uploaded": "(route, uploaded_at)",
+}
 
 # Tables in the order a copy must fill them (foreign keys), with their identity column.
 TABLES = ["submissions", "events", "attempts", "feedback", "alerts", "calendar_occurrences", "calendar_alerts",
@@ -178,6 +198,34 @@ def _att(row: dict[str, Any]) -> Attempt:
     data = {k: row[k] for k in _ATTEMPT_FIELDS}
     data["outcome"] = Outcome(data["outcome"])
     return Attempt(**data)
+
+
+def _feedback(r: dict[str, Any]) -> FeedbackFile:
+    return FeedbackFile(r["id"], r["route"], r["remote_name"], r["remote_size"], r["remote_modified"],
+                        r["local_path"], r["submission_id"], r["downloaded_at"])
+
+
+def _query_where(q: SubmissionQuery) -> tuple[list[str], list[Any]]:
+    """WHERE terms (ANDed) and arguments of a status page search, but for ``text``'s tracking id."""
+    terms: list[str] = []
+    args: list[Any] = []
+    if q.text:
+        # A prefix as a byte-order range (LIKE 'x%' would need % and _ escaped), as in SQLite.
+        terms.append('file_name COLLATE "C" >= %s AND file_name COLLATE "C" < %s')
+        args += [q.text, q.text + "\U0010ffff"]
+    if q.states is not None:
+        terms.append("state = ANY(%s)")
+        args.append(list(q.states))
+    if q.route is not None:
+        terms.append("route = %s")
+        args.append(q.route)
+    if q.created_from is not None:
+        terms.append("created_at >= %s")
+        args.append(q.created_from)
+    if q.created_to is not None:
+        terms.append("created_at < %s")
+        args.append(q.created_to)
+    return terms, args
 
 
 def _fence(sub_id: int, current: int | None, epoch: int | None) -> None:
@@ -276,8 +324,18 @@ class PostgresStore(Store):
                     log.info("journal %s: migrating schema to version %d", self.url, version)
                     cur.execute(sql)
                     cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
-            for sql in INDEXES:
-                cur.execute(sql)
+            # Only the missing ones: CREATE INDEX IF NOT EXISTS locks the table against every
+            # other node's writes at each start, even when there is nothing to create.
+            present = {r["indexname"] for r in cur.execute(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'submissions'")}
+            missing = [name for name in _VIEW_INDEXES if name not in present]
+            if missing:
+                # Once, on an existing journal: seconds per million rows, more than one statement
+                # of the daemon may take (other nodes' writes wait meanwhile; their reads do not).
+                log.info("journal %s: building indexes %s (status page, daemon)", self.url, ", ".join(missing))
+                cur.execute("SET LOCAL statement_timeout = 0")
+            for name in missing:
+                cur.execute(f"CREATE INDEX {name} ON submissions {_VIEW_INDEXES[name]}")
 
         self._run(go)
 
@@ -487,16 +545,13 @@ class PostgresStore(Store):
             return cur.execute("UPDATE feedback SET local_path = %s, submission_id = %s, downloaded_at = now() "
                                "WHERE id = %s RETURNING *", (local_path, submission_id, row["id"])).fetchone()
 
-        r = self._run(go)
-        return FeedbackFile(r["id"], r["route"], r["remote_name"], r["remote_size"], r["remote_modified"],
-                            r["local_path"], r["submission_id"], r["downloaded_at"])
+        return _feedback(self._run(go))
 
     def feedback_for(self, sub_id: int) -> list[FeedbackFile]:
         rows = self._run(lambda cur: cur.execute(
             "SELECT * FROM feedback WHERE submission_id = %s AND downloaded_at IS NOT NULL ORDER BY id",
             (sub_id,)).fetchall())
-        return [FeedbackFile(r["id"], r["route"], r["remote_name"], r["remote_size"], r["remote_modified"],
-                             r["local_path"], r["submission_id"], r["downloaded_at"]) for r in rows]
+        return [_feedback(r) for r in rows]
 
     def feedback_candidates(self, route: str, parts: Iterable[str]) -> list[Submission]:
         parts = sorted(set(parts))
@@ -505,6 +560,122 @@ class PostgresStore(Store):
             f"SELECT * FROM submissions WHERE route = %s AND state = ANY(%s) AND "
             f"(tracking_id = ANY(%s) OR {_STEM} = ANY(%s)) ORDER BY id", (route, states, parts, parts)).fetchall())
         return [_sub(r) for r in rows]
+
+    # -- read-only views (the status web page) ------------------------------------------
+    def _read(self, fn: Callable[[psycopg.Cursor], T]) -> T:
+        """``fn`` in a read-only transaction: a page never writes the journal."""
+        def go(cur: psycopg.Cursor) -> T:
+            cur.execute("SET TRANSACTION READ ONLY")
+            return fn(cur)
+
+        return self._run(go)
+
+    def search(self, query: SubmissionQuery, limit: int = 50, *, after: PageKey | None = None,
+               before: PageKey | None = None) -> SubmissionPage:
+        def go(cur: psycopg.Cursor) -> SubmissionPage:
+            def rows(sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+                # prepare=False: planned for these values (how many rows a name prefix holds).
+                return cur.execute(sql, list(args), prepare=False).fetchall()
+
+            if query.text:
+                rest, rest_args = _query_where(replace(query, text=None))
+                hit = rows(" AND ".join(["SELECT * FROM submissions WHERE tracking_id = %s", *rest]),
+                           [query.text, *rest_args])
+                if hit:
+                    return SubmissionPage([_sub(hit[0])], None, None)
+            terms, args = _query_where(query)
+            base_terms, base_args = list(terms), list(args)
+            # Row values: the planner seeks the (…, created_at, id) indexes with them.
+            if after is not None:
+                terms.append("(created_at, id) < (%s, %s)")
+                args += [after.created_at, after.id]
+            if before is not None:
+                terms.append("(created_at, id) > (%s, %s)")
+                args += [before.created_at, before.id]
+            order = "ASC" if before is not None else "DESC"
+            found = rows(f"SELECT * FROM submissions WHERE {' AND '.join(terms) or 'TRUE'} "
+                         f"ORDER BY created_at {order}, id {order} LIMIT %s", [*args, limit + 1])
+            more = len(found) > limit
+            subs = [_sub(r) for r in found[:limit]]
+            if before is not None:
+                subs.reverse()
+            if not subs:
+                return SubmissionPage([], None, None)
+
+            def exists(key: PageKey, op: str) -> bool:
+                cond = " AND ".join([*base_terms, f"(created_at, id) {op} (%s, %s)"])
+                return bool(rows(f"SELECT 1 FROM submissions WHERE {cond} LIMIT 1",
+                                 [*base_args, key.created_at, key.id]))
+
+            first, last = PageKey(subs[0].created_at, subs[0].id), PageKey(subs[-1].created_at, subs[-1].id)
+            if before is not None:
+                return SubmissionPage(subs, last if exists(last, "<") else None, first if more else None)
+            newer = after is not None and exists(first, ">")
+            return SubmissionPage(subs, last if more else None, first if newer else None)
+
+        return self._read(go)
+
+    def open_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._read(lambda cur: cur.execute(
+            "SELECT route, state, COUNT(*) AS n FROM submissions WHERE state = ANY(%s) GROUP BY route, state",
+            (list(open_state_names()),)).fetchall())
+        return {(r["route"], r["state"]): int(r["n"]) for r in rows}
+
+    def final_counts(self, since: datetime, until: datetime) -> dict[tuple[str, str], int]:
+        rows = self._read(lambda cur: cur.execute(
+            "SELECT route, state, COUNT(*) AS n FROM submissions WHERE final_at >= %s AND final_at < %s "
+            "GROUP BY route, state", (since, until)).fetchall())
+        return {(r["route"], r["state"]): int(r["n"]) for r in rows}
+
+    def final_histogram(self, edges: Sequence[datetime]) -> dict[tuple[int, str], int]:
+        if len(edges) < 2:
+            return {}
+        # width_bucket counts the edges <= final_at: bin i is [edges[i], edges[i + 1]).
+        rows = self._read(lambda cur: cur.execute(
+            "SELECT width_bucket(final_at, %s::timestamptz[]) - 1 AS bin, state, COUNT(*) AS n FROM submissions "
+            "WHERE final_at >= %s AND final_at < %s GROUP BY bin, state",
+            (list(edges), edges[0], edges[-1])).fetchall())
+        return {(int(r["bin"]), r["state"]): int(r["n"]) for r in rows}
+
+    def latency_histogram(self, edges: Sequence[datetime], bounds: Sequence[float]) -> dict[tuple[int, int], int]:
+        if len(edges) < 2:
+            return {}
+        # Bucket j holds (bounds[j - 1], bounds[j]], its upper bound included: CASE, not width_bucket.
+        bucket_case = " ".join(f"WHEN s <= %s THEN {j}" for j in range(len(bounds)))
+        rows = self._read(lambda cur: cur.execute(
+            "WITH t AS (SELECT width_bucket(uploaded_at, %s::timestamptz[]) - 1 AS bin, "
+            "EXTRACT(EPOCH FROM uploaded_at - created_at)::float8 AS s FROM submissions "
+            f"WHERE uploaded_at >= %s AND uploaded_at < %s) SELECT bin, CASE {bucket_case} ELSE {len(bounds)} END "
+            "AS bucket, COUNT(*) AS n FROM t GROUP BY bin, bucket",
+            [list(edges), edges[0], edges[-1], *(float(b) for b in bounds)]).fetchall())
+        return {(int(r["bin"]), int(r["bucket"])): int(r["n"]) for r in rows}
+
+    def problems(self, states: Iterable[str], open_before: datetime, limit: int) -> list[Submission]:
+        states = list(states)
+
+        def go(cur: psycopg.Cursor) -> list[dict[str, Any]]:
+            # Three indexed selections (flag, state, open too long), each newest first, merged.
+            ids = {r["id"] for r in cur.execute(
+                "SELECT id FROM submissions WHERE flag IS NOT NULL ORDER BY id DESC LIMIT %s", (limit,))}
+            if states:
+                ids |= {r["id"] for r in cur.execute(
+                    "SELECT id FROM submissions WHERE state = ANY(%s) ORDER BY id DESC LIMIT %s", (states, limit))}
+            ids |= {r["id"] for r in cur.execute(
+                "SELECT id FROM submissions WHERE state = ANY(%s) AND COALESCE(uploaded_at, created_at) < %s "
+                "ORDER BY id DESC LIMIT %s", (list(open_state_names()), open_before, limit))}
+            keep = sorted(ids, reverse=True)[:limit]
+            if not keep:
+                return []
+            return cur.execute("SELECT * FROM submissions WHERE id = ANY(%s) ORDER BY id DESC", (keep,)).fetchall()
+
+        return [_sub(r) for r in self._read(go)]
+
+    def feedback_file(self, sub_id: int, feedback_id: int) -> FeedbackFile | None:
+        r = self._read(lambda cur: cur.execute(
+            "SELECT * FROM feedback WHERE id = %s AND submission_id = %s AND downloaded_at IS NOT NULL",
+            (feedback_id, sub_id)).fetchone())
+        return None if r is None else _feedback(r)
+
 
     # -- alerts ----------------------------------------------------------------------------
     def mark_alerted(self, sub_id: int, kind: str) -> bool:
