@@ -465,3 +465,29 @@ def test_each_alert_is_journaled_once(journal):
     assert s.mark_alerted(rej.id, "REJECTED")
     assert not s.mark_alerted(rej.id, "REJECTED")  # a second sender (restart, another agent) stands down
     assert [x.id for x in s.unalerted([State.REJECTED, State.PARTIALLY_REJECTED])] == [part.id]
+
+
+def test_lookups_that_keep_the_daemon_off_the_history(journal):
+    """feedback_keys of named files, route_has_history, pending_moves, last_upload: what the
+    tracking cycle, the start-up and the problem checks read instead of listing every row."""
+    from datetime import timedelta
+
+    from filex_agent.store import utcnow
+
+    s = journal()
+    assert not s.route_has_history("r") and s.pending_moves() == [] and s.last_upload("r") is None
+    s.record_feedback("r", "a.txt", 1, None, "/fb/a.txt", None)
+    s.begin_feedback("r", "b.txt", 2, None)
+    s.record_feedback("r", "c.txt", 3, None, "/fb/c.txt", None)
+    assert s.route_has_history("r") and not s.route_has_history("other")
+    assert s.feedback_keys("r", ["a.txt", "b.txt", "zzz"]) == ({("a.txt", 1, None)}, {("b.txt", 2, None)})
+    assert s.feedback_keys("r", []) == (set(), set())
+    assert s.feedback_keys("r", [f"n{i}" for i in range(1500)] + ["c.txt"]) == ({("c.txt", 3, None)}, set())
+    one, two = _new(s, route="q"), _new(s, route="q", file_name="b.csv")
+    assert s.route_has_history("q")
+    s.update(two.id, move_to="/archive/sent", uploaded_at=utcnow())
+    s.update(one.id, uploaded_at=utcnow() - timedelta(hours=1))
+    assert [m.id for m in s.pending_moves()] == [two.id]
+    assert s.last_upload("q") == s.get(two.id).uploaded_at and s.last_upload("r") is None
+    s.update(two.id, move_to=None)
+    assert s.pending_moves() == []

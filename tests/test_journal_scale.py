@@ -1,0 +1,145 @@
+"""The daemon's recurring journal work reads what is pending, not the history (issue 15).
+
+Every SQL statement a start, a tracking cycle, a dispatch tick, the status line and the first
+page of `status` run is recorded and its query plan checked: none may scan a table that grows with
+the history. SQLite without statistics (the agent never runs ANALYZE) plans the same whatever the
+size, so a small journal shows the plan of a large one. bench/journal_scale.py times the same steps
+at 10k, 100k and 1M rows.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+
+import pytest
+
+from bench import journal_scale as js
+
+# Tables whose size follows the history; the others hold one row per node, leader or setting.
+HISTORY_TABLES = {"submissions", "events", "feedback", "attempts", "alerts"}
+_SCAN = re.compile(r"\bSCAN (\w+)")
+
+
+def _journal(tmp_path, rows: int):
+    j, audit, _ = js.build(tmp_path / "work", rows)
+    return js._config(tmp_path / f"data-{rows}", j, audit)
+
+
+@pytest.fixture
+def journal(tmp_path):
+    return _journal(tmp_path, 300)
+
+
+class _Seen(list):
+    """Statements run (parameters inlined) and the SQLite virtual machine's work, in steps of 100
+    instructions: the rows a statement reads, whichever index it reads them through."""
+
+    vm = 0
+
+    def tick(self) -> int:
+        self.vm += 1
+        return 0
+
+
+def _record(monkeypatch) -> _Seen:
+    """Every statement run on any journal connection opened from now on."""
+    import filex_agent.store.sqlite as sqlite_store
+
+    seen = _Seen()
+    connect = sqlite3.connect
+
+    def traced(*args, **kwargs):
+        db = connect(*args, **kwargs)
+        db.set_trace_callback(seen.append)
+        db.set_progress_handler(seen.tick, 100)
+        return db
+
+    monkeypatch.setattr(sqlite_store.sqlite3, "connect", traced)
+    return seen
+
+
+def _reads_history(line: str, paged: bool, partial: set[str]) -> bool:
+    scan = _SCAN.search(line)
+    if not scan or scan.group(1) not in HISTORY_TABLES:
+        return False
+    index = re.search(r"USING (?:COVERING )?INDEX (\w+)", line)
+    return not (index and (paged or index.group(1) in partial))
+
+
+def _history_scans(path, statements: list[str]) -> dict[str, list[str]]:
+    db = sqlite3.connect(path)
+    found: dict[str, list[str]] = {}
+    # A partial index holds only the rows of its WHERE (e.g. moves not done yet): walking it is fine.
+    partial = {name for name, sql in db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")
+               if sql and " WHERE " in sql}
+    try:
+        for sql in dict.fromkeys(statements):
+            if not re.match(r"\s*(SELECT|WITH|UPDATE|DELETE|INSERT\s.*\sSELECT\s)", sql, re.I | re.S):
+                continue
+            plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            # A walk along an index in its own order that stops at LIMIT reads LIMIT rows (a page).
+            paged = bool(re.search(r"\bLIMIT \d+\s*$", sql)) and not any("TEMP B-TREE" in line for line in plan)
+            bad = [line for line in plan if _reads_history(line, paged, partial)]
+            if bad:
+                found[sql] = bad
+    finally:
+        db.close()
+    return found
+
+
+def test_start_and_every_recurring_step_read_no_history_table_whole(journal, monkeypatch):
+    seen = _record(monkeypatch)
+    store, daemon = js.start(journal)
+    try:
+        steps = js.recurring(journal, store, daemon)
+        for step in steps.values():
+            step()
+        assert set(steps) >= {"tracking cycle (rescuer, reconciler, tracker, feedback)", "status line",
+                              "dispatch tick (with its lease rescue)", "`status --json`, first page"}
+    finally:
+        daemon.executor.shutdown()
+        store.close()
+    # The steps did their work: the cycle asked for the pending uploads, the page for rows.
+    assert any("state IN ('SUBMITTED')" in sql for sql in seen)
+    assert any("LIMIT" in sql and "created_at" in sql for sql in seen)
+    assert _history_scans(journal.journal_path, seen) == {}
+
+
+def test_the_check_itself_catches_a_full_scan(journal, monkeypatch):
+    seen = _record(monkeypatch)
+    store, daemon = js.start(journal)
+    try:
+        store.list()  # what the start-up used to do to find journaled moves
+    finally:
+        daemon.executor.shutdown()
+        store.close()
+    scans = _history_scans(journal.journal_path, seen)
+    assert any("ORDER BY id" in sql and "move_to" not in sql for sql in scans), scans
+
+
+def _work(cfg, monkeypatch) -> dict[str, int]:  # noqa: ANN001
+    """The journal work of the start and of each recurring step, in 100s of VM instructions."""
+    seen = _record(monkeypatch)
+    out = {}
+    store, daemon = js.start(cfg)
+    out["start"] = seen.vm
+    try:
+        for label, step in js.recurring(cfg, store, daemon).items():
+            step()  # the first run writes what changed (tracking status); the second is the steady cycle
+            before = seen.vm
+            step()
+            out[label] = seen.vm - before
+    finally:
+        daemon.executor.shutdown()
+        store.close()
+    return out
+
+
+def test_the_work_of_each_step_does_not_grow_with_the_history(tmp_path, monkeypatch):
+    small = _work(_journal(tmp_path, 300), monkeypatch)
+    large = _work(_journal(tmp_path, 6000), monkeypatch)  # 20 times the history, the same pending set
+    assert all(n > 0 for n in small.values()), small
+    # Deeper indexes cost a little; reading the history would cost 20 times as much.
+    grown = {label: (small[label], large[label]) for label in small if large[label] > 1.5 * small[label] + 20}
+    assert grown == {}, grown
