@@ -93,6 +93,7 @@ def _write_audit(journal: Path, audit: Path) -> None:
 def build(work: Path, rows: int) -> tuple[Path, Path, float | None]:
     journal, audit = work / f"journal-{rows}.sqlite3", work / f"audit-{rows}.jsonl"
     if journal.exists() and audit.exists():
+        _index_audit(audit)
         return journal, audit, None
     work.mkdir(parents=True, exist_ok=True)
     for p in (journal, audit):
@@ -106,7 +107,17 @@ def build(work: Path, rows: int) -> tuple[Path, Path, float | None]:
 
     SQLiteStore(journal).close()
     _write_audit(journal, audit)
+    _index_audit(audit)
     return journal, audit, time.perf_counter() - t
+
+
+def _index_audit(audit: Path) -> None:
+    """The audit file's index, as the agent that wrote the file keeps it (built once, here)."""
+    from filex_agent.observers import _AuditIndex
+
+    index = _AuditIndex(audit)
+    index.refresh()
+    index.close()
 
 
 class _Api:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,15 +47,50 @@ _FEEDBACK_RE = re.compile(rb'"event":"submission\.feedback","submission_id":(\d+
 class _AuditIndex:
     """What the audit file already holds: last journal ``seq`` and feedback ids per submission.
 
-    Reads the file from where it stopped last time (whole lines only), so the cost after
-    start-up is proportional to what was appended since.
+    Kept in a side file (``<audit>.index``, SQLite) with the offset of the audit file it covers,
+    so a start reads only what was appended since, not years of lines; every process appending
+    to the audit file (daemon, CLI) shares it. The audit file stays the truth: the side file is
+    checked against the bytes just before its offset and rebuilt from the start when they differ
+    (a restored or replaced audit file) or when it cannot be read. Losing its last writes (a
+    crash) only means re-reading those lines.
     """
+
+    _TAIL = 64  # bytes before the offset that must still be there, unchanged
 
     def __init__(self, path: Path):
         self.path = path
-        self.offset = 0
-        self.seq: dict[int, int] = {}
-        self.feedback: set[int] = set()
+        side = path.with_name(path.name + ".index")
+        try:
+            self._db = self._open(side)
+        except sqlite3.Error as exc:
+            log.warning("audit index %s unusable (%s); rebuilding it", side, exc)
+            try:
+                side.unlink(missing_ok=True)
+                self._db = self._open(side)
+            except (OSError, sqlite3.Error) as exc2:  # e.g. a read-only folder: memory only
+                log.warning("audit index %s cannot be written (%s); kept in memory", side, exc2)
+                self._db = self._open(":memory:")
+
+    @staticmethod
+    def _open(where: Path | str) -> sqlite3.Connection:
+        db = sqlite3.connect(where, check_same_thread=False, isolation_level=None, timeout=30)
+        if where != ":memory:":
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # rebuildable from the audit file: no fsync per line
+        db.executescript("""
+            CREATE TABLE IF NOT EXISTS seq (submission_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS feedback (feedback_id INTEGER PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS mark (one INTEGER PRIMARY KEY CHECK (one = 1), offset INTEGER NOT NULL,
+                                             tail BLOB NOT NULL);
+        """)
+        return db
+
+    def seq_of(self, sub_id: int) -> int:
+        row = self._db.execute("SELECT seq FROM seq WHERE submission_id = ?", (sub_id,)).fetchone()
+        return row[0] if row else 0
+
+    def has_feedback(self, feedback_id: int) -> bool:
+        return self._db.execute("SELECT 1 FROM feedback WHERE feedback_id = ?", (feedback_id,)).fetchone() is not None
 
     def refresh(self) -> None:
         try:
@@ -62,20 +98,50 @@ class _AuditIndex:
         except FileNotFoundError:
             return
         with f:
-            f.seek(self.offset)
+            size = os.fstat(f.fileno()).st_size
+            row = self._db.execute("SELECT offset, tail FROM mark").fetchone()
+            offset = row[0] if row else 0
+            if offset and (offset > size or os.pread(f.fileno(), len(row[1]), offset - len(row[1])) != row[1]):
+                log.warning("audit file %s is not the one its index was built from; re-reading it whole", self.path)
+                offset = 0
+            if offset == 0:  # from the start: nothing the index holds is known to be in this file
+                self._db.executescript("BEGIN IMMEDIATE; DELETE FROM seq; DELETE FROM feedback; DELETE FROM mark; "
+                                       "COMMIT;")
+            if offset == size:
+                return
+            seqs: dict[int, int] = {}
+            feedback: set[int] = set()
+            f.seek(offset)
             for line in f:  # streamed: the file grows for years, never read whole
                 if not line.endswith(b"\n"):
                     break  # a line being written (or a torn one): read again next time
-                self.offset += len(line)
+                offset += len(line)
                 m = _STATE_RE.search(line)
                 if m:
                     sub_id, seq = int(m.group(1)), int(m.group(2))
-                    if seq > self.seq.get(sub_id, 0):
-                        self.seq[sub_id] = seq
+                    if seq > seqs.get(sub_id, 0):
+                        seqs[sub_id] = seq
                     continue
                 m = _FEEDBACK_RE.search(line)
                 if m:
-                    self.feedback.add(int(m.group(2)))
+                    feedback.add(int(m.group(2)))
+            tail = os.pread(f.fileno(), min(self._TAIL, offset), offset - min(self._TAIL, offset))
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("INSERT INTO seq (submission_id, seq) VALUES (?, ?) ON CONFLICT (submission_id) "
+                                 "DO UPDATE SET seq = MAX(seq, excluded.seq)", list(seqs.items()))
+            self._db.executemany("INSERT OR IGNORE INTO feedback (feedback_id) VALUES (?)", [(i,) for i in feedback])
+            # Never back: another process may have read further meanwhile.
+            self._db.execute("INSERT INTO mark (one, offset, tail) VALUES (1, ?, ?) ON CONFLICT (one) DO UPDATE "
+                             "SET offset = excluded.offset, tail = excluded.tail WHERE excluded.offset > offset",
+                             (offset, tail))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._db.close()
 
 
 def _snapshot(sub: Submission) -> dict[str, Any]:
@@ -113,23 +179,23 @@ class AuditHooks(Hooks):
             paths = [f.local_path for f in feedback if f.local_path]
             snap = _snapshot(sub)
             written = 0
-            done = self._index.seq.get(sub_id, 0)
+            done = self._index.seq_of(sub_id)
             for seq, ev in enumerate(events[done:], start=done + 1):
                 outcome = ev.state if ev.state in {s.value for s in FINAL_STATES} else None
                 self.audit.append(STATE_EVENT, submission_id=sub_id, seq=seq, at=ev.at.isoformat(),
                                   state=ev.state, detail=ev.detail, outcome=outcome, **snap, feedback=paths)
-                self._index.seq[sub_id] = seq
                 written += 1
             for f in feedback:
-                if f.id in self._index.feedback or not f.local_path:
+                if not f.local_path or self._index.has_feedback(f.id):
                     continue
                 self.audit.append(FEEDBACK_EVENT, submission_id=sub_id, feedback_id=f.id,
                                   remote_name=f.remote_name, feedback_file=f.local_path, **snap, feedback=paths)
-                self._index.feedback.add(f.id)
                 written += 1
             if flagged and sub.flag:
                 self.audit.append(FLAG_EVENT, submission_id=sub_id, **snap, feedback=paths)
                 written += 1
+            if written:
+                self._index.refresh()  # the lines just written (and any other writer's): read from the file
             return written
 
 

@@ -51,6 +51,8 @@ def _record(monkeypatch) -> _Seen:
 
     def traced(*args, **kwargs):
         db = connect(*args, **kwargs)
+        if str(args[0]).endswith(".index"):  # the audit file's own index, not the journal
+            return db
         db.set_trace_callback(seen.append)
         db.set_progress_handler(seen.tick, 100)
         return db

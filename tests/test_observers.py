@@ -124,6 +124,73 @@ def test_audit_two_writers_share_one_index(tmp_path, store):
     assert daemon_side.audit.verify().ok
 
 
+def test_audit_restart_reads_only_what_was_appended_since(tmp_path, store, monkeypatch):
+    """The index of what the audit file holds is kept beside it: a start does not re-read years of lines."""
+    import filex_agent.observers as observers
+
+    path = tmp_path / "audit.jsonl"
+    first = AuditHooks(AuditLog(path), store)
+    subs = [new_sub(store, f"f{i}.csv") for i in range(3)]
+    for sub in subs:
+        first.submission_changed(sub, "claimed")
+    first.audit.append("agent.stopped")  # a line of the service's own, not a submission's
+    size = path.stat().st_size
+    later = new_sub(store, "later.csv")
+    AuditHooks(AuditLog(path), store).submission_changed(later, "claimed")  # e.g. `filex-agent submit`
+    grown = path.stat().st_size
+    assert grown > size
+
+    seeks: list[int] = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __iter__(self):
+            return iter(self.f)
+
+        def seek(self, offset):
+            seeks.append(offset)
+            return self.f.seek(offset)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(observers, "open", lambda p, mode="r": Spy(real_open(p, mode)), raising=False)
+    restarted = AuditHooks(AuditLog(path), store)
+    assert seeks == []  # the other writer's index update covered its own lines: nothing to read
+    restarted.audit.append("agent.started")  # appended without the hooks (as the service does)
+    assert all(restarted.catch_up(s.id) == 0 for s in [*subs, later])  # nothing written twice
+    assert seeks == [grown]  # read from where the index stopped, not from the start
+    assert [r["submission_id"] for r in audit_lines(path) if r["event"] == "submission.state"].count(later.id) == 2
+
+
+def test_audit_index_of_another_file_is_rebuilt(tmp_path, store):
+    """A replaced audit file (restored, moved away) is not trusted to the old index: its lines are re-read."""
+    path = tmp_path / "audit.jsonl"
+    hooks = AuditHooks(AuditLog(path), store)
+    sub = new_sub(store)
+    hooks.submission_changed(sub, "claimed")
+    hooks.audit.close()
+    path.rename(tmp_path / "audit.old")
+    fresh = AuditLog(path)
+    fresh.append("agent.started")
+    fresh.append("agent.started")  # longer than... nothing: the bytes before the old offset differ
+    assert AuditHooks(fresh, store).catch_up(sub.id) == 2  # CLAIMING, QUEUED: written into the new file
+    assert [r["seq"] for r in audit_lines(path) if r["event"] == "submission.state"] == [1, 2]
+    # The same file shortened below the index's offset: rebuilt too.
+    fresh.close()
+    path.write_bytes(b"")
+    assert AuditHooks(AuditLog(path), store).catch_up(sub.id) == 2
+
+
 def test_audit_flag_line(tmp_path, store):
     path = tmp_path / "audit.jsonl"
     hooks = AuditHooks(AuditLog(path), store)
