@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.journal_scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="historical rows, comma-separated")
-    ap.add_argument("--runs", type=int, default=5, help="timed runs of each step (median)")
+    ap.add_argument("--runs", type=int, default=15, help="timed runs of each step (median)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "journal_scale",
                     help="keeps the built journals")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md", help="'-': print only")

@@ -64,6 +64,8 @@ class Daemon:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._conn_leases = ConnectionLeases()  # old Connections close when their last upload ends
+        self._track_guard = OverrunGuard("the tracking cycle")
+        self._dispatch_guard = OverrunGuard("the dispatch tick")
         self.started = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -83,10 +85,12 @@ class Daemon:
                                      rescan_interval=self.config.watcher.rescan_interval_seconds)
         self.watcher.start()
         t = self.config.tracking
-        self.scheduler.add_job(self.dispatch, "interval", seconds=self.dispatch_interval, id="dispatch",
-                               max_instances=1, coalesce=True, next_run_time=_now_local())
+        # max_instances=2 with jobs that skip themselves while their previous run is still going
+        # (OverrunGuard): APScheduler's own limit would log a warning at every skipped tick.
+        self.scheduler.add_job(self._dispatch_job, "interval", seconds=self.dispatch_interval, id="dispatch",
+                               max_instances=2, coalesce=True, next_run_time=_now_local())
         self.scheduler.add_job(self.track_and_collect, "interval", seconds=t.poll_interval_seconds, id="track",
-                               max_instances=1, coalesce=True, next_run_time=_now_local())
+                               max_instances=2, coalesce=True, next_run_time=_now_local())
         self.scheduler.start()
         self.started = True
         log.info("filex-agent started: %d route(s)", len(self.config.routes))
@@ -257,7 +261,14 @@ class Daemon:
                 "routes": [r.name for r in self.config.routes], "workers": self.config.agent.workers,
                 "uploading": len(self._held())}
 
+    def _dispatch_job(self) -> None:
+        self._dispatch_guard.run(self.dispatch)
+
     def track_and_collect(self) -> None:
+        """One tracking cycle, unless the previous one is still running (then skipped quietly)."""
+        self._track_guard.run(self._lease_and_track)
+
+    def _lease_and_track(self) -> None:
         with self._conn_leases.lease(lambda: self.connections):
             self._track_and_collect()
 
@@ -403,6 +414,44 @@ class Daemon:
             finally:
                 self.heartbeat.stop()
         return sub
+
+
+class OverrunGuard:
+    """Runs a periodic job unless its previous run is still going: a slow tracking cycle over a
+    backlog skips its next ticks instead of queueing behind itself. Says so once per hour at
+    most (a cycle that overruns every time must not fill the log), and when it has caught up."""
+
+    WARN_EVERY = 3600.0
+
+    def __init__(self, what: str):
+        self.what = what
+        self._lock = threading.Lock()
+        self._overrun = False
+        self._warned_at: float | None = None
+        self.skipped = 0
+
+    def run(self, fn) -> bool:  # noqa: ANN001
+        """Run ``fn`` now; False (without running it) if its previous run has not ended."""
+        if not self._lock.acquire(blocking=False):
+            self.skipped += 1
+            if not self._overrun:
+                self._overrun = True
+                now = time.monotonic()
+                quiet = self._warned_at is not None and now - self._warned_at < self.WARN_EVERY
+                if not quiet:
+                    self._warned_at = now
+                log.log(logging.DEBUG if quiet else logging.WARNING,
+                        "%s is taking longer than its interval; its next runs are skipped until it ends",
+                        self.what)
+            return False
+        try:
+            fn()
+        finally:
+            ended_overrun, self._overrun = self._overrun, False
+            self._lock.release()
+        if ended_overrun:
+            log.debug("%s ended after overrunning its interval", self.what)
+        return True
 
 
 def _cleanup_spool(route: RouteSettings) -> None:

@@ -145,3 +145,43 @@ def test_the_work_of_each_step_does_not_grow_with_the_history(tmp_path, monkeypa
     # Deeper indexes cost a little; reading the history would cost 20 times as much.
     grown = {label: (small[label], large[label]) for label in small if large[label] > 1.5 * small[label] + 20}
     assert grown == {}, grown
+
+
+def test_an_overrunning_cycle_skips_its_ticks_and_says_so_once(journal, caplog):
+    """A tracking cycle slower than its interval: the next ticks return at once (the scheduler never
+    reaches its instance limit, whose warning came every tick), one warning is logged, not one a tick."""
+    import logging
+    import threading
+
+    from filex_agent.daemon import Daemon
+
+    daemon = Daemon(journal, dispatch_interval=3600)
+    entered, release, runs = threading.Event(), threading.Event(), []
+
+    def slow_cycle():
+        runs.append(1)
+        entered.set()
+        release.wait(10)
+
+    daemon._track_and_collect = slow_cycle
+    caplog.set_level(logging.DEBUG, logger="filex_agent.daemon")
+    first = threading.Thread(target=daemon.track_and_collect)
+    first.start()
+    try:
+        assert entered.wait(10)
+        for _ in range(20):  # twenty ticks while it runs
+            daemon.track_and_collect()
+            daemon._dispatch_job()  # the dispatch tick is not held up by it
+    finally:
+        release.set()
+        first.join(10)
+    assert runs == [1] and daemon._track_guard.skipped == 20 and daemon._dispatch_guard.skipped == 0
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "the tracking cycle is taking longer than its interval; its next runs are skipped until it ends"]
+    # It ended: the next tick runs; a new overrun within the hour is logged at debug only.
+    daemon._track_and_collect = lambda: runs.append(2)
+    daemon.track_and_collect()
+    assert runs == [1, 2]
+    daemon.executor.shutdown()
+    daemon.store.close()
