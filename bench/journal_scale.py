@@ -29,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench.common import ROOT
-from bench.web import build_journal
+from bench.web import build_journal, write_section
 
 START, END = "<!-- bench.journal_scale:start -->", "<!-- bench.journal_scale:end -->"
 ROUTES = [f"route-{i}" for i in range(5)]
@@ -284,16 +284,6 @@ def render(sizes: list[int], results: dict[int, dict[str, float]], builds: dict[
     return "\n".join(lines)
 
 
-def write_section(out: Path, section: str) -> None:
-    text = out.read_text() if out.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    out.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.journal_scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(sizes, results, builds, load)
     print(section)
     if str(args.out) != "-":
-        write_section(args.out, section)
+        write_section(args.out, section, START, END)
     return 0
 
 

@@ -12,7 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import parts
+from bench import journal_scale, parts, web
 from bench.agent import Daemon, Journal, write_config
 from bench.common import ROOT, fast_tmp
 from bench.report import Results, render
@@ -162,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         res.settings["load average (1 min) at start → end"] = (f"{load0} → {_loadavg()} (other work on the "
                                                                 "machine adds noise)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        web_section = read_section(args.out)
+        # The sections of `python -m bench.web` and `python -m bench.journal_scale` are kept.
+        own = [(read_section(args.out, *marks), marks) for marks in ((web.START, web.END),
+                                                                    (journal_scale.START, journal_scale.END))]
         args.out.write_text(render(res) + "\n")
-        if web_section:
-            write_section(args.out, web_section)  # `python -m bench.web`'s own section is kept
+        for section, marks in own:
+            if section:
+                write_section(args.out, section, *marks)
         log.info("wrote %s", args.out)
         if args.keep:
             log.info("work folders kept: %s %s", work, shm)
