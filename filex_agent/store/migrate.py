@@ -17,7 +17,9 @@ from filex_agent.errors import FilexError
 from filex_agent.store.postgres import TABLES, PostgresStore
 from filex_agent.store.sqlite import SQLiteStore
 
-_SQLITE_INTERNAL = {"sqlite_sequence"}
+# SQLite's own, and the SQLite store's bookkeeping about itself (store_meta: how far a one-off
+# rewrite got), which means nothing to another store.
+_SQLITE_INTERNAL = {"sqlite_sequence", "store_meta"}
 
 
 class MigrationRefused(FilexError):
