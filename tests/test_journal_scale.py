@@ -185,3 +185,34 @@ def test_an_overrunning_cycle_skips_its_ticks_and_says_so_once(journal, caplog):
     assert runs == [1, 2]
     daemon.executor.shutdown()
     daemon.store.close()
+
+
+def test_status_pages_filters_and_streams(journal, tmp_path, monkeypatch, capsys):
+    """`filex-agent status` reads the newest rows by pages, not the whole journal (ordered, filtered, complete)."""
+    import json
+
+    from filex_agent import cli
+
+    cfg_path = tmp_path / "filex-agent.toml"
+    cfg_path.write_text("\n".join([
+        "[agent]", f'data_dir = "{journal.agent.data_dir}"', "[journal]", f'url = "sqlite:///{journal.journal_path}"',
+        "[audit]", f'path = "{journal.audit_path}"', "[credentials.c]", 'client_id = "x"', 'client_secret = "env:X"',
+        *(line for r in journal.routes for line in ("[[routes]]", f'name = "{r.name}"', f'outbox = "{r.outbox}"',
+                                                    'org = "0001"', 'application = "app1"', 'credential = "c"'))]))
+    db = sqlite3.connect(journal.journal_path)
+    everything = [r[0] for r in db.execute("SELECT id FROM submissions ORDER BY created_at DESC, id DESC")]
+    queued = {r[0] for r in db.execute("SELECT id FROM submissions WHERE state = 'QUEUED'")}
+    db.close()
+
+    def status(*args: str) -> list[dict]:
+        assert cli.main(["status", "-c", str(cfg_path), "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    monkeypatch.setattr(cli, "STATUS_PAGE", 7)  # several pages even for a small journal
+    assert [r["id"] for r in status("--limit", "20")] == everything[:20]
+    assert [r["id"] for r in status("--limit", "0")] == everything  # all of it, page after page, in order
+    assert {r["id"] for r in status("--state", "queued,HELD")} >= queued
+    assert {r["state"] for r in status("--state", "queued,HELD")} == {"QUEUED", "HELD"}
+    assert status("--since", "2999-01-01") == []
+    assert cli.main(["status", "-c", str(cfg_path), "--state", "LOST"]) == 2
+    assert "--state" in capsys.readouterr().err
