@@ -207,7 +207,7 @@ class Daemon:
             log.exception("claiming %s failed", cand.path)
             return
         if sub is not None and sub.state is State.QUEUED:
-            self._submit(sub.id)
+            self._submit(sub.id, only_if_room=True)
 
     def dispatch(self) -> None:
         """Start uploads for QUEUED submissions that are due, a few per worker at a time.
@@ -228,9 +228,14 @@ class Daemon:
         for sub_id in self.store.due(utcnow(), room + len(self._inflight)):
             self._submit(sub_id)
 
-    def _submit(self, sub_id: int) -> None:
+    def _submit(self, sub_id: int, only_if_room: bool = False) -> None:
         with self._lock:
             if sub_id in self._inflight or self._stopping.is_set():
+                return
+            if only_if_room and len(self._inflight) >= 2 * self.config.agent.workers:
+                # Workers busy: the journal has it QUEUED and the dispatch tick starts it when one
+                # frees. Handing every claimed file to the executor kept a Future per file of a
+                # 100,000-file backlog in memory.
                 return
             try:
                 fut = self.executor.submit(self._upload, sub_id)

@@ -216,3 +216,46 @@ def test_status_pages_filters_and_streams(journal, tmp_path, monkeypatch, capsys
     assert status("--since", "2999-01-01") == []
     assert cli.main(["status", "-c", str(cfg_path), "--state", "LOST"]) == 2
     assert "--state" in capsys.readouterr().err
+
+
+def test_a_backlog_waits_in_the_journal_not_in_memory(journal, tmp_path):
+    """Files claimed while every worker is busy are not each handed to the executor (a Future per file
+    of a 100,000-file backlog): they stay QUEUED and the dispatch tick starts them as workers free."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from filex_agent.daemon import Daemon
+    from filex_agent.store import State
+
+    daemon = Daemon(journal, dispatch_interval=3600)
+    store, workers = daemon.store, journal.agent.workers
+    release, started = threading.Event(), []
+
+    def upload(sub_id):
+        started.append(sub_id)
+        release.wait(10)
+        store.transition(sub_id, State.SUBMITTED, "uploaded")
+        with daemon._lock:
+            daemon._inflight.pop(sub_id, None)
+
+    daemon._upload = upload
+    subs = [store.create(route=journal.routes[0].name, org="0001", application="app1", transport="rest",
+                         file_name=f"b{i}.csv", source_path=f"/o/b{i}.csv", local_path=f"/o/b{i}.csv",
+                         state=State.QUEUED) for i in range(10 * workers)]
+    claimed = iter(subs)
+    daemon.submitter.claim = lambda route, path, trigger=None: next(claimed)
+    try:
+        for sub in subs:
+            daemon._on_candidate(SimpleNamespace(route=journal.routes[0], path=sub.source_path, trigger=None))
+        assert len(daemon._inflight) == 2 * workers  # the rest wait in the journal, QUEUED
+        assert daemon.executor._work_queue.qsize() <= workers
+    finally:
+        release.set()
+    daemon.executor.shutdown(wait=True)
+    assert len(started) == 2 * workers
+    daemon.executor = ThreadPoolExecutor(workers)
+    daemon.dispatch()  # the tick picks up the next ones from the journal
+    daemon.executor.shutdown(wait=True)
+    assert len(started) == 4 * workers and len(set(started)) == len(started)
+    store.close()
