@@ -497,11 +497,10 @@ class SQLiteStore(Store):
             if names is None:
                 rows = self._db.execute(sql, (route,)).fetchall()
             else:
-                wanted = sorted(set(names))
-                for i in range(0, len(wanted), 400):  # well under SQLite's bound on parameters
-                    chunk = wanted[i:i + 400]
-                    rows += self._db.execute(f"{sql} AND remote_name IN ({_marks(chunk)})",
-                                             (route, *chunk)).fetchall()
+                # One statement whatever the size of the listing (a JSON array, not one parameter per
+                # name): each name is looked up through the (route, remote_name, ...) key.
+                rows = self._db.execute(f"{sql} AND remote_name IN (SELECT value FROM json_each(?))",
+                                        (route, json.dumps(sorted(set(names))))).fetchall()
         for r in rows:
             (filed if r[3] is not None else doubt).add((r[0], r[1], feedback_instant(r[2])))
         return filed, doubt
