@@ -131,28 +131,20 @@ def iter_status_rows(cfg: Config, *, limit: int = 1000, states: Sequence[str] | 
                      since: datetime | None = None) -> Iterator[dict[str, Any]]:
     """Submissions newest first, read in keyset pages (never the whole journal at once);
     ``limit`` 0 means all of them."""
-    from filex_agent.store import SubmissionQuery, open_store
+    from filex_agent.store import SubmissionQuery, iter_submissions, open_store
 
     store = open_store(cfg.journal_path, journal=cfg.journal)
     try:
         query = SubmissionQuery(states=tuple(states) if states else None, created_from=since)
-        after, left = None, limit or None
-        while left is None or left > 0:
-            page = store.search(query, STATUS_PAGE if left is None else min(left, STATUS_PAGE), after=after)
-            for s in page.rows:
-                yield {
-                    "id": s.id, "file": s.file_name, "local_path": s.local_path, "route": s.route, "org": s.org,
-                    "application": s.application, "transport": s.transport, "size": s.size, "sha256": s.sha256,
-                    "tracking_id": s.tracking_id, "state": s.state.value, "downstream_status": s.downstream_status,
-                    "reason": s.reason, "flag": s.flag, "attempts": s.attempts,
-                    "created_at": s.created_at.isoformat(), "updated_at": s.updated_at.isoformat(),
-                    "feedback": [f.local_path for f in store.feedback_for(s.id) if f.local_path],
-                }
-            if left is not None:
-                left -= len(page.rows)
-            if page.older is None:
-                return
-            after = page.older
+        for s in iter_submissions(store, query, limit=limit or None, page=STATUS_PAGE):
+            yield {
+                "id": s.id, "file": s.file_name, "local_path": s.local_path, "route": s.route, "org": s.org,
+                "application": s.application, "transport": s.transport, "size": s.size, "sha256": s.sha256,
+                "tracking_id": s.tracking_id, "state": s.state.value, "downstream_status": s.downstream_status,
+                "reason": s.reason, "flag": s.flag, "attempts": s.attempts,
+                "created_at": s.created_at.isoformat(), "updated_at": s.updated_at.isoformat(),
+                "feedback": [f.local_path for f in store.feedback_for(s.id) if f.local_path],
+            }
     finally:
         store.close()
 

@@ -30,7 +30,8 @@ from filex_agent.filing_calendar import WINDOW_REASON
 from filex_agent.hooks import Hooks
 from filex_agent.metrics import Metrics
 from filex_agent.notify import Notification, Notifier
-from filex_agent.store import FINAL_STATES, PENDING_STATES, State, Store, Submission, utcnow
+from filex_agent.store import (FINAL_STATES, PENDING_STATES, State, Store, Submission, SubmissionQuery,
+                               iter_submissions, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +505,8 @@ class ProblemChecks(Hooks):
     def _stuck(self, now: datetime, out: dict[str, Notification]) -> None:
         hours = self.config.tracking.final_timeout_hours
         limit = timedelta(hours=hours)
-        for sub in self.store.list(PENDING_STATES):
+        # By pages, not a listing of the whole backlog every minute (the daemon's peak memory).
+        for sub in iter_submissions(self.store, SubmissionQuery(states=tuple(map(str, PENDING_STATES)))):
             since = sub.uploaded_at or sub.created_at
             if now - since <= limit:
                 continue
@@ -528,7 +530,7 @@ class ProblemChecks(Hooks):
         minutes = self.config.notify.route_down_minutes
         limit = timedelta(minutes=minutes)
         waiting: dict[str, list[tuple[datetime, Submission]]] = {}
-        for sub in self.store.list([State.QUEUED]):
+        for sub in iter_submissions(self.store, SubmissionQuery(states=(State.QUEUED.value,))):
             if not sub.reason or sub.attempts == 0 or sub.reason.startswith(WINDOW_REASON):
                 continue  # queued for the first time, released, or waiting for its window: not a failure
             waiting.setdefault(sub.route, []).append((self._failing_since(sub), sub))

@@ -28,7 +28,7 @@ from filex_agent.logging_setup import configure_logging, register_secret
 from filex_agent.metrics import Metrics, parse_listen
 from filex_agent.notify import Notifier, SmtpSettings
 from filex_agent.observers import AuditHooks, MetricsHooks, NotifyHooks, ProblemChecks
-from filex_agent.store import PENDING_STATES, State, open_store
+from filex_agent.store import PENDING_STATES, State, SubmissionQuery, iter_submissions, open_store
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ STATUS_SECONDS = 5.0
 CHECK_SECONDS = 60.0
 # The main loop must have ticked this recently for the watchdog to be fed.
 LOOP_STALL_SECONDS = 30.0
+
+
+_SWEPT = tuple(str(st) for st in (*PENDING_STATES, State.HELD))  # states the audit sweep catches up
 
 
 def build_notifier(settings: NotifySettings) -> Notifier:
@@ -222,7 +225,8 @@ class Service:
         # in a cluster the leader's chain records them (each node's hooks record its own work).
         if not self.daemon.leads("audit-sweep"):
             return
-        for sub in self.store.list([*PENDING_STATES, State.HELD]):
+        # By pages: a 100,000-file backlog read whole every minute set the daemon's peak memory.
+        for sub in iter_submissions(self.store, SubmissionQuery(states=_SWEPT)):
             self.audit_hooks.catch_up(sub.id)
 
     def _status(self) -> None:

@@ -259,3 +259,38 @@ def test_a_backlog_waits_in_the_journal_not_in_memory(journal, tmp_path):
     daemon.executor.shutdown(wait=True)
     assert len(started) == 4 * workers and len(set(started)) == len(started)
     store.close()
+
+
+def test_minute_checks_walk_the_backlog_by_pages(journal, monkeypatch):
+    """The problem checks (and the audit sweep, through the same helper) read pending rows a page at
+    a time: a 100,000-file backlog listed whole every minute set the daemon's peak memory."""
+    from datetime import timedelta
+
+    from filex_agent.observers import ProblemChecks
+    from filex_agent.service import build_notifier
+    from filex_agent.store import PENDING_STATES, SubmissionQuery, iter_submissions, utcnow
+    from filex_agent.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(journal.journal_path)
+    pages: list[int] = []
+    search = store.search
+
+    def paged(query, limit=50, **kw):
+        pages.append(limit)
+        return search(query, limit, **kw)
+
+    def listing(*args, **kwargs):
+        raise AssertionError("a listing of every pending row")
+
+    monkeypatch.setattr(store, "search", paged)
+    monkeypatch.setattr(store, "list", listing)
+    # Every pending row of the journal, in pages of 7: none missed, none twice.
+    pending = list(iter_submissions(store, SubmissionQuery(states=tuple(map(str, PENDING_STATES))), page=7))
+    assert len(pending) == len({s.id for s in pending}) == sum(js.PENDING.values()) - js.PENDING["HELD"]
+    assert pages and set(pages) == {7}
+    pages.clear()
+    checks = ProblemChecks(journal, store, build_notifier(journal.notify), clock=lambda: utcnow() + timedelta(days=30))
+    stuck = {k for k in checks.run() if k.startswith("STUCK:")}
+    assert len(stuck) == len(pending) and pages and max(pages) <= 500
+    store.close()
+

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from filex_agent.errors import FilexError, TransientError
 
@@ -594,6 +594,21 @@ class SchemaTooNew(FilexError):
                          f"up to {supported}: upgrade this node (never run an older agent on a newer journal)")
         self.found = found
         self.supported = supported
+
+
+def iter_submissions(store: Store, query: SubmissionQuery | None = None, *, limit: int | None = None,
+                     page: int = 500) -> Iterator[Submission]:
+    """Submissions matching ``query``, newest first, read ``page`` rows at a time (keyset pages):
+    a walk over a 100,000-row backlog never holds more than a page of it in memory."""
+    query, after, left = query or SubmissionQuery(), None, limit
+    while left is None or left > 0:
+        found = store.search(query, page if left is None else min(left, page), after=after)
+        yield from found.rows
+        if left is not None:
+            left -= len(found.rows)
+        if found.older is None:
+            return
+        after = found.older
 
 
 def open_store(path: Path | str, *, journal: Any = None) -> Store:
