@@ -17,6 +17,7 @@ from pathlib import Path
 from filex_agent.config import Config, RouteSettings, valid_remote_name
 from filex_agent.errors import AuthError, CredentialsRefused, PermanentError, RemoteChangedError, TransientError
 from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
+from filex_agent.localfile import LocalFile
 from filex_agent.hooks import Hooks
 from filex_agent.store import State, StateConflict, Store, Submission, utcnow
 
@@ -144,7 +145,9 @@ class Submitter:
                     sent[0] += n
                     self.hooks.bytes_sent(sub.route, sub.transport, n)
 
-                result = transport.upload(path, sub.file_name, progress=progress)
+                # One descriptor, O_NOFOLLOW: a symlink swapped in after the claim is never followed.
+                with LocalFile.open(path) as local:
+                    result = transport.upload(local, sub.file_name, progress=progress)
             after = path.stat()
             late_change = None
             if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
