@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from filex_agent.config import Config, ConfigError, load_config
 from filex_agent.errors import FilexError
+from filex_agent.store import JournalLocked
 from filex_agent.hooks import Hooks
 
 log = logging.getLogger("filex_agent")
@@ -191,7 +192,7 @@ def cmd_submit(args) -> int:
     audit = _cli_audit_hooks(cfg)
     progress = _SubmitProgress(src.name, staged.stat().st_size) if _wants_progress(staged) else None
     hooks = [h for h in (audit, progress) if h is not None]
-    d = Daemon(cfg, hooks=MultiHooks(*hooks) if hooks else None)
+    d = Daemon(cfg, hooks=MultiHooks(*hooks) if hooks else None, role="submit")
     try:
         if progress is not None:
             with progress:
@@ -201,7 +202,7 @@ def cmd_submit(args) -> int:
     finally:
         _close_oneshot(d, audit)
     print(json.dumps({"id": sub.id, "state": sub.state.value, "tracking_id": sub.tracking_id,
-                      "reason": sub.reason}))
+                      "reason": sub.reason, "flag": sub.flag}))
     return 0 if sub.state.value in ("SUBMITTED", "ACCEPTED") else 1
 
 
@@ -448,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"filex-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except JournalLocked as exc:
+        print(f"filex-agent: {exc}", file=sys.stderr)
         return 2
     except FilexError as exc:
         print(f"filex-agent: {exc}", file=sys.stderr)

@@ -148,6 +148,18 @@ class TrackingSettings(_Strict):
     match_timeout_seconds: float = Field(3600.0, gt=0)
     # Flag a submission with no final status after this long.
     final_timeout_hours: float = Field(48.0, gt=0)
+    # An upload whose answer was lost (bytes may be at fileX) is sent again only when fileX has
+    # shown no trace of it for this long. fileX promises no delay between its bucket storing a
+    # file and tracking showing it; minutes, not seconds, so a slow fileX never gets a double.
+    unconfirmed_settle_seconds: float = Field(900.0, gt=0)
+
+
+class JournalSettings(_Strict):
+    # This agent's name among the agents sharing a journal (defaults to the host name).
+    node_name: str | None = None
+    # An upload's owner renews its lease every lease_seconds / 3; a lease not renewed for this
+    # long is taken over (the owner died or stalled) and its upload decided from fileX's evidence.
+    lease_seconds: float = Field(30.0, ge=1)
 
 
 class WatcherSettings(_Strict):
@@ -282,6 +294,7 @@ class Config(_Strict):
     environment: EnvironmentSettings = EnvironmentSettings()
     network: NetworkSettings = NetworkSettings()
     tracking: TrackingSettings = TrackingSettings()
+    journal: JournalSettings = JournalSettings()
     watcher: WatcherSettings = WatcherSettings()
     s3: S3Settings = S3Settings()
     sftp: SftpSettings = SftpSettings()

@@ -18,27 +18,38 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from filex_agent.config import Config, RouteSettings
 from filex_agent.connections import Connections
-from filex_agent.errors import FilexError, PermanentError
+from filex_agent.errors import FilexError
 from filex_agent.feedback import FeedbackCollector
 from filex_agent.fsutil import cleanup_partials
 from filex_agent.hooks import Hooks, LoggingHooks, MultiHooks
-from filex_agent.store import State, Store, Submission, open_store, utcnow
+from filex_agent.leases import Heartbeat, new_owner, node_name, owner_is_dead_here
+from filex_agent.reconciler import Reconciler, unconfirmed_flag
+from filex_agent.store import Outcome, State, StateConflict, Store, Submission, open_store, utcnow
 from filex_agent.submitter import Submitter
-from filex_agent.tracker import Tracker, matches
+from filex_agent.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
 
 class Daemon:
     def __init__(self, config: Config, *, store: Store | None = None, hooks: Hooks | None = None,
-                 dispatch_interval: float = 1.0):
+                 dispatch_interval: float = 1.0, role: str = "run", exclusive: bool = False):
         self.config = config
         self.store = store or open_store(config.journal_path)
         self.hooks = MultiHooks(LoggingHooks(), *([hooks] if hooks else []))
         self.connections = Connections(config, on_retry=self.hooks.retry)
-        self.submitter = Submitter(config, self.store, self.connections, self.hooks)
+        self.node = node_name(config)
+        self.owner = new_owner(config, role)
+        # True while this process holds the SQLite journal's instance lock: then every other
+        # `run` owner in the journal is a dead predecessor, whose leases need not be waited out.
+        self.exclusive = exclusive
+        self.submitter = Submitter(config, self.store, self.connections, self.hooks, self.owner)
         self.feedback = FeedbackCollector(config, self.store, self.connections, self.hooks)
         self.tracker = Tracker(config, self.store, self.connections, self.submitter, self.hooks)
+        self.reconciler = Reconciler(config, self.store, self.connections, self.submitter, self.hooks, self.owner)
+        self.heartbeat = Heartbeat(self.store, self.owner, config.journal.lease_seconds,
+                                   held=self._held, on_lost=self._leases_lost)
+        self._last_rescue = 0.0
         self.dispatch_interval = dispatch_interval
         self.executor = ThreadPoolExecutor(config.agent.workers, thread_name_prefix="upload")
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -46,7 +57,6 @@ class Daemon:
         self._inflight: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._unconfirmed: set[int] = set()  # interrupted uploads recovery could not decide yet
         self._old_connections: list[Connections] = []
         self.started = False
 
@@ -55,6 +65,7 @@ class Daemon:
         from filex_agent.watcher import OutboxWatcher
 
         self.recover()
+        self.heartbeat.start()
         self.watcher = OutboxWatcher(self.config.routes, self._on_candidate,
                                      rescan_interval=self.config.watcher.rescan_interval_seconds)
         self.watcher.start()
@@ -100,7 +111,10 @@ class Daemon:
             log.info("stopping: waiting up to %.0f s for %d upload(s) in flight", grace, len(pending))
         finished = done.wait(max(0.0, deadline - time.monotonic()))
         if not finished:
-            log.warning("shutdown grace of %.0f s over with work in flight; it is recovered at next start", grace)
+            log.warning("shutdown grace of %.0f s over with work in flight; it is decided from fileX's "
+                        "evidence, never sent blindly again", grace)
+            self._cut_off()
+        self.heartbeat.stop()
         for conns in [*self._old_connections, self.connections]:
             try:
                 conns.close()
@@ -181,6 +195,10 @@ class Daemon:
         """
         if self._stopping.is_set():
             return
+        if time.monotonic() - self._last_rescue >= self.config.journal.lease_seconds / 3:
+            # Here rather than in the tracking cycle: a dead owner's uploads resume within seconds.
+            self._last_rescue = time.monotonic()
+            self.rescue_expired()
         with self._lock:
             room = 2 * self.config.agent.workers - len(self._inflight)
         if room <= 0:
@@ -208,32 +226,99 @@ class Daemon:
                 self._inflight.pop(sub_id, None)
 
     def track_and_collect(self) -> None:
+        for step in (self.rescue_expired, self._reconcile, self.tracker.poll, self.feedback.collect_all):
+            if self._stopping.is_set():
+                return
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - one failing step must not starve the others
+                log.exception("%s failed", getattr(step, "__name__", step))
+
+    def _reconcile(self) -> None:
+        self.reconciler.run(stopping=self._stopping.is_set)
+
+    # -- ownership -----------------------------------------------------------------------
+    def _held(self) -> set[int]:
+        with self.submitter._leased_lock:
+            return set(self.submitter.leased)
+
+    def _leases_lost(self, ids: set[int]) -> None:
+        # Fencing makes the worker's next write fail; this only says why, early.
+        log.error("lost the lease of submission(s) %s (the journal was unreachable or this process stalled "
+                  "past journal.lease_seconds); their uploads are abandoned and decided from fileX's evidence",
+                  ", ".join(map(str, sorted(ids))))
+
+    def rescue_expired(self) -> None:
+        """Uploads whose owner died or stalled: take them over and settle their open attempt."""
+        for sub in self.store.expired_leases():
+            if sub.id in self._held():
+                continue  # our own, slow heartbeat: the worker is still at it
+            self._guarded(sub, self._rescue, "its owner stopped renewing its lease")
+
+    def _rescue(self, sub: Submission, why: str, force: bool = False) -> None:
+        sub = self.store.take_over(sub.id, self.owner, force=force)
+        pending = [a for a in self.store.attempts(sub.id) if a.outcome is Outcome.PENDING]
+        att = pending[-1] if pending else None
+        if att is not None and att.may_have_landed:
+            decide_by = self.store.now() + timedelta(seconds=self.config.tracking.unconfirmed_settle_seconds)
+            self.store.end_attempt(att.id, Outcome.UNCONFIRMED, f"interrupted: {why}", epoch=sub.epoch,
+                                   decide_by=decide_by)
+            sub = self.store.transition(sub.id, State.UNCONFIRMED, f"interrupted after it may have reached "
+                                        f"fileX ({why})", epoch=sub.epoch, owner=None, lease_until=None,
+                                        flag=unconfirmed_flag(decide_by))
+            self.hooks.submission_changed(sub, "unconfirmed")
+            return
+        if att is not None:
+            self.store.end_attempt(att.id, Outcome.NOT_SENT, f"interrupted before anything could reach fileX "
+                                   f"({why})", epoch=sub.epoch)
+        sub = self.store.transition(sub.id, State.QUEUED, f"interrupted before anything could reach fileX ({why}); "
+                                    "will upload again", epoch=sub.epoch, owner=None, lease_until=None,
+                                    next_attempt_at=None, flag=None, tracking_id=None)
+        self.hooks.submission_changed(sub, "requeued")
+
+    def _cut_off(self) -> None:
+        """A stop past its grace: fence this process's uploads in flight (their late writes are
+        refused) and record each as UNCONFIRMED if it may have landed, else QUEUED."""
+        for sub_id in sorted(self._held()):
+            try:
+                self._rescue(self.store.get(sub_id), "the agent stopped past its shutdown grace", force=True)
+            except Exception:  # noqa: BLE001 - the next start decides it from the journal anyway
+                log.exception("submission %s: recording the cut-off upload failed", sub_id)
+
+    def _guarded(self, sub: Submission, step, *args) -> None:
+        """Run one row's recovery step; a row that cannot be recovered is flagged, never fatal."""
         try:
-            self.recheck_interrupted()
-        except Exception:  # noqa: BLE001
-            log.exception("re-checking interrupted uploads failed")
-        try:
-            self.tracker.poll()
-        except Exception:  # noqa: BLE001
-            log.exception("tracking cycle failed")
-        try:
-            self.feedback.collect_all()
-        except Exception:  # noqa: BLE001
-            log.exception("feedback cycle failed")
+            step(sub, *args)
+        except StateConflict as exc:
+            log.info("submission %s: %s", sub.id, exc)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("submission %s could not be recovered; skipped", sub.id)
+            try:
+                self.store.update(sub.id, flag=f"recovery failed ({type(exc).__name__}: {exc}); "
+                                               "skipped, retried at the next start")
+            except Exception:  # noqa: BLE001
+                log.debug("flagging submission %s failed", sub.id, exc_info=True)
 
     # -- recovery ------------------------------------------------------------------------
     def recover(self) -> None:
-        """Reconcile every non-final submission with the disk and fileX before sending anything."""
+        """Reconcile the journal with the disk before anything is sent: claims a crash cut off,
+        uploads whose owner is gone, moves journaled but not done. One bad row is flagged and
+        skipped; it never stops the agent."""
         for route in self.config.routes:
-            cleanup_partials(route.folder("feedback", self.config.agent.data_dir))
-            _cleanup_spool(route)
+            try:
+                cleanup_partials(route.folder("feedback", self.config.agent.data_dir))
+                _cleanup_spool(route)
+            except OSError as exc:
+                log.error("route %s: cleaning up after a crash failed: %s", route.name, exc)
         for sub in self.store.list([State.CLAIMING]):
-            self._recover_claim(sub)
+            self._guarded(sub, self._recover_claim)
         for sub in self.store.list([State.UPLOADING]):
-            self._recover_upload(sub)
+            if self.exclusive and (sub.owner or "").endswith(":run") or owner_is_dead_here(sub.owner, self.node):
+                self._guarded(sub, self._rescue, "the agent that was uploading it is gone", True)
+        self.rescue_expired()
         for sub in self.store.list():
             if sub.move_to:
-                self.submitter.finish_move(sub)
+                self._guarded(sub, self.submitter.finish_move)
 
     def _recover_claim(self, sub: Submission) -> None:
         src, dst = Path(sub.source_path), Path(sub.local_path)
@@ -245,111 +330,22 @@ class Daemon:
             # before the watcher starts.
             self.submitter.complete_claim(sub)
 
-    def settle_seconds(self) -> float:
-        """How long fileX may take to show an upload that a crash interrupted (object moved out
-        of ``in`` but no tracking record yet) before the agent concludes it never arrived."""
-        t = self.config.tracking
-        return min(t.match_timeout_seconds, max(30.0, 2 * t.poll_interval_seconds))
-
-    def _recover_upload(self, sub: Submission) -> None:
-        """An upload was cut off: SUBMITTED if fileX has it, QUEUED again only when it surely has not.
-
-        fileX may not show a just-finished upload at once, so "no evidence" is final only when no
-        byte can have left (REST without a tracking id: the id is journaled before the PUT) or
-        after ``settle_seconds``; until then the submission stays UPLOADING and is checked again
-        every tracking cycle, never re-sent blindly.
-        """
-        with self._lock:
-            self._unconfirmed.discard(sub.id)
-        try:
-            route = self.config.route(sub.route)
-            evidence, rec_id = self._remote_evidence(route, sub)
-        except FilexError as exc:
-            log.warning("submission %s: cannot check fileX for an interrupted upload (%s); will check again",
-                        sub.id, exc)
-            self._defer(sub, f"upload interrupted; fileX could not be checked yet: {exc}")
-            return
-        if evidence:
-            fields = {"tracking_id": rec_id} if rec_id and rec_id != sub.tracking_id else {}
-            sub = self.store.transition(sub.id, State.SUBMITTED, f"recovered: fileX has it ({evidence})",
-                                        uploaded_at=utcnow(), upload_location=f"{route.org}/{route.application}/in",
-                                        flag=None, next_attempt_at=None,
-                                        move_to=self.submitter.archive_dir(sub, "sent"), **fields)
-            self.submitter.finish_move(sub)
-            self.hooks.submission_changed(sub, "recovered")
-            return
-        nothing_sent = sub.transport == "rest" and not sub.tracking_id
-        if nothing_sent or (sub.next_attempt_at is not None and utcnow() >= sub.next_attempt_at):
-            why = ("no byte had been sent" if nothing_sent else
-                   f"fileX shows no trace of it {self.settle_seconds():.0f} s after the interruption")
-            sub = self.store.transition(sub.id, State.QUEUED, f"recovered: {why}; will upload again",
-                                        next_attempt_at=None, flag=None)
-            self.hooks.submission_changed(sub, "requeued")
-            return
-        self._defer(sub, "upload interrupted by a stop; waiting for fileX to show whether it arrived "
-                         "before deciding to send it again")
-
-    def _defer(self, sub: Submission, flag: str) -> None:
-        fields: dict = {"flag": flag}
-        if sub.next_attempt_at is None:  # kept across restarts: repeated crashes do not push it back
-            fields["next_attempt_at"] = utcnow() + timedelta(seconds=self.settle_seconds())
-        self.store.update(sub.id, **fields)
-        with self._lock:
-            self._unconfirmed.add(sub.id)
-
-    def recheck_interrupted(self) -> None:
-        """Each tracking cycle: decide the interrupted uploads recovery could not decide yet."""
-        with self._lock:
-            ids = sorted(self._unconfirmed)
-        for sub_id in ids:
-            if self._stopping.is_set():
-                return
-            sub = self.store.get(sub_id)
-            if sub.state is not State.UPLOADING:
-                with self._lock:
-                    self._unconfirmed.discard(sub_id)
-                continue
-            self._recover_upload(sub)
-
-    def _remote_evidence(self, route: RouteSettings, sub: Submission) -> tuple[str | None, str | None]:
-        """(what shows fileX has this upload, its tracking id if known) or (None, None)."""
-        location = f"{route.org}/{route.application}/in"
-        probe = Submission(**{**sub.__dict__, "upload_location": location})
-        if self.connections.has_api(route.credential):
-            api = self.connections.api(route.credential)
-            claimed = {s.tracking_id for s in self.store.list() if s.tracking_id and s.id != sub.id}
-            for rec in api.tracking():
-                if rec.trackingId in claimed:
-                    continue
-                received = (rec.status or "").lower() != "request received" or bool(rec.downstreamStatus)
-                if received and (rec.trackingId == sub.tracking_id or matches(rec, probe)):
-                    return f"tracking {rec.trackingId}", rec.trackingId
-            if sub.transport == "rest" and sub.tracking_id:
-                # Landed but not yet processed: still in ``in`` (if fileX lets us list it at all).
-                try:
-                    children = api.list_files(route.org, route.application, "in").children
-                except PermanentError as exc:
-                    log.debug("listing in/ for %s: %s", sub.file_name, exc)
-                    children = []
-                for entry in children:
-                    if entry.is_file and entry.name == sub.file_name and entry.metadata.contentLength in (None, sub.size):
-                        return f"in/{sub.file_name} present", None
-        with self.connections.transport(route, sub.transport) as transport:
-            found = transport.find_uploaded(sub.file_name)
-            if found is not None and (found.size is None or found.size == sub.size):
-                return f"{sub.transport} in/{sub.file_name}", None
-        return None, None
-
     # -- one-shot ------------------------------------------------------------------------
     def submit_once(self, route: RouteSettings, path: Path, wait_final: bool = False,
                     timeout: float = 600.0) -> Submission:
-        """``filex-agent submit``: claim a file (copied into the outbox spool) and upload it now."""
-        self.recover()
+        """``filex-agent submit``: claim a file (copied into the outbox spool) and upload it now.
+
+        Runs beside a live daemon on the same journal: it touches only its own submission (no
+        recovery: that is the daemon's, and rows another process owns are never touched)."""
         sub = self.submitter.claim(route, path)
         if sub is None:
             raise FilexError(f"{path} disappeared before it could be claimed")
         if sub.state is State.QUEUED:
-            sub = self.submitter.upload(sub.id)
+            self.heartbeat.start()
+            try:
+                sub = self.submitter.upload(sub.id)
+            finally:
+                self.heartbeat.stop()
         return sub
 
 

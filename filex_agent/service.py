@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from datetime import datetime
@@ -64,13 +65,19 @@ class Service:
         self.config_path = config_path
         self.notifier = build_notifier(cfg.notify)  # first: a missing secret stops us before anything opens
         self.store = open_store(cfg.journal_path)
+        try:
+            exclusive = self.store.lock_instance(f"pid {os.getpid()} on {socket.gethostname()}, "
+                                                 f"started {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %Z}")
+        except BaseException:
+            self.store.close()
+            raise
         self.audit = AuditLog(cfg.audit_path)
         self.metrics = Metrics()
         self.audit_hooks = AuditHooks(self.audit, self.store)
         self.metrics_hooks = MetricsHooks(self.metrics, self.store)
         self.notify_hooks = NotifyHooks(self.notifier, self.store, cfg)
         self.checks = ProblemChecks(cfg, self.store, self.notifier)
-        self.daemon = Daemon(cfg, store=self.store, hooks=MultiHooks(
+        self.daemon = Daemon(cfg, store=self.store, exclusive=exclusive, hooks=MultiHooks(
             self.audit_hooks, self.metrics_hooks, self.notify_hooks, self.checks))
         self.watchdog = sdnotify.Watchdog()
         self._wake = threading.Event()

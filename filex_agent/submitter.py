@@ -11,21 +11,32 @@ import logging
 import os
 import random
 import stat as stat_mod
+import threading
 from datetime import timedelta
 from pathlib import Path
 
 from filex_agent.config import Config, RouteSettings, valid_remote_name
-from filex_agent.errors import AuthError, CredentialsRefused, PermanentError, RemoteChangedError, TransientError
+from filex_agent.errors import (
+    AuthError,
+    CredentialsRefused,
+    PermanentError,
+    RemoteChangedError,
+    TransientError,
+    UploadUnconfirmed,
+)
 from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
 from filex_agent.localfile import LocalFile
 from filex_agent.hooks import Hooks
-from filex_agent.store import State, StateConflict, Store, Submission, utcnow
+from filex_agent.leases import new_owner
+from filex_agent.reconciler import unconfirmed_flag
+from filex_agent.store import Attempt, Outcome, StaleEpoch, State, StateConflict, Store, Submission, utcnow
 
 log = logging.getLogger(__name__)
 
 SPOOL = ".filex-agent"  # inside the outbox: same filesystem, so the claim is an atomic rename
 MAX_UNEXPECTED = 3  # unexpected (non-classified) errors before a file is failed, not retried forever
 MAX_TOKEN_REFUSALS = 6  # fresh tokens refused by fileX before a file is failed
+_RELEASE = {"owner": None, "lease_until": None}  # fields that end a worker's ownership
 
 
 def spool_dir(route: RouteSettings) -> Path:
@@ -33,11 +44,14 @@ def spool_dir(route: RouteSettings) -> Path:
 
 
 class Submitter:
-    def __init__(self, config: Config, store: Store, connections, hooks: Hooks):
+    def __init__(self, config: Config, store: Store, connections, hooks: Hooks, owner: str | None = None):
         self.config = config
         self.store = store
         self.connections = connections
         self.hooks = hooks
+        self.owner = owner or new_owner(config)  # leases taken by this process's workers
+        self.leased: set[int] = set()  # submissions this process is uploading right now
+        self._leased_lock = threading.Lock()
 
     # -- claim ---------------------------------------------------------------------------
     def claim(self, route: RouteSettings, path: Path, trigger: Path | None = None) -> Submission | None:
@@ -125,21 +139,55 @@ class Submitter:
 
     # -- upload --------------------------------------------------------------------------
     def upload(self, sub_id: int) -> Submission:
+        """One upload attempt, journaled before its first byte and owned under a lease.
+
+        Outcomes: SENT (SUBMITTED), NOT_SENT (QUEUED again, or FAILED on a permanent refusal) or
+        UNCONFIRMED when the bytes may have landed and the answer is unknown: then nothing sends
+        it again until the reconciler has decided from fileX's evidence. Every write carries the
+        attempt's fencing epoch; if the lease was taken over meanwhile, the attempt is abandoned.
+        """
         try:
-            sub = self.store.transition(sub_id, State.UPLOADING, "upload started", expect={State.QUEUED},
-                                        upload_started_at=utcnow(), next_attempt_at=None)
+            sub = self.store.get(sub_id)
+            sub, att = self.store.begin_upload(
+                sub_id, self.owner, self.config.journal.lease_seconds, transport=sub.transport,
+                remote_name=sub.file_name, upload_location=f"{sub.org}/{sub.application}/in")
         except StateConflict:
             return self.store.get(sub_id)
-        sub = self.store.update(sub.id, attempts=sub.attempts + 1)
+        with self._leased_lock:
+            self.leased.add(sub.id)
+        try:
+            return self._attempt(sub, att)
+        except StaleEpoch as exc:
+            log.warning("submission %s: attempt %d abandoned: %s", sub.id, att.n, exc)
+            return self.store.get(sub.id)
+        finally:
+            with self._leased_lock:
+                self.leased.discard(sub.id)
+
+    def _attempt(self, sub: Submission, att: Attempt) -> Submission:
         route = self.config.route(sub.route)
         path = Path(sub.local_path)
-        sent = [0]  # bytes handed to the transport: 0 means nothing can have reached fileX
+        epoch = sub.epoch
+        sent = [0]  # bytes handed to the transport (progress and metrics)
+
+        def on_ticket(ticket: str) -> None:
+            self.store.set_ticket(att.id, epoch, ticket)
+
+        def on_commit() -> None:
+            # Write-ahead: from here on the attempt may become a filing. A stale epoch raises
+            # and aborts the request before it goes out.
+            self.store.commit_attempt(att.id, epoch)
+
+        def committed() -> bool:
+            return any(a.id == att.id and a.may_have_landed for a in self.store.attempts(sub.id))
+
         try:
             before = path.stat()
             if (before.st_size, before.st_mtime_ns) != (sub.size, sub.mtime_ns):
                 raise _Changed()
             with self.connections.transport(route, sub.transport) as transport:
-                transport.on_ticket = lambda ticket: self._ticket(sub.id, ticket)
+                transport.on_ticket = on_ticket
+                transport.on_commit = on_commit
 
                 def progress(n: int) -> None:
                     sent[0] += n
@@ -155,16 +203,22 @@ class Submitter:
                 late_change = ("the local file changed after its last byte was sent: fileX has the version "
                                "checked before the upload; the archived copy may differ from it")
                 log.error("submission %s: %s: %s", sub.id, path, late_change)
+        except StaleEpoch:
+            raise
+        except UploadUnconfirmed as exc:
+            return self._unconfirmed(sub, att, str(exc))
         except _Changed:
-            sub = self.store.transition(sub.id, State.QUEUED, "changed after claim",
+            self._not_sent(att, epoch, "changed after claim")
+            sub = self.store.transition(sub.id, State.QUEUED, "changed after claim", epoch=epoch, **_RELEASE,
                                         reason="the file changed after it was claimed; re-checked before upload",
                                         next_attempt_at=utcnow() + timedelta(seconds=route.stable_seconds))
             return self.validate(sub)
         except RemoteChangedError as exc:
             # The transport discarded what it sent; wait until the file is stable, then send it whole.
             log.warning("submission %s: %s; waiting until the file is stable again", sub.id, exc)
+            self._not_sent(att, epoch, f"changed during upload: {exc}")
             sub = self.store.transition(
-                sub.id, State.QUEUED, "changed during upload",
+                sub.id, State.QUEUED, "changed during upload", epoch=epoch, **_RELEASE,
                 reason=f"the file changed while it was being uploaded; that upload was discarded ({exc}); "
                        "it is sent again, whole, once it has been stable",
                 next_attempt_at=utcnow() + timedelta(seconds=max(route.stable_seconds, 1.0)))
@@ -173,45 +227,68 @@ class Submitter:
         except CredentialsRefused as exc:
             # The login itself was refused: the configured credentials are wrong. Fail fast
             # (one more attempt covers a password rotated between two reads).
+            self._not_sent(att, epoch, f"credentials refused: {exc}")
             if sub.attempts < 2:
-                return self._requeue(sub, f"credentials refused ({exc}); one more attempt before failing")
-            return self._fail(sub, path, f"fileX refused the credentials: {exc}")
+                return self._requeue(sub, f"credentials refused ({exc}); one more attempt before failing", epoch=epoch)
+            return self._fail(sub, path, f"fileX refused the credentials: {exc}", epoch=epoch)
         except AuthError as exc:
             # FIP issued a token and fileX refused it (revoked, or a fileX hiccup): the
             # credentials are valid, so a few more attempts with fresh tokens, then fail.
+            self._not_sent(att, epoch, f"token refused: {exc}")
             if sub.attempts < MAX_TOKEN_REFUSALS:
-                return self._requeue(sub, f"fileX refused a fresh access token ({exc}); will retry")
-            return self._fail(sub, path, f"fileX refused {sub.attempts} fresh access tokens in a row: {exc}")
+                return self._requeue(sub, f"fileX refused a fresh access token ({exc}); will retry", epoch=epoch)
+            return self._fail(sub, path, f"fileX refused {sub.attempts} fresh access tokens in a row: {exc}", epoch=epoch)
         except PermanentError as exc:
-            return self._fail(sub, path, f"fileX refused the upload: {exc}")
+            self._not_sent(att, epoch, f"refused: {exc}")
+            return self._fail(sub, path, f"fileX refused the upload: {exc}", epoch=epoch)
         except TransientError as exc:
-            nxt = self._fallback(route, sub) if sent[0] == 0 else None
+            # The transport's contract: a TransientError (not UploadUnconfirmed) means nothing of
+            # this attempt can become a filing at fileX, so another transport may take it.
+            self._not_sent(att, epoch, f"failed before anything could land: {exc}")
+            nxt = self._fallback(route, sub)
             if nxt is not None:
-                # Safe only because not one byte left: nothing of this attempt can reach fileX.
                 was = sub.transport
-                sub = self.store.update(sub.id, transport=nxt, tracking_id=None)
-                return self._requeue(sub, f"{was} unavailable before any byte was sent ({exc}); "
-                                          f"next attempt over {nxt}")
-            return self._requeue(sub, f"upload attempt {sub.attempts} failed, will retry: {exc}")
+                sub = self.store.update(sub.id, epoch=epoch, transport=nxt, tracking_id=None)
+                return self._requeue(sub, f"{was} unavailable before anything could reach fileX ({exc}); "
+                                          f"next attempt over {nxt}", epoch=epoch)
+            return self._requeue(sub, f"upload attempt {sub.attempts} failed, will retry: {exc}", epoch=epoch)
         except FileNotFoundError:
-            return self.store.transition(sub.id, State.FAILED, "lost", final_at=utcnow(),
+            self._not_sent(att, epoch, "the claimed file disappeared")
+            return self.store.transition(sub.id, State.FAILED, "lost", epoch=epoch, final_at=utcnow(), **_RELEASE,
                                          reason=f"the claimed file {path} disappeared before upload; nothing was sent")
         except Exception as exc:  # noqa: BLE001 - unknown: retry a few times, then fail, never forever
             log.exception("submission %s: unexpected error during upload", sub.id)
+            if committed():
+                # The request that can make it a filing may have gone out: only evidence decides.
+                return self._unconfirmed(sub, att, f"unexpected error after the upload began: "
+                                                   f"{type(exc).__name__}: {exc}")
+            self._not_sent(att, epoch, f"unexpected error before anything could land: {type(exc).__name__}")
             if sub.attempts >= MAX_UNEXPECTED:
                 return self._fail(sub, path, f"upload failed {sub.attempts} times with an unexpected error: "
-                                             f"{type(exc).__name__}: {exc}")
-            return self._requeue(sub, f"unexpected error, will retry: {type(exc).__name__}: {exc}")
+                                             f"{type(exc).__name__}: {exc}", epoch=epoch)
+            return self._requeue(sub, f"unexpected error, will retry: {type(exc).__name__}: {exc}", epoch=epoch)
+        self.store.end_attempt(att.id, Outcome.SENT, "uploaded", epoch=epoch)
         # move_to in the same write as SUBMITTED: a crash right after still files the original.
         sub = self.store.transition(
-            sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, tracking_id=result.tracking_id,
-            upload_location=result.upload_location, uploaded_at=result.finished_at, reason=None, flag=late_change,
-            next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
+            sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, epoch=epoch, **_RELEASE,
+            tracking_id=result.tracking_id, upload_location=result.upload_location, uploaded_at=result.finished_at,
+            reason=None, flag=late_change, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
         self.hooks.submission_changed(sub, "uploaded")
         return self.finish_move(sub)
 
-    def _ticket(self, sub_id: int, ticket: str) -> None:
-        self.store.update(sub_id, tracking_id=ticket)
+    def _not_sent(self, att: Attempt, epoch: int, detail: str) -> None:
+        self.store.end_attempt(att.id, Outcome.NOT_SENT, detail, epoch=epoch)
+
+    def _unconfirmed(self, sub: Submission, att: Attempt, why: str) -> Submission:
+        """The answer was lost after the bytes may have landed: the reconciler decides."""
+        decide_by = self.store.now() + timedelta(seconds=self.config.tracking.unconfirmed_settle_seconds)
+        self.store.end_attempt(att.id, Outcome.UNCONFIRMED, why, epoch=sub.epoch, decide_by=decide_by)
+        sub = self.store.transition(sub.id, State.UNCONFIRMED, f"unconfirmed: {why}", epoch=sub.epoch, **_RELEASE,
+                                    reason=None, flag=unconfirmed_flag(decide_by))
+        log.warning("submission %s (%s): %s; not sent again until fileX shows whether it arrived",
+                    sub.id, sub.file_name, why)
+        self.hooks.submission_changed(sub, "unconfirmed")
+        return sub
 
     @staticmethod
     def _fallback(route: RouteSettings, sub: Submission) -> str | None:
@@ -220,21 +297,22 @@ class Submitter:
             return None
         return kinds[(kinds.index(sub.transport) + 1) % len(kinds)]
 
-    def _requeue(self, sub: Submission, reason: str) -> Submission:
+    def _requeue(self, sub: Submission, reason: str, epoch: int | None = None) -> Submission:
         net = self.config.network
         delay = min(net.backoff_max * 10, net.backoff_initial * (2 ** min(sub.attempts, 16)))
         delay = random.uniform(delay / 2, delay)  # jitter: many files must not retry in lock-step
-        sub = self.store.transition(sub.id, State.QUEUED, "retry", reason=reason,
+        sub = self.store.transition(sub.id, State.QUEUED, "retry", epoch=epoch, reason=reason, tracking_id=None,
+                                    **_RELEASE,
                                     next_attempt_at=utcnow() + timedelta(seconds=delay))
         self.hooks.submission_changed(sub, "retry")
         return sub
 
-    def _fail(self, sub: Submission, path: Path, reason: str) -> Submission:
+    def _fail(self, sub: Submission, path: Path, reason: str, epoch: int | None = None) -> Submission:
         """Move the file aside to ``failed`` with a reason file; never delete it."""
         route = self.config.route(sub.route)
         failed_dir = route.folder("failed", self.config.agent.data_dir)
-        sub = self.store.transition(sub.id, State.FAILED, "failed", reason=reason, final_at=utcnow(),
-                                    move_to=str(failed_dir))
+        sub = self.store.transition(sub.id, State.FAILED, "failed", epoch=epoch, reason=reason, final_at=utcnow(),
+                                    move_to=str(failed_dir), **_RELEASE)
         if os.path.lexists(path):
             dest = move_no_clobber(path, failed_dir)
             write_reason(dest, reason)

@@ -15,6 +15,7 @@ from filex_agent.config import Config
 from filex_agent.errors import AuthError, FilexError, PermanentError
 from filex_agent.hooks import Hooks
 from filex_agent.models import TrackingRecord
+from filex_agent.reconciler import after, norm_location, received
 from filex_agent.store import State, Store, Submission, utcnow
 from filex_agent.submitter import Submitter
 
@@ -22,26 +23,23 @@ log = logging.getLogger(__name__)
 
 OUTCOME = {"ACCEPTED": State.ACCEPTED, "REJECTED": State.REJECTED, "PARTIALLY_REJECTED": State.PARTIALLY_REJECTED}
 ARCHIVE = {State.ACCEPTED: "accepted", State.REJECTED: "rejected", State.PARTIALLY_REJECTED: "rejected"}
-CLOCK_SKEW = timedelta(minutes=5)
 _UNREADABLE = "fileX tracking could not be read"
 
 
-def _norm_location(loc: str | None) -> str:
-    return "/".join(p for p in (loc or "").split("/") if p)
-
-
 def matches(rec: TrackingRecord, sub: Submission) -> bool:
-    """Is ``rec`` the tracking record of an upload that returned no tracking id?"""
-    if rec.fileName != sub.file_name:
+    """Is ``rec`` the tracking record of an upload that returned no tracking id (S3, SFTP)?
+
+    Only a record of bytes that arrived (never "Request Received": a URL handed out, perhaps by
+    an earlier REST attempt), of the same name, location and size, submitted after the upload
+    began by fileX's ``submissionTime`` (a status update time says nothing of when it came).
+    """
+    if rec.fileName != sub.file_name or not received(rec):
         return False
-    if _norm_location(rec.uploadLocation) != _norm_location(sub.upload_location):
+    if norm_location(rec.uploadLocation) != norm_location(sub.upload_location):
         return False
-    if rec.fileSize not in (None, 0) and sub.size is not None and rec.fileSize != sub.size:
+    if rec.fileSize is not None and sub.size is not None and rec.fileSize != sub.size:
         return False
-    when = rec.submissionTime or rec.statusUpdatedTime
-    if when is not None and sub.upload_started_at is not None and when < sub.upload_started_at - CLOCK_SKEW:
-        return False  # an older submission of the same name
-    return True
+    return sub.upload_started_at is not None and after(rec.submissionTime, sub.upload_started_at)
 
 
 class Tracker:
@@ -100,9 +98,10 @@ class Tracker:
                     continue
                 for rec in found:
                     records[rec.trackingId] = rec
-        claimed = {s.tracking_id for s in self.store.list() if s.tracking_id}
+        claimed: set[str] = set()  # matched in this cycle; earlier matches are found in the journal
         finals = 0
-        for sub in sorted(subs, key=lambda s: s.id):
+        # Upload order: two uploads of one name take their records in the order they were sent.
+        for sub in sorted(subs, key=lambda s: (s.upload_started_at or s.created_at, s.id)):
             if sub.id in failed:
                 continue
             sub = self._clear_unreadable(self.store.get(sub.id))
@@ -127,8 +126,11 @@ class Tracker:
 
     def _match(self, sub: Submission, records, claimed: set[str]) -> TrackingRecord | None:
         cands = [r for r in records if r.trackingId not in claimed and matches(r, sub)]
-        cands.sort(key=lambda r: (r.submissionTime or r.statusUpdatedTime or utcnow()))
-        return cands[0] if cands else None
+        cands.sort(key=lambda r: r.submissionTime)
+        for rec in cands:
+            if self.store.by_tracking_id(rec.trackingId) is None:
+                return rec
+        return None
 
     def _apply(self, sub: Submission, rec: TrackingRecord) -> bool:
         downstream = (rec.downstreamStatus or "").upper() or None

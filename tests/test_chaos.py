@@ -349,8 +349,20 @@ from filex_agent.submitter import spool_dir  # noqa: E402
 from tests.conftest import run_until, wait_for  # noqa: E402
 
 
-def _spooled(d: Daemon, route, name: str, data: bytes, state: State = State.UPLOADING, **kw):
-    """A journal row + spool file as a crash would leave them."""
+def _dead_owner() -> str:
+    """The owner string of a process of this node that has exited (its pid is gone)."""
+    import socket
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return f"{socket.gethostname()}:{p.pid}:dead:run"
+
+
+def _spooled(d: Daemon, route, name: str, data: bytes, *, committed: bool = True, ticket: str | None = None):
+    """A journal row + spool file as a SIGKILL during an upload attempt leaves them: UPLOADING,
+    owned by a dead process, the attempt PENDING (``committed``: the request that can make it a
+    filing had gone out; ``ticket``: REST's tracking id, journaled before that)."""
     sub = d.store.create(route=route.name, org=route.org, application=route.application,
                          transport=route.transports[0], file_name=name,
                          source_path=str(Path(route.outbox) / name), local_path="-", state=State.CLAIMING)
@@ -358,9 +370,15 @@ def _spooled(d: Daemon, route, name: str, data: bytes, state: State = State.UPLO
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     st = target.stat()
-    return d.store.transition(sub.id, state, "test", local_path=str(target), size=st.st_size,
-                              mtime_ns=st.st_mtime_ns, sha256=sha256_file(target),
-                              upload_started_at=utcnow(), **kw)
+    sub = d.store.transition(sub.id, State.QUEUED, "test", local_path=str(target), size=st.st_size,
+                             mtime_ns=st.st_mtime_ns, sha256=sha256_file(target))
+    sub, att = d.store.begin_upload(sub.id, _dead_owner(), 600, transport=sub.transport, remote_name=name,
+                                    upload_location=f"{route.org}/{route.application}/in")
+    if ticket:
+        d.store.set_ticket(att.id, sub.epoch, ticket)
+    if committed:
+        d.store.commit_attempt(att.id, sub.epoch)
+    return d.store.get(sub.id)
 
 
 def _count(sandbox, name: str) -> int:
@@ -368,38 +386,54 @@ def _count(sandbox, name: str) -> int:
 
 
 def test_rest_ticket_without_put_is_not_taken_for_a_submission(sandbox, sandbox_config):
-    """Crash after the tracking id was journaled, before the PUT: the "Request Received" record
-    is no proof of arrival (it used to be taken as one: the file was then SUBMITTED forever)."""
-    cfg = sandbox_config(transports=("rest",))
+    """Crash after the tracking id was journaled and the PUT begun, before the body arrived: the
+    "Request Received" record is no proof of arrival; the file is sent again once fileX has shown
+    no trace of it for the settle period, and only then."""
+    cfg = sandbox_config(transports=("rest",), tracking={"unconfirmed_settle_seconds": 2})
     d = Daemon(cfg, dispatch_interval=0.2)
     route = cfg.routes[0]
     name = "CRASH_ticket_noput.csv"
     ticket = d.connections.api(route.credential).upload_url(route.org, route.application, name).trackingId
-    sub = _spooled(d, route, name, b"never PUT\n", tracking_id=ticket)
+    sub = _spooled(d, route, name, b"never PUT\n", ticket=ticket)
     d.recover()
     sub = d.store.get(sub.id)
-    assert sub.state is State.UPLOADING and "waiting for fileX" in sub.flag and sub.next_attempt_at is not None
-    d.store.update(sub.id, next_attempt_at=utcnow() - timedelta(seconds=1))  # the settle period is over
-    d.recheck_interrupted()
+    assert sub.state is State.UNCONFIRMED and "not sent again" in sub.flag
+    d.reconciler.run()
+    assert d.store.get(sub.id).state is State.UNCONFIRMED
+    wait_for(lambda: d.reconciler.run() and d.store.get(sub.id).state is State.QUEUED, timeout=15,
+             what="decided: never arrived")
+    run_until(d, sub.id, State.ACCEPTED)
+    assert _count(sandbox, name) == 1
+
+
+def test_rest_ticket_before_commit_is_sent_at_once(sandbox, sandbox_config):
+    """Crash after the ticket, before the PUT was journaled as begun: nothing can have landed."""
+    cfg = sandbox_config(transports=("rest",))
+    d = Daemon(cfg, dispatch_interval=0.2)
+    route = cfg.routes[0]
+    name = "CRASH_ticket_nocommit.csv"
+    ticket = d.connections.api(route.credential).upload_url(route.org, route.application, name).trackingId
+    sub = _spooled(d, route, name, b"not committed\n", ticket=ticket, committed=False)
+    d.recover()
     assert d.store.get(sub.id).state is State.QUEUED
     run_until(d, sub.id, State.ACCEPTED)
     assert _count(sandbox, name) == 1
 
 
 def _recovered_as_submitted(d: Daemon, sub_id: int):
-    """recover(), then the tracking cycle's rechecks until the interrupted upload is SUBMITTED.
+    """recover(), then the reconciler until the interrupted upload is SUBMITTED.
 
-    recover() may look in the instant between the sandbox processor taking the object out of in/
-    and its tracking update: no evidence then, so the agent rightly waits (never re-sends) and the
+    The reconciler may look in the instant between the sandbox processor taking the object out of
+    in/ and its tracking update: no evidence then, so it rightly waits (never re-sends) and the
     next check finds it. It must never be QUEUED again.
     """
     d.recover()
 
     def decided():
         sub = d.store.get(sub_id)
-        assert sub.state in (State.UPLOADING, State.SUBMITTED), f"interrupted upload became {sub.state}"
-        if sub.state is State.UPLOADING:
-            d.recheck_interrupted()
+        assert sub.state in (State.UNCONFIRMED, State.SUBMITTED), f"interrupted upload became {sub.state}"
+        if sub.state is State.UNCONFIRMED:
+            d.reconciler.run()
             sub = d.store.get(sub_id)
         return sub.state is State.SUBMITTED and sub
 
@@ -413,7 +447,7 @@ def test_rest_put_done_before_crash_is_not_sent_again(sandbox, sandbox_config):
     name = "CRASH_put_done.csv"
     data = b"PUT done, SUBMITTED not journaled\n"
     presigned = d.connections.api(route.credential).upload_url(route.org, route.application, name)
-    sub = _spooled(d, route, name, data, tracking_id=presigned.trackingId)
+    sub = _spooled(d, route, name, data, ticket=presigned.trackingId)
     httpx.put(presigned.url, content=data, timeout=10).raise_for_status()
     # in/ (not processed yet) or tracking (processed): either proves arrival
     sub = _recovered_as_submitted(d, sub.id)
@@ -442,20 +476,22 @@ def test_s3_upload_completed_before_crash_is_not_sent_again(sandbox, sandbox_con
 
 
 def test_interrupted_upload_checked_again_while_running_when_filex_was_down(sandbox, sandbox_config):
-    """Recovery could not reach fileX: no restart needed, the next tracking cycles decide it."""
-    cfg = sandbox_config(transports=("s3",))
+    """fileX cannot be asked: the upload stays UNCONFIRMED, past its settle period too (not
+    checked is not "absent"), and is decided once fileX answers again."""
+    cfg = sandbox_config(transports=("s3",), tracking={"unconfirmed_settle_seconds": 1})
     d = Daemon(cfg, dispatch_interval=0.2)
     route = cfg.routes[0]
     name = "CRASH_s3_down.csv"
     sub = _spooled(d, route, name, b"fileX down during recovery\n")
-    sandbox.inject_fault("status", status=503, count=50, path_prefix="/tracking")
+    sandbox.inject_fault("status", status=503, count=1000, path_prefix="/tracking")
     try:
         d.recover()
+        time.sleep(1.5)
+        d.reconciler.run()
+        sub = d.store.get(sub.id)
+        assert sub.state is State.UNCONFIRMED and "could not be checked" in sub.flag
     finally:
         sandbox.clear_faults()
-    sub = d.store.get(sub.id)
-    assert sub.state is State.UPLOADING and "could not be checked" in sub.flag
-    d.store.update(sub.id, next_attempt_at=utcnow() - timedelta(seconds=1))
     run_until(d, sub.id, State.ACCEPTED)
     assert _count(sandbox, name) == 1
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from filex_agent.daemon import Daemon
-from filex_agent.store import State
+from filex_agent.store import State, open_store
 from filex_agent.submitter import spool_dir
 from tests.conftest import run_until, wait_for
 
@@ -54,46 +54,92 @@ def test_claim_interrupted_after_rename_is_confirmed(cfg):
     d.stop(grace=0)
 
 
+def _dead_owner() -> str:
+    """The owner string of a process of this node that has exited (its pid is gone)."""
+    import socket
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return f"{socket.gethostname()}:{p.pid}:dead:run"
+
+
+def _interrupted(d: Daemon, route, target: Path, *, committed: bool, started_ago: float = 5.0):
+    """A row as a process killed during its upload attempt leaves it: UPLOADING, owned by a dead
+    process, its attempt PENDING (committed: the request that can make it a filing went out)."""
+    from datetime import timedelta
+
+    from filex_agent.fsutil import sha256_file
+
+    st = target.stat()
+    sub = _row(d, Path(route.outbox) / target.name, State.QUEUED, local=target, size=st.st_size,
+               mtime_ns=st.st_mtime_ns, sha256=sha256_file(target))
+    sub, att = d.store.begin_upload(sub.id, _dead_owner(), 600, transport="rest", remote_name=target.name,
+                                    upload_location=f"{route.org}/{route.application}/in")
+    with d.store._tx() as db:  # the attempt began a few seconds ago
+        db.execute("UPDATE attempts SET started_at = ? WHERE id = ?",
+                   ((att.started_at - timedelta(seconds=started_ago)).isoformat(), att.id))
+    if committed:
+        d.store.commit_attempt(att.id, sub.epoch)
+    return sub
+
+
 def test_upload_that_reached_filex_is_not_sent_again(cfg, sandbox):
     d = Daemon(cfg)
     route = cfg.routes[0]
     target = spool_dir(route) / "1000" / "REC_up1.csv"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"uploaded before the crash\n")
-    # The bytes reach fileX, then the agent "dies" before recording SUBMITTED.
+    sub = _interrupted(d, route, target, committed=True)
+    # The bytes reach fileX, then the agent "dies" before recording the answer.
     with d.connections.transport(route) as t:
         t.upload(target, "REC_up1.csv")
-    wait_for(lambda: _uploads(sandbox, "REC_up1.csv"), what="upload at sandbox")
-    st = target.stat()
-    sub = _row(d, Path(route.outbox) / "REC_up1.csv", State.UPLOADING, local=target, size=st.st_size,
-               mtime_ns=st.st_mtime_ns)
-    from filex_agent.store import utcnow
-    from datetime import timedelta
-    d.store.update(sub.id, upload_started_at=utcnow() - timedelta(seconds=5))
     wait_for(lambda: any(r["fileName"] == "REC_up1.csv" and r["status"] == "Received by FINRA"
                          for r in sandbox.tracking_records()), what="tracking record")
     d.recover()
     sub = d.store.get(sub.id)
-    assert sub.state is State.SUBMITTED
+    assert sub.state is State.UNCONFIRMED and "not sent again" in sub.flag
+    assert d.reconciler.run() == 1
+    sub = d.store.get(sub.id)
+    assert sub.state is State.SUBMITTED and sub.tracking_id
+    assert [a.outcome.value for a in d.store.attempts(sub.id)] == ["SENT"]
     run_until(d, sub.id, State.ACCEPTED)
     assert len(_uploads(sandbox, "REC_up1.csv")) == 1
 
 
-def test_upload_that_never_arrived_is_sent_once(cfg, sandbox):
+def test_upload_cut_off_before_it_could_land_is_sent_once(cfg, sandbox):
     d = Daemon(cfg, dispatch_interval=0.2)
     route = cfg.routes[0]
     target = spool_dir(route) / "1001" / "REC_up2.csv"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"never arrived\n")
-    st = target.stat()
-    from filex_agent.fsutil import sha256_file
-
-    sub = _row(d, Path(route.outbox) / "REC_up2.csv", State.UPLOADING, local=target, size=st.st_size,
-               mtime_ns=st.st_mtime_ns, sha256=sha256_file(target))
+    sub = _interrupted(d, route, target, committed=False)
     d.recover()
     assert d.store.get(sub.id).state is State.QUEUED
     run_until(d, sub.id, State.ACCEPTED)
     assert len(_uploads(sandbox, "REC_up2.csv")) == 1
+    assert [a.outcome.value for a in open_store(cfg.journal_path).attempts(sub.id)] == ["NOT_SENT", "SENT"]
+
+
+def test_unconfirmed_upload_with_no_trace_is_sent_again_only_after_the_settle_period(sandbox_config, sandbox):
+    cfg = sandbox_config(transports=("rest",), tracking={"unconfirmed_settle_seconds": 3})
+    d = Daemon(cfg, dispatch_interval=0.2)
+    route = cfg.routes[0]
+    target = spool_dir(route) / "1003" / "REC_up3.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"lost on the way\n")
+    sub = _interrupted(d, route, target, committed=True, started_ago=0)
+    d.recover()
+    assert d.store.get(sub.id).state is State.UNCONFIRMED
+    d.reconciler.run()
+    assert d.store.get(sub.id).state is State.UNCONFIRMED  # "not yet" is not "no"
+    wait_for(lambda: d.reconciler.run() and d.store.get(sub.id).state is State.QUEUED, timeout=15,
+             what="decided after the settle period")
+    (att,) = d.store.attempts(sub.id)
+    assert att.outcome.value == "NOT_SENT" and "no trace" in att.detail
+    assert any("no trace" in (e.detail or "") for e in d.store.events(sub.id))
+    run_until(d, sub.id, State.ACCEPTED)
+    assert len(_uploads(sandbox, "REC_up3.csv")) == 1
 
 
 def test_move_interrupted_is_finished(cfg):

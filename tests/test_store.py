@@ -107,3 +107,77 @@ def test_count_per_route_without_listing(tmp_path):
     assert s.count([State.QUEUED]) == {"a": 3, "b": 1}
     assert s.count([State.QUEUED, State.UPLOADING], route="a") == {"a": 4}
     assert s.count([State.QUEUED], route="c") == {}
+
+
+def test_attempts_leases_and_fencing(tmp_path):
+    from filex_agent.store import Outcome, StaleEpoch
+
+    st = SQLiteStore(tmp_path / "j.db")
+    s = _new(st, state=State.QUEUED)
+    sub, att = st.begin_upload(s.id, "me", 5, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+    assert sub.state is State.UPLOADING and sub.epoch == 1 and att.n == 1 and att.outcome is Outcome.PENDING
+    with pytest.raises(StateConflict):  # owned: nobody else may start it
+        st.begin_upload(s.id, "me", 5, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+    st.set_ticket(att.id, 1, "T1")
+    a = st.commit_attempt(att.id, 1)
+    assert a.may_have_landed and a.tracking_id == "T1" and st.get(s.id).tracking_id == "T1"
+    assert st.renew_leases("me", 5) == {s.id}
+    assert st.expired_leases() == []
+    with pytest.raises(StateConflict):  # the lease is live
+        st.take_over(s.id, "other")
+    st.take_over(s.id, "other", force=True)
+    # The old owner is fenced off: none of its writes land.
+    with pytest.raises(StaleEpoch):
+        st.transition(s.id, State.SUBMITTED, epoch=1)
+    with pytest.raises(StaleEpoch):
+        st.commit_attempt(att.id, 1)
+    with pytest.raises(StaleEpoch):
+        st.update(s.id, epoch=1, flag="x")
+    st.end_attempt(att.id, Outcome.UNCONFIRMED, "lost")
+    assert [x.id for x in st.unconfirmed()] == [att.id]
+    st.transition(s.id, State.QUEUED, epoch=2, owner=None, lease_until=None)
+    with pytest.raises(StateConflict):  # never sent again while an attempt is unconfirmed
+        st.begin_upload(s.id, "me", 5, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+    st.end_attempt(att.id, Outcome.NOT_SENT, "no evidence")
+    sub, att2 = st.begin_upload(s.id, "me", 5, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+    assert att2.n == 2 and sub.epoch == 3 and sub.attempts == 2
+
+
+def test_expired_lease_is_found_and_taken_over(tmp_path):
+    import time
+
+    st = SQLiteStore(tmp_path / "j.db")
+    s = _new(st, state=State.QUEUED)
+    st.begin_upload(s.id, "dead", 0.05, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+    time.sleep(0.1)
+    assert [x.id for x in st.expired_leases()] == [s.id]
+    assert st.renew_leases("dead", 5) == set()  # an expired lease is not renewed: it is lost
+    assert [x.id for x in st.expired_leases()] == [s.id]
+    taken = st.take_over(s.id, "rescuer")
+    assert taken.owner == "rescuer" and taken.epoch == 2
+
+
+def test_old_journal_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""CREATE TABLE submissions (id INTEGER PRIMARY KEY AUTOINCREMENT, route TEXT NOT NULL,
+        org TEXT NOT NULL, application TEXT NOT NULL, transport TEXT NOT NULL, file_name TEXT NOT NULL,
+        source_path TEXT NOT NULL, local_path TEXT NOT NULL, state TEXT NOT NULL, size INTEGER, mtime_ns INTEGER,
+        sha256 TEXT, reason TEXT, tracking_id TEXT, upload_location TEXT, remote_status TEXT,
+        downstream_status TEXT, move_to TEXT, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at TEXT,
+        created_at TEXT NOT NULL, updated_at TEXT NOT NULL, upload_started_at TEXT, uploaded_at TEXT,
+        final_at TEXT, held_by INTEGER, flag TEXT);
+        INSERT INTO submissions (route, org, application, transport, file_name, source_path, local_path, state,
+        created_at, updated_at) VALUES ('r', '0001', 'app1', 'rest', 'a.csv', '/o', '/o', 'UPLOADING',
+        '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00');""")
+    db.commit()
+    db.close()
+    st = SQLiteStore(path)
+    sub = st.get(1)
+    assert sub.state is State.UPLOADING and sub.epoch == 0 and sub.owner is None
+    # The interrupted REST upload had no tracking id: no byte can have left, so not committed.
+    (att,) = st.attempts(1)
+    assert att.remote_name == "a.csv" and att.upload_location == "0001/app1/in" and not att.may_have_landed
+    assert SQLiteStore(path).attempts(1) == [att]  # once

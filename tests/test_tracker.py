@@ -132,6 +132,8 @@ def test_matches_rules():
                    source_path="", local_path="", state=State.SUBMITTED, size=10, upload_location="0001/app1/in",
                    upload_started_at=now)
     assert matches(rec("x", loc="/0001/app1/in/"), s)  # slashes tolerated
-    assert matches(rec("x", size=0), s)  # "Request Received" records carry size 0
+    assert not matches(rec("x", size=0), s)  # a record of other bytes is never this upload's
+    assert not matches(rec("x", status="Request Received"), s)  # a URL handed out, no byte arrived
+    assert matches(rec("x", size=None), s)  # no size given: name, place and time decide
     assert not matches(rec("x", name="A.csv"), s)  # names are case sensitive
     assert not matches(rec("x", when=now - timedelta(hours=1)), s)

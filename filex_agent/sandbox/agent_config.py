@@ -13,8 +13,13 @@ def _toml_str(value: str) -> str:
 
 def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stable_seconds: float = 1.0,
                          transports: tuple[str, ...] = ("rest", "s3", "sftp"),
-                         s3: dict[str, int] | None = None) -> Path:
-    """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002; ``s3``: the [s3] keys."""
+                         s3: dict[str, int] | None = None, tracking: dict[str, float] | None = None,
+                         journal: dict[str, float] | None = None) -> Path:
+    """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002; ``s3``, ``tracking``,
+    ``journal``: more keys of those sections."""
+    # The sandbox shows an upload within a second or two: a lost answer is decided in seconds,
+    # not in production's minutes.
+    tracking = {"poll_interval_seconds": poll_seconds, "unconfirmed_settle_seconds": 10, **(tracking or {})}
     data_dir = Path(data_dir).resolve()
     secrets = data_dir / "secrets"
     secrets.mkdir(parents=True, exist_ok=True)
@@ -47,7 +52,9 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
     if sftp is not None:
         lines += [f"sftp_host = {_toml_str(sftp.host)}", f"sftp_port = {sftp.port}"]
     lines += ["", "[network]", "max_attempts = 3", "backoff_initial = 0.2", "backoff_max = 2", "",
-              "[tracking]", f"poll_interval_seconds = {poll_seconds}", ""]
+              "[tracking]", *(f"{k} = {v}" for k, v in tracking.items()), ""]
+    if journal:
+        lines += ["[journal]", *(f"{k} = {v}" for k, v in journal.items()), ""]
     if s3:
         lines += ["[s3]", *(f"{k} = {int(v)}" for k, v in s3.items()), ""]
     if sftp is not None:

@@ -162,16 +162,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def transition(self, sub_id: int, state: State, detail: str | None = None, *,
-                   expect: Iterable[State] | None = None, **fields: Any) -> Submission:
+                   expect: Iterable[State] | None = None, epoch: int | None = None, **fields: Any) -> Submission:
         """Set state (+fields) and append an event, atomically. With ``expect``, only if the
-        current state is one of those (else ``StateConflict``)."""
+        current state is one of those (else ``StateConflict``); with ``epoch``, only if the
+        submission's fencing epoch is still that one (else ``StaleEpoch``)."""
 
     @abc.abstractmethod
-    def update(self, sub_id: int, **fields: Any) -> Submission:
-        """Change fields without a state change (no event)."""
+    def update(self, sub_id: int, *, epoch: int | None = None, **fields: Any) -> Submission:
+        """Change fields without a state change (no event); fenced like ``transition``."""
 
     @abc.abstractmethod
     def events(self, sub_id: int) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def by_tracking_id(self, tracking_id: str) -> Submission | None:
+        """The submission that owns ``tracking_id`` (unique), if any."""
 
     @abc.abstractmethod
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
@@ -199,6 +204,12 @@ class Store(abc.ABC):
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
         """Write-ahead: a download of this remote file is about to start."""
+
+    def lock_instance(self, holder: str) -> bool:
+        """For ``run``: make this process the journal's only daemon, if the journal needs that.
+        True when it is exclusive now (every other daemon owner in it is dead); False for a
+        journal shared by several agents. Raises ``JournalLocked`` naming the running holder."""
+        return False
 
     # -- attempts, leases, fencing --------------------------------------------------------
     def now(self) -> datetime:
@@ -244,10 +255,10 @@ class Store(abc.ABC):
         """UPLOADING submissions whose lease has run out (their owner died or stalled)."""
 
     @abc.abstractmethod
-    def take_over(self, sub_id: int, owner: str) -> Submission:
-        """Rescuer: take an UPLOADING row whose lease expired (or whose owner is ``owner``'s dead
-        predecessor on the same journal lock): epoch raised, owner set, lease cleared. The old
-        owner's later writes are refused. ``StateConflict`` if the lease is still live."""
+    def take_over(self, sub_id: int, owner: str, *, force: bool = False) -> Submission:
+        """Rescuer: take a row whose lease expired: epoch raised, owner set, lease cleared, so the
+        old owner's later writes are refused. ``StateConflict`` if another owner's lease is still
+        live, unless ``force`` (the caller knows that owner is dead: it held the instance lock)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -258,6 +269,10 @@ FeedbackKey = tuple[str, "int | None", "str | None"]
 
 class StateConflict(Exception):
     """The submission was not in an expected state (someone else moved it on)."""
+
+
+class JournalLocked(Exception):
+    """Another ``filex-agent run`` holds this journal."""
 
 
 class StaleEpoch(StateConflict):
