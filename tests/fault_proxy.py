@@ -9,6 +9,7 @@ is true is used once and removed. Actions:
 - ``"store_then_drop"``: forward, then close the connection without an answer.
 - ``"refuse_503"``: do not forward; answer 503 (nothing stored).
 - ``"refuse_400_timeout"``: do not forward; S3's 400 RequestTimeout (nothing stored).
+- ``"reset_mid_body"``: read half the body, then reset the connection (nothing stored).
 
 ``seen`` records every request forwarded (method, path, query) for "sent exactly once" asserts.
 """
@@ -103,8 +104,14 @@ class FaultProxy:
         split = urlsplit(h.path)
         q = parse_qs(split.query, keep_blank_values=True)
         length = int(h.headers.get("Content-Length") or 0)
-        body = h.rfile.read(length) if length else b""
         action = self._take(h.command, split.path, q)
+        if action == "reset_mid_body":
+            h.rfile.read(length // 2)
+            h.close_connection = True
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            h.connection.close()  # RST: the client is cut off mid-body
+            return None
+        body = h.rfile.read(length) if length else b""
         if action == "refuse_503":
             return _answer(h, 503, SLOWDOWN)
         if action == "refuse_400_timeout":

@@ -814,3 +814,64 @@ def test_symlink_swapped_in_after_open_is_not_followed(moto: Moto, tmp_path: Pat
             result = t.upload(lf, local.name)
         assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
         assert result.sent_sha256 == digest
+
+
+BIG_SINGLE = S3Settings(multipart_threshold_mb=64, part_size_mb=8, max_concurrency=2)
+
+
+def test_body_reset_mid_way_is_rewound_and_stored_exactly(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
+    # Issue 11's 48 MiB single PUT, with botocore made to rewind and resend the body half-way:
+    # what S3 stores is the file, byte for byte, and the digest reported is of those bytes.
+    t, events = via(proxy, moto, settings=BIG_SINGLE)
+    local = tmp_path / "rewound.bin"
+    digest = write_random(local, 48 * MIB)
+    proxy.faults = [(put_object, "reset_mid_body")]
+    result = t.upload(local, local.name)
+    assert proxy.injected == [("PUT", "reset_mid_body")] and proxy.count(put_object) == 1
+    assert events == ["commit", "commit"]  # one per request sent
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+    assert result.sent_sha256 == digest
+    assert result.detail["md5"] == hashlib.md5(local.read_bytes()).hexdigest() == result.detail["etag"]
+
+
+def test_part_reset_mid_way_is_rewound_and_hashed_once(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
+    t, _ = via(proxy, moto)
+    local = tmp_path / "rewound-parts.bin"
+    digest = write_random(local, 11 * MIB)
+    proxy.faults = [(upload_part, "reset_mid_body"), (upload_part, "reset_mid_body")]
+    result = t.upload(local, local.name)
+    assert len(proxy.injected) == 2
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+    assert result.sent_sha256 == digest  # the part digests survived the rewinds
+
+
+def test_big_single_put_etag_is_right_while_in_is_listed(moto: Moto, tmp_path: Path) -> None:
+    """Issue 11's integrity failure: moto computed a new key's ETag without its lock, so a
+    concurrent listing of in/ (the sandbox processor) corrupted it. With moto_fixes applied (the
+    sandbox applies it), a 48 MiB single PUT listed all the while gets the right ETag."""
+    from filex_agent.sandbox import moto_fixes
+
+    moto_fixes.apply()
+    t, _ = make(moto, FakeFileX(moto), settings=BIG_SINGLE)
+    local = tmp_path / "listed.bin"
+    digest = write_random(local, 48 * MIB)
+    stop = threading.Event()
+    listings = [0]
+
+    def lister() -> None:
+        while not stop.is_set():
+            moto.admin.list_objects_v2(Bucket=BUCKET, Prefix="0001/app1/in/")
+            listings[0] += 1
+
+    threads = [threading.Thread(target=lister) for _ in range(2)]
+    for th in threads:
+        th.start()
+    try:
+        result = t.upload(local, local.name)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(10)
+    assert listings[0] > 0
+    assert result.detail["etag"] == hashlib.md5(local.read_bytes()).hexdigest()
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
