@@ -124,7 +124,8 @@ def status_rows(cfg: Config) -> list[dict[str, Any]]:
 
 
 _STATE_STYLE = {"ACCEPTED": "green", "REJECTED": "bold red", "PARTIALLY_REJECTED": "bold yellow",
-                "FAILED": "bold red", "HELD": "magenta", "SUBMITTED": "cyan", "UPLOADING": "blue", "QUEUED": "blue"}
+                "FAILED": "bold red", "HELD": "magenta", "SUBMITTED": "cyan", "UPLOADING": "blue", "QUEUED": "blue",
+                "UNCONFIRMED": "bold yellow"}
 
 
 def _human_size(n: int | None) -> str:

@@ -97,12 +97,14 @@ class Service:
         return bool(self.daemon.started and last is not None and time.time() - last < ready_window(self.cfg))
 
     def status_line(self) -> str:
-        counts = {s: 0 for s in (State.QUEUED, State.UPLOADING, State.SUBMITTED, State.HELD)}
+        counts = {s: 0 for s in (State.QUEUED, State.UPLOADING, State.UNCONFIRMED, State.SUBMITTED, State.HELD)}
         for sub in self.store.list([*PENDING_STATES, State.HELD]):
             if sub.state in counts:
                 counts[sub.state] += 1
         parts = [f"{counts[State.QUEUED]} queued", f"{counts[State.UPLOADING]} uploading",
                  f"{counts[State.SUBMITTED]} submitted"]
+        if counts[State.UNCONFIRMED]:
+            parts.append(f"{counts[State.UNCONFIRMED]} unconfirmed (waiting for fileX's evidence)")
         if counts[State.HELD]:
             parts.append(f"{counts[State.HELD]} held")
         last = self.metrics_hooks.last_poll

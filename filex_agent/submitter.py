@@ -188,6 +188,8 @@ class Submitter:
             with self.connections.transport(route, sub.transport) as transport:
                 transport.on_ticket = on_ticket
                 transport.on_commit = on_commit
+                if not transport.reports_commit:
+                    on_commit()  # no finer point of no return known: anything may land from here
 
                 def progress(n: int) -> None:
                     sent[0] += n

@@ -62,6 +62,9 @@ class Transport(abc.ABC):
     # landed" there. After it, a failure whose outcome is unknown raises ``UploadUnconfirmed``
     # and is never retried by the transport; before it, retries are safe.
     on_commit: Callable[[], None] | None = None
+    # True when this transport calls ``on_commit`` at its point of no return. False: the caller
+    # must assume anything may land from the first byte (it journals the commit before upload).
+    reports_commit: bool = False
 
     def __init__(self, org: str, application: str):
         self.org = org
