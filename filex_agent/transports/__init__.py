@@ -75,13 +75,17 @@ class Transport(abc.ABC):
         return f"{self.org}/{self.application}/in"
 
     @abc.abstractmethod
-    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None, *,
+               on_commit: Callable[[], None] | None = None,
+               on_ticket: Callable[[str], None] | None = None) -> UploadResult:
         """Send ``local`` whole as ``in/remote_name``; raise Transient/PermanentError.
 
         ``local`` is read through its one descriptor only (a ``Path`` is opened with O_NOFOLLOW
         for the call: tests and tools). Must never leave a partial object that fileX could take as
         a submission. ``on_commit`` is called before each committing request; after it, an
-        unknown outcome raises ``UploadUnconfirmed`` and nothing is sent again.
+        unknown outcome raises ``UploadUnconfirmed`` and nothing is sent again. The hooks given
+        here win over the attributes: a transport shared by several workers (S3, SFTP) must be
+        handed them per call, never have them set on it.
         """
 
     @abc.abstractmethod
@@ -98,10 +102,12 @@ class Transport(abc.ABC):
         Never raises for a refusal, never looks at ``in_arcv``."""
         return None
 
-    def _commit(self) -> None:
-        """Call ``on_commit`` (before a request that can make the file a filing)."""
-        if self.on_commit is not None:
-            self.on_commit()
+    def _hooks(self, on_commit: Callable[[], None] | None, on_ticket: Callable[[str], None] | None,
+               ) -> tuple[Callable[[], None], Callable[[str], None]]:
+        """The hooks of one upload: those passed to ``upload``, else the attributes, else no-ops."""
+        commit = on_commit if on_commit is not None else self.on_commit
+        ticket = on_ticket if on_ticket is not None else self.on_ticket
+        return commit or _no_commit, ticket or _no_ticket
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -111,6 +117,14 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _no_commit() -> None:
+    pass
+
+
+def _no_ticket(ticket: str) -> None:
+    pass
 
 
 TRANSPORTS: dict[str, type] = {}

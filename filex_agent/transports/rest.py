@@ -12,7 +12,7 @@ import logging
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import httpx
 
@@ -54,6 +54,8 @@ def _is_expired(resp: httpx.Response) -> bool:
 
 @register("rest")
 class RestTransport(Transport):
+    reports_commit = True  # on_commit before each request that can make the filing
+
     def __init__(self, org: str, application: str, *, api: FilexClient, http: httpx.Client, retry: RetryPolicy,
                  chunk_size: int = CHUNK_SIZE, max_url_renewals: int = 3,
                  metadata: dict[str, str] | None = None):
@@ -69,14 +71,17 @@ class RestTransport(Transport):
 
     # ------------------------------------------------------------------ upload
 
-    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None, *,
+               on_commit: Callable[[], None] | None = None,
+               on_ticket: Callable[[str], None] | None = None) -> UploadResult:
         reason = valid_remote_name(remote_name)
         if reason:
             raise PermanentError(reason)
         with open_for_upload(local) as lf:
-            return self._upload(lf, remote_name, progress)
+            return self._upload(lf, remote_name, progress, *self._hooks(on_commit, on_ticket))
 
-    def _upload(self, lf: LocalFile, remote_name: str, progress: ProgressFn | None) -> UploadResult:
+    def _upload(self, lf: LocalFile, remote_name: str, progress: ProgressFn | None, on_commit: Callable[[], None],
+                on_ticket: Callable[[str], None]) -> UploadResult:
         size = lf.size
         if size > MAX_UPLOAD_BYTES:
             raise PermanentError(f"{lf.name} is {size} bytes; fileX accepts at most 5120 MB per file")
@@ -88,9 +93,8 @@ class RestTransport(Transport):
                 presigned = self._api.upload_url(self.org, self.application, remote_name, self.metadata or None)
                 if presigned.trackingId:
                     tracking_ids.append(presigned.trackingId)
-                    if self.on_ticket is not None:
-                        self.on_ticket(presigned.trackingId)
-                put = self._put(lf, presigned, progress)
+                    on_ticket(presigned.trackingId)
+                put = self._put(lf, presigned, progress, on_commit)
                 if put is not None:
                     return presigned, put[0], put[1]
                 log.warning("pre-signed upload URL for %s/%s expired (%s); requesting a new one (%d/%d)",
@@ -118,7 +122,7 @@ class RestTransport(Transport):
                             detail=detail, sent_sha256=sent_sha256)
 
     def _put(self, lf: LocalFile, presigned: PresignedUrl, progress: ProgressFn | None,
-             ) -> tuple[httpx.Response, str] | None:
+             on_commit: Callable[[], None]) -> tuple[httpx.Response, str] | None:
         """PUT the file to the URL: (response, SHA-256 of the body sent), or None if the URL had expired.
 
         The outcome is unknown once the whole body was handed over and no answer came back (or a
@@ -133,7 +137,7 @@ class RestTransport(Transport):
         sent = [0]
         digest = hashlib.sha256()
         body = self._chunks(lf, sent, digest, progress)
-        self._commit()
+        on_commit()
         try:
             resp = self._http.put(presigned.url, content=body, headers={"Content-Length": str(size)})
         except httpx.HTTPError as exc:

@@ -558,6 +558,7 @@ def _expected_etag(parts: dict[int, tuple[bytes, int]], size: int) -> str | None
 @register("s3")
 class S3Transport(Transport):
     """Upload to ``in/``, list and download ``out/`` with fileX's STS credentials."""
+    reports_commit = True  # on_commit before each request that can make the filing
 
     def __init__(self, org: str, application: str, *, tokens: S3TokenCache, settings: S3Settings,
                  endpoint_url: str | None = None, verify: bool | str = True,
@@ -692,14 +693,17 @@ class S3Transport(Transport):
         raise AssertionError("unreachable")
 
     # -- Transport ------------------------------------------------------------------------------
-    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None, *,
+               on_commit: Callable[[], None] | None = None,
+               on_ticket: Callable[[str], None] | None = None) -> UploadResult:
         reason = valid_remote_name(remote_name)
         if reason:
             raise PermanentError(f"cannot upload {remote_name!r} for {self._who()}: {reason}")
         with open_for_upload(local) as lf:
-            return self._upload(lf, remote_name, progress)
+            return self._upload(lf, remote_name, progress, self._hooks(on_commit, on_ticket)[0])
 
-    def _upload(self, lf: LocalFile, remote_name: str, progress: ProgressFn | None) -> UploadResult:
+    def _upload(self, lf: LocalFile, remote_name: str, progress: ProgressFn | None,
+                on_commit: Callable[[], None]) -> UploadResult:
         started = _utcnow()
         loc = self._write_location()
         key = loc.prefix + remote_name
@@ -722,7 +726,7 @@ class S3Transport(Transport):
         def attempt() -> _Watched:
             client = self._s3()
             subscribers = [_Progress(progress)] if progress else None
-            with self._writes.watch(loc.bucket, key, check, lf, self.on_commit) as written:
+            with self._writes.watch(loc.bucket, key, check, lf, on_commit) as written:
                 # A failed transfer aborts its multipart upload before result() raises (s3transfer
                 # failure cleanups), so no partial object is ever left.
                 with create_transfer_manager(client, self._transfer_config, osutil) as manager:

@@ -549,6 +549,8 @@ def list_profiles(session: SftpSession, root: str = "/") -> dict[str, list[str]]
 # --- transport ------------------------------------------------------------------------------
 @register("sftp")
 class SftpTransport(Transport):
+    reports_commit = True  # on_commit before each request that can make the filing
+
     def __init__(
         self,
         org: str,
@@ -617,14 +619,17 @@ class SftpTransport(Transport):
         """Where the bytes go before the rename: a dot name fileX does not take as a filing."""
         return _join(self.in_dir, f".{remote_name}.filepart")
 
-    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None, *,
+               on_commit: Callable[[], None] | None = None,
+               on_ticket: Callable[[str], None] | None = None) -> UploadResult:
         reason = valid_remote_name(remote_name)
         if reason or "/" in remote_name:
             raise PermanentError(f"cannot upload as {remote_name!r}: {reason or 'contains /'}")
         with open_for_upload(local) as lf:
-            return self._upload(lf, remote_name, progress)
+            return self._upload(lf, remote_name, progress, self._hooks(on_commit, on_ticket)[0])
 
-    def _upload(self, lf: LocalFile, remote_name: str, progress: ProgressFn | None) -> UploadResult:
+    def _upload(self, lf: LocalFile, remote_name: str, progress: ProgressFn | None,
+                on_commit: Callable[[], None]) -> UploadResult:
         """Write ``in/.NAME.filepart``, check its size, ``on_commit``, rename it to ``in/NAME``.
 
         Before the rename nothing is filed: a dropped connection re-runs the whole operation (the
@@ -657,7 +662,7 @@ class SftpTransport(Transport):
             state["sha256"] = digest
             if not _alive(sftp):
                 raise EOFError("connection lost before the rename")  # nothing filed: op is re-run
-            self._commit()
+            on_commit()
             self._rename(sftp, temp, remote)
             return {"remote_size": str(attr.st_size), "remote_path": remote}
 
