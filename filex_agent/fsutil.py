@@ -19,10 +19,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from filex_agent.localfile import LocalFile
+
 CHUNK = 1 << 20
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: "Path | LocalFile") -> str:
+    if isinstance(path, LocalFile):
+        return path.sha256()  # the claimed descriptor, not whatever the path names now
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):

@@ -104,8 +104,9 @@ class LocalFile:
         return h.hexdigest()
 
     def reader(self, start: int = 0, length: int | None = None) -> "RangeReader":
-        """A file object over [start, start+length) with its own position."""
-        return RangeReader(self, start, self.size - start if length is None else length)
+        """A file object over [start, start+length) (within the size at open) with its own position."""
+        left = max(0, self.size - start)
+        return RangeReader(self, start, left if length is None else min(length, left))
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1

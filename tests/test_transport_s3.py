@@ -875,3 +875,27 @@ def test_big_single_put_etag_is_right_while_in_is_listed(moto: Moto, tmp_path: P
     assert listings[0] > 0
     assert result.detail["etag"] == hashlib.md5(local.read_bytes()).hexdigest()
     assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+
+
+def test_multipart_change_hidden_by_utime_is_caught_before_complete(moto: Moto, tmp_path: Path) -> None:
+    """Size + mtime can be faked (utime): the sequential SHA-256 pass before Complete compares
+    every part with the bytes sent, so a part rewritten mid-upload never becomes an object."""
+    t, _ = make(moto, FakeFileX(moto))
+    local = tmp_path / "faked.dat"
+    write_random(local, 11 * MIB)
+    st = local.stat()
+    sent = [0]
+    done = [False]
+
+    def rewrite_first_part(n: int) -> None:
+        sent[0] += n
+        if sent[0] >= 6 * MIB and not done[0]:  # part 1 (5 MiB) is gone: rewrite it, hide the change
+            done[0] = True
+            with open(local, "r+b") as f:
+                f.write(os.urandom(4096))
+            os.utime(local, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    with pytest.raises(RemoteChangedError, match="part 1 read again differs"):
+        t.upload(local, local.name, progress=rewrite_first_part)
+    assert done[0] and not exists(moto, f"0001/app1/in/{local.name}")
+    assert no_multipart_left(moto, "0001/app1/in/faked")
