@@ -671,33 +671,20 @@ def _record_sends(t: S3Transport, events: list[str]) -> None:
 
 
 @pytest.mark.parametrize("fault", ["store_then_503", "store_then_drop"])
-def test_single_put_stored_then_answer_lost_is_unconfirmed_and_sent_once(
-        moto: Moto, proxy: FaultProxy, tmp_path: Path, fault: str) -> None:
+@pytest.mark.parametrize("size,match,op", [(300_000, put_object, "PutObject"),
+                                           (11 * MIB, complete_multipart, "CompleteMultipartUpload")])
+def test_committing_request_stored_then_answer_lost_is_unconfirmed_and_sent_once(
+        moto: Moto, proxy: FaultProxy, tmp_path: Path, fault: str, size: int, match, op: str) -> None:  # type: ignore[no-untyped-def]
     t, events = via(proxy, moto)
     _record_sends(t, events)
-    local = tmp_path / f"lost-{fault}.csv"
-    digest = write_random(local, 300_000)
-    proxy.faults = [(put_object, fault)]
+    local = tmp_path / f"lost-{op}-{fault}.dat"
+    digest = write_random(local, size)
+    proxy.faults = [(match, fault)]
     with pytest.raises(UploadUnconfirmed):
         t.upload(local, local.name)
-    # botocore's retries (max_attempts=3) never re-sent it: one PUT, the object is there once.
-    assert proxy.count(put_object) == 1
-    assert events == ["commit", "send PutObject"]
-    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
-
-
-@pytest.mark.parametrize("fault", ["store_then_503", "store_then_drop"])
-def test_complete_stored_then_answer_lost_is_unconfirmed_and_sent_once(
-        moto: Moto, proxy: FaultProxy, tmp_path: Path, fault: str) -> None:
-    t, events = via(proxy, moto)
-    _record_sends(t, events)
-    local = tmp_path / f"mp-{fault}.dat"
-    digest = write_random(local, 11 * MIB)
-    proxy.faults = [(complete_multipart, fault)]
-    with pytest.raises(UploadUnconfirmed):
-        t.upload(local, local.name)
-    assert proxy.count(complete_multipart) == 1
-    assert events == ["commit", "send CompleteMultipartUpload"]
+    # botocore's retries (max_attempts=3) never re-sent it: one request, the object is there once.
+    assert proxy.count(match) == 1
+    assert events == ["commit", f"send {op}"]
     assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
 
 
