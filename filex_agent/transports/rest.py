@@ -165,7 +165,7 @@ class RestTransport(Transport):
     def _unconfirmed(presigned: PresignedUrl, message: str) -> UploadUnconfirmed:
         log.warning("%s; fileX may have the file: not sending it again (tracking id %s)", message,
                     presigned.trackingId)
-        exc = UploadUnconfirmed(f"{message}; fileX may have stored it, not sent again",
+        exc = UploadUnconfirmed(f"{message}; fileX may have stored it",
                                 tracking_id=presigned.trackingId)
         exc.retries_exhausted = True  # type: ignore[attr-defined]
         return exc

@@ -441,10 +441,12 @@ class _UploadWatch:
         """needs-retry of PutObject / CompleteMultipartUpload: an outcome that may have made the
         object raises UploadUnconfirmed here, before botocore's retry handler could send it again.
         A refusal (4xx) or a connect failure (no byte sent) goes on to botocore's bounded retries."""
-        box = self._box(request_dict.get("context") or {})
+        context = request_dict.get("context") or {}
+        box = self._box(context)
         if box is None:
             return None
-        what = f"S3 {operation.name}"
+        bucket, key, _ = context[self._MARK]
+        what = f"S3 {operation.name} of s3://{bucket}/{key}"
         if caught_exception is not None:
             if isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError)):
                 return None  # the connection was never made
@@ -453,15 +455,14 @@ class _UploadWatch:
                     body.tell() < len(body)):  # type: ignore[union-attr, arg-type]
                 return None  # the body was not all sent: S3 stores nothing from a short body
             raise UploadUnconfirmed(f"{what}: {type(caught_exception).__name__} after the request was sent; "
-                                    "S3 may have stored it: not sent again")
+                                    "S3 may have stored it")
         if response is None:
             return None
         http, parsed = response
         if http.status_code >= 500 or (http.status_code < 300 and "Error" in parsed):
             # A 5xx (or CompleteMultipartUpload's 200 with an error inside) after S3 may have stored it.
             code = str((parsed.get("Error") or {}).get("Code", "")) or str(http.status_code)
-            raise UploadUnconfirmed(f"{what}: {code} after the request was sent; S3 may have stored it: "
-                                    "not sent again")
+            raise UploadUnconfirmed(f"{what}: {code} after the request was sent; S3 may have stored it")
         return None
 
     def _after_call(self, parsed: dict, model, context: dict, **kwargs: object) -> None:  # type: ignore[no-untyped-def]

@@ -730,7 +730,7 @@ class SftpTransport(Transport):
         log.warning("%s: connection lost after the rename to %s was sent (%s); not sent again",
                     self.session.label, remote, type(e).__name__)
         return UploadUnconfirmed(f"{self.session.label}: connection lost after the rename to {remote} was sent "
-                                 f"({type(e).__name__}); fileX may have it: not sent again")
+                                 f"({type(e).__name__}); fileX may have it")
 
     def _send(self, sftp: paramiko.SFTPClient, lf: LocalFile, remote: str, progress: ProgressFn | None) -> str:
         """Pipelined write of ``lf`` to ``remote``, checking the server's status of EVERY write;
