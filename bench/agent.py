@@ -37,7 +37,7 @@ def write_config(path: Path, data_dir: Path, outboxes: Path, *, sandbox=None, ss
     lines = ["[agent]", f"data_dir = {_q(data_dir)}", "shutdown_grace_seconds = 5"]
     if workers:
         lines.append(f"workers = {workers}")
-    lines += ["", "[environment]", 'name = "custom"', f"fip_token_url = {_q(token)}", f"api_base_url = {_q(api)}"]
+    lines += ["", "[environment]", 'name = "custom"', "allow_insecure = true", f"fip_token_url = {_q(token)}", f"api_base_url = {_q(api)}"]
     if sandbox:
         lines.append(f"s3_endpoint_url = {_q(sandbox.s3_url)}")
     if sshd:

@@ -18,6 +18,7 @@ from bench.common import ROOT, fast_tmp
 from bench.report import Results, render
 from bench.servers import S3Server, SandboxServer, SshServer
 from bench.tools import ensure_tools, machine, versions
+from bench.web import read_section, write_section
 
 log = logging.getLogger("bench")
 
@@ -161,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         res.settings["load average (1 min) at start → end"] = (f"{load0} → {_loadavg()} (other work on the "
                                                                 "machine adds noise)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        web_section = read_section(args.out)
         args.out.write_text(render(res) + "\n")
+        if web_section:
+            write_section(args.out, web_section)  # `python -m bench.web`'s own section is kept
         log.info("wrote %s", args.out)
         if args.keep:
             log.info("work folders kept: %s %s", work, shm)

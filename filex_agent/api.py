@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from filex_agent.auth import FipTokenProvider
 from filex_agent.errors import PermanentError
-from filex_agent.http import RateLimiter, RetryPolicy, raise_for_status, redact_text
+from filex_agent.http import HttpTransientError, RateLimiter, RetryPolicy, raise_for_status, redact_text, redact_url
 from filex_agent.models import Listing, PresignedUrl, S3TransferTokens, TrackingRecord
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ class FilexClient:
     RetryPolicy; a 401 drops the token and retries once with a fresh one."""
 
     def __init__(self, base_url: str, tokens: FipTokenProvider, *, http: httpx.Client, retry: RetryPolicy,
-                 limiter: RateLimiter | None = None):
+                 limiter: RateLimiter | None = None, allow_insecure: bool = False):
         self.base_url = base_url.rstrip("/")
+        self._allow_insecure = allow_insecure
         self._tokens = tokens
         self._http = http
         self._retry = retry
@@ -62,9 +63,9 @@ class FilexClient:
                           f"list {org}/{app}/{sub}")
 
     def download_url(self, org: str, app: str, sub: str, name: str) -> PresignedUrl:
-        return self._call("GET", ["files", (org, "org"), (app, "application"), (sub, "sub-space"),
-                                  (name, "file name")], PresignedUrl,
-                          f"download URL for {org}/{app}/{sub}/{name}")
+        what = f"download URL for {org}/{app}/{sub}/{name}"
+        return self._https_only(self._call("GET", ["files", (org, "org"), (app, "application"), (sub, "sub-space"),
+                                                   (name, "file name")], PresignedUrl, what), what)
 
     def upload_url(self, org: str, app: str, name: str, metadata: dict[str, str] | None = None) -> PresignedUrl:
         headers: dict[str, str] = {}
@@ -74,8 +75,9 @@ class FilexClient:
             if not _META_VALUE_RE.match(value):
                 raise PermanentError(f"invalid characters in fileX metadata {key!r}")
             headers[key if key.lower().startswith("filex-") else f"filex-{key}"] = value
-        return self._call("PUT", ["files", (org, "org"), (app, "application"), "in", (name, "file name")],
-                          PresignedUrl, f"upload URL for {org}/{app}/in/{name}", headers=headers)
+        what = f"upload URL for {org}/{app}/in/{name}"
+        return self._https_only(self._call("PUT", ["files", (org, "org"), (app, "application"), "in",
+                                                   (name, "file name")], PresignedUrl, what, headers=headers), what)
 
     def tracking(self, tracking_id: str | None = None) -> list[TrackingRecord]:
         params = {"id": tracking_id} if tracking_id else None
@@ -87,6 +89,14 @@ class FilexClient:
                           f"S3 transfer tokens for {org}/{app}")
 
     # ------------------------------------------------------------------ plumbing
+
+    def _https_only(self, presigned: PresignedUrl, what: str) -> PresignedUrl:
+        """A pre-signed URL carries the filing (or FINRA's feedback): never over plain http, whatever
+        a misconfigured or hostile server answers (only a test server may, with allow_insecure)."""
+        if not self._allow_insecure and httpx.URL(presigned.url).scheme != "https":
+            raise PermanentError(f"fileX {what}: the pre-signed URL is not https ({redact_url(presigned.url)}); "
+                                 "refused, nothing was sent over it")
+        return presigned
 
     def _url(self, parts: list[Any]) -> str:
         segs = [p if isinstance(p, str) else _segment(*p) for p in parts]
@@ -107,7 +117,13 @@ class FilexClient:
                     log.info("fileX answered 401 to %s; refreshing the token once", what)
                     self._tokens.invalidate(token)
                     continue
-                raise_for_status(resp, f"fileX {what}")
+                try:
+                    raise_for_status(resp, f"fileX {what}")
+                except HttpTransientError as exc:
+                    if exc.retry_after is not None and self._limiter is not None:
+                        # The limit is per IP: every request to fileX waits, not only this one.
+                        self._limiter.pause(exc.retry_after)
+                    raise
                 return _parse(resp, model, what)
             raise AssertionError("unreachable")  # pragma: no cover
 

@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from filex_agent.logging_setup import redact_value
+
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
@@ -96,7 +98,8 @@ class AuditLog:
                 record: dict[str, Any] = {
                     "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                     "event": event,
-                    **fields,
+                    # Reasons and details carry exception text: scrubbed like a log line.
+                    **{k: redact_value(v) for k, v in fields.items()},
                     "prev": prev,
                 }
                 body = _encode(record)[:-1]  # without the closing brace

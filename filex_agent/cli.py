@@ -1,4 +1,4 @@
-"""Command line: `filex-agent run|routes|status|submit|ls|track|release|profiles|audit|doctor`.
+"""Command line: `filex-agent run|routes|status|submit|ls|track|release|profiles|audit|calendar|doctor`.
 
 Exit codes: 0 ok, 1 operation failed, 2 bad configuration or usage.
 """
@@ -62,10 +62,21 @@ def cmd_run(args) -> int:
     return run_service(cfg, Path(args.config))
 
 
+SANDBOX_EXTRA_MODULES = frozenset({"moto", "werkzeug", "flask", "flask_cors"})
+
+
 def _run_sandbox(args) -> int:
-    from filex_agent.sandbox import Sandbox
-    from filex_agent.service import run_service
-    from filex_agent.sandbox.agent_config import write_sandbox_config
+    from filex_agent.service import prepare_service
+
+    try:
+        from filex_agent.sandbox import Sandbox
+        from filex_agent.sandbox.agent_config import write_sandbox_config
+    except ModuleNotFoundError as exc:
+        # The sandbox's dependencies are an extra: a production install does not carry them.
+        if (exc.name or "").split(".")[0] not in SANDBOX_EXTRA_MODULES:
+            raise
+        raise ConfigError("--sandbox", f"the sandbox needs its optional dependencies ({exc.name} is not "
+                                       "installed): pip install 'filex-agent[sandbox]'") from None
 
     _setup_logging("INFO")
     data_dir = Path(args.data_dir or "./demo-data").resolve()
@@ -80,8 +91,16 @@ def _run_sandbox(args) -> int:
             Path(r.outbox).mkdir(parents=True, exist_ok=True)
             print(f"  {r.outbox}    ({r.transport}, org {r.org}, application {r.application})")
         print(f"status: filex-agent status --config {path}")
+        if cfg.expectations:
+            e = cfg.expectations[0]
+            print(f"filing calendar: a file named {e.pattern} on {e.route} is expected every day by {e.due} "
+                  f"{e.timezone}; see filex-agent calendar --config {path}")
+        service = prepare_service(cfg, path)
+        url = service.start_web()
+        if url:
+            print(f"status web page: {url}")
         sys.stdout.flush()
-        return run_service(cfg, path)
+        return service.run()
     finally:
         sb.stop()
 
@@ -174,7 +193,7 @@ def cmd_submit(args) -> int:
 
     from filex_agent.daemon import Daemon
     from filex_agent.hooks import MultiHooks
-    from filex_agent.submitter import spool_dir
+    from filex_agent.spool import check_spool, spool_dir
 
     cfg = _load(args)
     _setup_logging(cfg.agent.log_level, cfg.agent.log_format)
@@ -183,8 +202,10 @@ def cmd_submit(args) -> int:
     if not src.is_file():
         raise ConfigError("FILE", f"{src} is not a readable file")
     # Copy (not move) the file into the route's spool folder: the user's file stays where it is.
+    Path(route.outbox).mkdir(parents=True, exist_ok=True)
+    check_spool(route)  # the agent's own folder, not a link a producer planted
     staging = spool_dir(route) / "incoming"
-    staging.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=staging, prefix=".copy-")
     with open(fd, "wb") as out, open(src, "rb") as inp:
         shutil.copyfileobj(inp, out, 1 << 20)
@@ -400,6 +421,45 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _parse_day(value: str | None, key: str, default):
+    """--from/--to: a date (local midnight in UTC terms) or an ISO date-time."""
+    from datetime import datetime, timezone
+
+    if not value:
+        return default
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(key, f"{value!r} is not a date (YYYY-MM-DD) or ISO date-time") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def cmd_calendar(args) -> int:
+    from datetime import timedelta
+
+    from filex_agent.filing_calendar import calendar_rows
+    from filex_agent.store import open_store, utcnow
+
+    cfg = _load(args)
+    now = utcnow()
+    since = _parse_day(args.since, "--from", now - timedelta(days=7))
+    until = _parse_day(args.until, "--to", now + timedelta(days=14))
+    if until <= since:
+        raise ConfigError("--to", "must be after --from")
+    store = open_store(cfg.journal_path)
+    try:
+        rows = calendar_rows(cfg, store, since, until, now)
+    finally:
+        store.close()
+    if not args.json:
+        for r in rows:
+            r["submission"] = (f"{r['submission_id']} {r['file']} ({r['verdict']})" if r["submission_id"] else "")
+    _emit(args, rows, ["expectation", "period", "deadline_local", "status", "route", "submission"])
+    if not cfg.expectations and not args.json:
+        print("no [[expectations]] in the configuration", file=sys.stderr)
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from filex_agent.doctor import run_doctor
 
@@ -440,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     au = add("audit", cmd_audit, "print the audit trail, or --verify its hash chain", json_flag=True)
     au.add_argument("--verify", action="store_true", help="check every line; exit 1 naming the first bad one")
     au.add_argument("--since", metavar="DATE", help="only records at or after DATE (YYYY-MM-DD or ISO time, UTC)")
+    ca = add("calendar", cmd_calendar, "expected filings: past and coming occurrences, state, deadline, "
+             "the submission that satisfied each", json_flag=True)
+    ca.add_argument("--from", dest="since", metavar="DATE", help="from DATE (YYYY-MM-DD or ISO time, UTC; default 7 days ago)")
+    ca.add_argument("--to", dest="until", metavar="DATE", help="until DATE (default 14 days ahead)")
     add("doctor", cmd_doctor, "check config, credentials, entitlements and connectivity, one line per check")
     return p
 

@@ -7,9 +7,13 @@ Secrets are never inlined: a secret field holds a *reference* — ``env:VAR``, `
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import os
 import re
 import tomllib
+import zoneinfo
+from datetime import datetime, time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +43,14 @@ APP_RE = re.compile(r"^[A-Za-z0-9]+$")
 DEFAULT_IGNORE = ["*.tmp", "*.part", "*.partial", "*.swp", "*~", ".*", "~$*", "*.crdownload", "*.filepart"]
 
 Transports = Literal["rest", "s3", "sftp"]
+
+
+class FilePerms(BaseModel):
+    """Mode and group (None: leave it) applied to filed files."""
+
+    model_config = ConfigDict(frozen=True)
+    mode: int = 0o640
+    gid: int | None = None
 
 
 class _Strict(BaseModel):
@@ -101,6 +113,32 @@ class AgentSettings(_Strict):
     workers: int = Field(4, ge=1, le=64)
     # Journal: "sqlite" (default, file in data_dir) — the store interface admits others.
     store: Literal["sqlite"] = "sqlite"
+    # Feedback files, reason files and archived originals: this mode and group, so that e.g. a
+    # compliance group can read FINRA's feedback. Group default: data_dir's group.
+    file_mode: str = "0640"
+    file_group: str | None = None
+
+    @field_validator("file_mode")
+    @classmethod
+    def _file_mode(cls, v: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", v) or int(v, 8) & 0o133:
+            raise ValueError('an octal mode as a string, e.g. "0640"; no execute bits, no group/other write')
+        if not int(v, 8) & 0o600 == 0o600:
+            raise ValueError("the owner (the agent) needs read and write")
+        return v
+
+    @field_validator("file_group")
+    @classmethod
+    def _file_group(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            import grp
+
+            grp.getgrnam(v)
+        except KeyError:
+            raise ValueError(f"no group named {v!r} on this machine") from None
+        return v
 
 
 class EnvironmentSettings(_Strict):
@@ -113,6 +151,9 @@ class EnvironmentSettings(_Strict):
     s3_endpoint_url: str | None = None
     verify_tls: bool = True
     ca_bundle: Path | None = None
+    # Plain http:// endpoints and pre-signed URLs, or verify_tls = false: the client secret and
+    # the filings would travel in clear. Only for a test server (name = "custom"), on purpose.
+    allow_insecure: bool = False
 
     @model_validator(mode="after")
     def _defaults(self) -> "EnvironmentSettings":
@@ -126,7 +167,25 @@ class EnvironmentSettings(_Strict):
                 raise ConfigError(f"environment.{key}", "must be an http(s) URL")
         for k, v in values.items():
             object.__setattr__(self, k, v)
+        self._refuse_insecure()
         return self
+
+    def _refuse_insecure(self) -> None:
+        if self.allow_insecure and self.name != "custom":
+            raise ConfigError("environment.allow_insecure",
+                              f"only for a test server (name = 'custom'), never for {self.name!r}")
+        if self.allow_insecure:
+            return
+        for key in ("fip_token_url", "api_base_url", "s3_endpoint_url"):
+            url = getattr(self, key)
+            if url and not str(url).lower().startswith("https://"):
+                raise ConfigError(f"environment.{key}",
+                                  "must be https:// (the client secret and the filings would go in clear); "
+                                  "plain http only for a test server: name = 'custom' and allow_insecure = true")
+        if not self.verify_tls:
+            raise ConfigError("environment.verify_tls",
+                              "false is refused: TLS is what proves the server is FINRA; only for a test "
+                              "server: name = 'custom' and allow_insecure = true")
 
 
 class NetworkSettings(_Strict):
@@ -176,7 +235,8 @@ class SftpSettings(_Strict):
     known_hosts: Path | None = None
     # "SHA256:..." fingerprints accepted for the server (pinned).
     host_key_fingerprints: list[str] = []
-    # Only for a first connection to a test server; never the default.
+    # Trust on first use: the first key the server offers is recorded in data_dir/known_hosts and
+    # any other key is refused afterwards. Never the default; pinning a fingerprint is better.
     auto_accept_host_key: bool = False
     # Remote layout below the login root; {org} and {app} are substituted.
     in_path: str = "/{org}/{app}/in"
@@ -196,6 +256,228 @@ class CredentialSettings(_Strict):
     sftp_key_passphrase: SecretRef | None = None
 
 
+HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+
+
+def parse_hhmm(value: str, allow_24: bool = False) -> time | None:
+    """"18:00" -> time(18, 0); "24:00" (end of day, only where allowed) -> None."""
+    if allow_24 and value == "24:00":
+        return None
+    if not isinstance(value, str) or not HHMM_RE.match(value):
+        raise ValueError("must be a local time HH:MM (24-hour clock)" + (', or "24:00"' if allow_24 else ""))
+    h, m = value.split(":")
+    return time(int(h), int(m))
+
+
+@lru_cache(maxsize=None)
+def financial_calendars() -> tuple[str, ...]:
+    """Exchange calendar codes the ``holidays`` package maintains (NYSE, XNYS, ECB, ...)."""
+    import holidays
+
+    return tuple(sorted(holidays.list_supported_financial()))
+
+
+def _calendar_name(v: str) -> str:
+    if v not in financial_calendars():
+        raise ValueError(f"unknown exchange calendar {v!r}; one of {', '.join(financial_calendars())}")
+    return v
+
+
+def _timezone_name(v: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(v)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {v!r} (an IANA name such as America/New_York)") from None
+    return v
+
+
+class _Localised(_Strict):
+    # Business days come from this exchange calendar (the `holidays` package's financial
+    # calendars: NYSE holidays and its 1 pm early closes); times are local to `timezone`.
+    calendar: str = "NYSE"
+    timezone: str = "America/New_York"
+
+    @field_validator("calendar")
+    @classmethod
+    def _cal(cls, v: str) -> str:
+        return _calendar_name(v)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        return _timezone_name(v)
+
+
+class BlackoutSettings(_Strict):
+    # Local date-times (in the window's time zone) unless an offset is given.
+    start: datetime
+    end: datetime
+    reason: str = "declared maintenance window"
+
+    @model_validator(mode="after")
+    def _order(self) -> "BlackoutSettings":
+        if (self.start.tzinfo is None) != (self.end.tzinfo is None):
+            raise ValueError("start and end must both have an offset or both be local times")
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class SubmissionWindowSettings(_Localised):
+    """When a route may send: days and hours, minus declared blackouts (FINRA maintenance)."""
+
+    days: Literal["every_day", "weekdays", "business_days"] = "weekdays"
+    start: str = "00:00"
+    end: str = "24:00"
+    blackouts: list[BlackoutSettings] = []
+
+    @field_validator("start")
+    @classmethod
+    def _start(cls, v: str) -> str:
+        parse_hhmm(v)
+        return v
+
+    @field_validator("end")
+    @classmethod
+    def _end(cls, v: str) -> str:
+        parse_hhmm(v, allow_24=True)
+        return v
+
+    @model_validator(mode="after")
+    def _span(self) -> "SubmissionWindowSettings":
+        end = parse_hhmm(self.end, allow_24=True)
+        if end is not None and end <= parse_hhmm(self.start):
+            raise ValueError("end must be after start (a window does not span midnight; use 24:00)")
+        return self
+
+
+RECURRENCES = ("business_day", "calendar_day", "month_end", "quarter_end", "days_of_month", "cron")
+
+
+class ExpectationSettings(_Localised):
+    """A filing that must reach FINRA on a calendar: see README, "Filing calendar"."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    route: str
+    # Glob on the file name (case-sensitive, like routes' include/ignore).
+    pattern: str = Field(min_length=1)
+    recurrence: Literal["business_day", "calendar_day", "month_end", "quarter_end", "days_of_month", "cron"]
+    # Local due time (not with cron: each cron fire time is a deadline).
+    due: str | None = None
+    # On an exchange early-close day, this due time instead of `due` (e.g. "13:00").
+    early_close_due: str | None = None
+    # month_end / quarter_end: the deadline is this many business days after the period's last day.
+    business_days_after: int | None = Field(None, ge=1, le=250)
+    # days_of_month: days 1..31, -1 = the last day (a day past the month's end means its last day).
+    days: list[int] = []
+    # days_of_month: a day that is not a business day moves to the previous or next business day.
+    roll: Literal["previous", "next"] = "previous"
+    # cron: "minute hour day month day-of-week", in `timezone`; every fire time is a deadline.
+    cron: str | None = None
+    # NOT_DROPPED / AT_RISK alerts this long before the deadline.
+    warn_before_minutes: float = Field(60.0, ge=0)
+
+    @field_validator("due", "early_close_due")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hhmm(v)
+        return v
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, v: list[int]) -> list[int]:
+        for d in v:
+            if not (1 <= d <= 31 or d == -1):
+                raise ValueError(f"{d} is not a day of the month (1..31, or -1 for the last day)")
+        return v
+
+
+_DOW_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _cron_weekdays(field: str) -> str:
+    """A crontab day-of-week field as APScheduler 3 day names.
+
+    APScheduler 3 numbers weekdays from Monday = 0 where crontab has Sunday = 0 (its issue 286,
+    kept for compatibility), so "1-5" would silently mean Tuesday to Saturday: numbers, ranges
+    and steps are expanded here with crontab's meaning and handed over as names.
+    """
+    if field == "*":
+        return field
+    days: set[int] = set()
+
+    def num(tok: str) -> int:
+        tok = tok.lower()
+        if tok[:3] in _DOW_NAMES and tok.isalpha():
+            return _DOW_NAMES.index(tok[:3])
+        if tok.isdigit() and 0 <= int(tok) <= 7:
+            return int(tok)  # 7 is Sunday too: taken modulo 7 below
+        raise ValueError(f"day of week {tok!r} is not 0-7 or a day name")
+
+    for part in field.split(","):
+        base, _, step_s = part.partition("/")
+        step = int(step_s) if step_s.isdigit() and int(step_s) > 0 else None
+        if step_s and step is None:
+            raise ValueError(f"bad step in day of week {part!r}")
+        if base == "*":
+            lo, hi = 0, 6
+        elif "-" in base:
+            lo_s, hi_s = base.split("-", 1)
+            lo, hi = num(lo_s), num(hi_s)
+            if hi < lo:
+                raise ValueError(f"day-of-week range {base!r} runs backwards")
+        else:
+            lo = hi = num(base)
+            if step is not None:
+                hi = 6
+        days.update(d % 7 for d in range(lo, hi + 1, step or 1))
+    return ",".join(_DOW_NAMES[d] for d in sorted(days))
+
+
+def cron_trigger(expr: str, tz: str):
+    """APScheduler's CronTrigger for a 5-field crontab line with crontab's meaning (ValueError
+    if it is not one). Day of month and day of week together are refused: crontab fires when
+    *either* matches, APScheduler only when both do."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError("must have 5 fields: minute hour day month day-of-week")
+    minute, hour, day, month, dow = fields
+    if day not in ("*", "?") and dow not in ("*", "?"):
+        raise ValueError("give a day of month or a day of week, not both (use two expectations)")
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=_cron_weekdays(dow),
+                       timezone=zoneinfo.ZoneInfo(tz))
+
+
+def _check_expectation(e: ExpectationSettings, where: str) -> None:
+    """Which keys each recurrence needs (and refuses), naming the key."""
+    if e.recurrence == "cron":
+        if not e.cron:
+            raise ConfigError(f"{where}.cron", "required with recurrence = 'cron'")
+        if e.due is not None:
+            raise ConfigError(f"{where}.due", "not used with recurrence = 'cron' (each fire time is the deadline)")
+        try:
+            cron_trigger(e.cron, e.timezone)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.cron", f"not a valid cron expression: {exc}") from None
+    else:
+        if e.due is None:
+            raise ConfigError(f"{where}.due", "required: the local due time, HH:MM")
+        if e.cron is not None:
+            raise ConfigError(f"{where}.cron", "only with recurrence = 'cron'")
+    needs_n = e.recurrence in ("month_end", "quarter_end")
+    if needs_n and e.business_days_after is None:
+        raise ConfigError(f"{where}.business_days_after", f"required with recurrence = {e.recurrence!r}")
+    if not needs_n and e.business_days_after is not None:
+        raise ConfigError(f"{where}.business_days_after", "only with recurrence = 'month_end' or 'quarter_end'")
+    if e.recurrence == "days_of_month" and not e.days:
+        raise ConfigError(f"{where}.days", "required with recurrence = 'days_of_month' (e.g. [15, -1])")
+    if e.recurrence != "days_of_month" and e.days:
+        raise ConfigError(f"{where}.days", "only with recurrence = 'days_of_month'")
+
+
 class RouteSettings(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     outbox: Path
@@ -206,7 +488,7 @@ class RouteSettings(_Strict):
     include: list[str] = ["*"]
     ignore: list[str] = DEFAULT_IGNORE
     # "stable": taken after close-after-write and stable_seconds without size/mtime change;
-    # "trigger": taken when NAME<trigger_suffix> appears beside NAME.
+    # "trigger": taken when NAME<trigger_suffix> appears beside NAME and NAME is stable as well.
     readiness: Literal["stable", "trigger"] = "stable"
     stable_seconds: float = Field(5.0, ge=0)
     trigger_suffix: str = ".done"
@@ -221,6 +503,8 @@ class RouteSettings(_Strict):
     # Files already in `out` when the agent first sees the route are downloaded too (True)
     # or only recorded (False).
     download_existing_feedback: bool = True
+    # Optional: when files may be sent; a file claimed outside waits QUEUED until it opens.
+    submission_window: SubmissionWindowSettings | None = None
 
     @field_validator("org", mode="before")
     @classmethod
@@ -261,6 +545,53 @@ class MetricsSettings(_Strict):
     listen: str = "127.0.0.1:9464"
 
 
+class WebSettings(_Strict):
+    """The read-only status web page (filex_agent/web)."""
+
+    enabled: bool = False
+    # Loopback by default. Any other address needs authentication and TLS (checked below).
+    listen: str = "127.0.0.1:8470"
+    # Authentication, either or both: a bearer token (also accepted as the password of HTTP Basic,
+    # with any user name, so a browser can sign in), or a password hash for HTTP Basic with
+    # `username` (make one with `python -m filex_agent.web.password`). Secret references.
+    token: SecretRef | None = None
+    password_hash: SecretRef | None = None
+    username: str = Field("compliance", min_length=1, pattern=r"^[^:]+$")
+    # TLS: PEM certificate (chain) and key files.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # How often an open page fetches fresh figures.
+    refresh_seconds: float = Field(5.0, ge=1, le=300)
+
+    @model_validator(mode="after")
+    def _safe(self) -> "WebSettings":
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError("web.listen", f"expected host:port (e.g. 127.0.0.1:8470), got {self.listen!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("web.tls_key" if self.tls_key is None else "web.tls_cert",
+                              "tls_cert and tls_key go together")
+        if self.enabled and not is_loopback(host):
+            if self.token is None and self.password_hash is None:
+                raise ConfigError("web.token", f"web.listen {self.listen} is not a loopback address: "
+                                  "set web.token or web.password_hash (authentication is required)")
+            if self.tls_cert is None:
+                raise ConfigError("web.tls_cert", f"web.listen {self.listen} is not a loopback address: "
+                                  "set web.tls_cert and web.tls_key (TLS is required)")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1); "0.0.0.0" is not."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
 class AuditSettings(_Strict):
     # Append-only, hash-chained JSON lines; default data_dir/audit.jsonl.
     path: Path | None = None
@@ -299,10 +630,12 @@ class Config(_Strict):
     s3: S3Settings = S3Settings()
     sftp: SftpSettings = SftpSettings()
     metrics: MetricsSettings = MetricsSettings()
+    web: WebSettings = WebSettings()
     audit: AuditSettings = AuditSettings()
     notify: NotifySettings = NotifySettings()
     credentials: dict[str, CredentialSettings] = {}
     routes: list[RouteSettings] = []
+    expectations: list[ExpectationSettings] = []
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -327,6 +660,15 @@ class Config(_Strict):
                 if t == "sftp" and not (cred.sftp_username and (cred.sftp_password or cred.sftp_private_key)):
                     raise ConfigError(f"credentials.{r.credential}",
                                       f"route {r.name!r} uses sftp: sftp_username and sftp_password or sftp_private_key are required")
+        expectation_names: set[str] = set()
+        for i, e in enumerate(self.expectations):
+            where = f"expectations[{i}]"
+            if e.name in expectation_names:
+                raise ConfigError(f"{where}.name", f"duplicate expectation name {e.name!r}")
+            expectation_names.add(e.name)
+            if e.route not in names:
+                raise ConfigError(f"{where}.route", f"no route named {e.route!r}")
+            _check_expectation(e, where)
         return self
 
     def route(self, name: str) -> RouteSettings:
@@ -334,6 +676,21 @@ class Config(_Strict):
             if r.name == name:
                 return r
         raise ConfigError("routes", f"no route named {name!r}")
+
+    @property
+    def file_perms(self) -> "FilePerms":
+        """Mode and group of the files the agent files (feedback, reasons, archived originals)."""
+        gid: int | None = None
+        if self.agent.file_group:
+            import grp
+
+            gid = grp.getgrnam(self.agent.file_group).gr_gid
+        else:
+            try:
+                gid = self.agent.data_dir.stat().st_gid
+            except OSError:
+                gid = None
+        return FilePerms(mode=int(self.agent.file_mode, 8), gid=gid)
 
     @property
     def journal_path(self) -> Path:
@@ -391,9 +748,10 @@ def _absolutise(cfg: Config, base: Path) -> Config:
     creds = {n: c.model_copy(update={"sftp_private_key": fix(c.sftp_private_key)}) for n, c in cfg.credentials.items()}
     sftp = cfg.sftp.model_copy(update={"known_hosts": fix(cfg.sftp.known_hosts)})
     audit = cfg.audit.model_copy(update={"path": fix(cfg.audit.path)})
+    web = cfg.web.model_copy(update={"tls_cert": fix(cfg.web.tls_cert), "tls_key": fix(cfg.web.tls_key)})
     notify = cfg.notify.model_copy(update={"smtp_ca_file": fix(cfg.notify.smtp_ca_file)})
     return cfg.model_copy(update={"agent": agent, "routes": routes, "credentials": creds, "sftp": sftp,
-                                  "audit": audit, "notify": notify})
+                                  "audit": audit, "notify": notify, "web": web})
 
 
 def load_config(path: Path | str) -> Config:

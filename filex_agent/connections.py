@@ -6,9 +6,10 @@ worker threads; transports are cheap views bound to one (org, application).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 
@@ -51,7 +52,9 @@ class Connections:
         self.verify = verify
         self.http: httpx.Client = make_http_client(net, verify=verify)
         self.retry = RetryPolicy(net.max_attempts, net.backoff_initial, net.backoff_max, on_retry=on_retry)
-        self.limiter = RateLimiter(net.rate_limit_per_second)
+        # One limiter for the fileX API host, shared by every credential and worker; a pause
+        # longer than backoff_max reschedules the work instead of holding a worker.
+        self.limiter = RateLimiter(net.rate_limit_per_second, max_wait=net.backoff_max)
         self._lock = threading.Lock()
         self._tokens: dict[str, object] = {}
         self._apis: dict[str, object] = {}
@@ -91,7 +94,7 @@ class Connections:
             if credential not in self._apis:
                 self._apis[credential] = FilexClient(
                     self.config.environment.api_base_url, tokens, http=self.http, retry=self.retry,
-                    limiter=self.limiter)
+                    limiter=self.limiter, allow_insecure=self.config.environment.allow_insecure)
             return self._apis[credential]
 
     def s3_tokens(self, credential: str):
@@ -115,7 +118,9 @@ class Connections:
                     password=resolve(c.sftp_password), private_key=c.sftp_private_key,
                     key_passphrase=resolve(c.sftp_key_passphrase), known_hosts=s.known_hosts,
                     host_key_fingerprints=list(s.host_key_fingerprints),
-                    auto_accept_host_key=s.auto_accept_host_key, keepalive_seconds=s.keepalive_seconds,
+                    auto_accept_host_key=s.auto_accept_host_key,
+                    tofu_known_hosts=self.config.agent.data_dir / "known_hosts" if s.auto_accept_host_key else None,
+                    keepalive_seconds=s.keepalive_seconds,
                     connect_timeout=self.config.network.connect_timeout, channels=s.connections)
             return self._sftp[credential]
 
@@ -171,6 +176,58 @@ class Connections:
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 log.debug("closing %r failed", shared, exc_info=True)
         self.http.close()
+
+
+class ConnectionLeases:
+    """Who still uses which ``Connections``: after a reload the old set is closed as soon as the
+    last upload (or cycle) that started under it ends, not kept open until the agent stops.
+
+    ``lock`` is held while the owner swaps its current set, so a lease never lands on a set that
+    has just been retired and closed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._users: dict[int, int] = {}  # id(Connections) -> leases
+        self._retired: dict[int, Connections] = {}
+
+    @contextlib.contextmanager
+    def lease(self, current: Callable[[], "Connections"]) -> Iterator["Connections"]:
+        with self.lock:
+            conns = current()
+            self._users[id(conns)] = self._users.get(id(conns), 0) + 1
+        try:
+            yield conns
+        finally:
+            with self.lock:
+                left = self._users[id(conns)] = self._users[id(conns)] - 1
+                if left == 0:
+                    del self._users[id(conns)]
+                done = self._retired.pop(id(conns)) if left == 0 and id(conns) in self._retired else None
+            if done is not None:
+                _close_quietly(done, "after its last upload")
+
+    def retire(self, conns: "Connections") -> None:
+        """``conns`` was replaced (the caller swapped it under ``lock``): close it once unused."""
+        with self.lock:
+            if self._users.get(id(conns)):
+                self._retired[id(conns)] = conns
+                return
+        _close_quietly(conns, "at once (nothing in flight used it)")
+
+    def close_retired(self) -> None:
+        """At stop: whatever is still retired is closed now (the grace period is over)."""
+        with self.lock:
+            retired, self._retired = list(self._retired.values()), {}
+        for conns in retired:
+            _close_quietly(conns, "at stop")
+
+
+def _close_quietly(conns: "Connections", when: str) -> None:
+    try:
+        conns.close()
+        log.info("connections of the previous configuration closed %s", when)
+    except Exception:  # noqa: BLE001 - closing is best effort
+        log.debug("closing connections failed", exc_info=True)
 
 
 class _Borrowed:

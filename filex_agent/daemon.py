@@ -17,9 +17,10 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from filex_agent.config import Config, RouteSettings
-from filex_agent.connections import Connections
+from filex_agent.connections import ConnectionLeases, Connections
 from filex_agent.errors import FilexError
 from filex_agent.feedback import FeedbackCollector
+from filex_agent.filing_calendar import hold_for_window
 from filex_agent.fsutil import cleanup_partials
 from filex_agent.hooks import Hooks, LoggingHooks, MultiHooks
 from filex_agent.leases import Heartbeat, new_owner, node_name, owner_is_dead_here
@@ -57,13 +58,15 @@ class Daemon:
         self._inflight: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._old_connections: list[Connections] = []
+        self._conn_leases = ConnectionLeases()  # old Connections close when their last upload ends
         self.started = False
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        from filex_agent.spool import check_spools
         from filex_agent.watcher import OutboxWatcher
 
+        check_spools(self.config)  # a spool a producer replaced (link, not ours): refuse to start
         self.recover()
         self.heartbeat.start()
         self.watcher = OutboxWatcher(self.config.routes, self._on_candidate,
@@ -115,11 +118,11 @@ class Daemon:
                         "evidence, never sent blindly again", grace)
             self._cut_off()
         self.heartbeat.stop()
-        for conns in [*self._old_connections, self.connections]:
-            try:
-                conns.close()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                log.debug("closing connections failed", exc_info=True)
+        self._conn_leases.close_retired()
+        try:
+            self.connections.close()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            log.debug("closing connections failed", exc_info=True)
         if finished:
             self.store.close()
         log.info("filex-agent stopped")
@@ -137,13 +140,15 @@ class Daemon:
         if self.watcher is not None:
             # First: it raises (new outbox cannot be created) before anything has changed.
             self.watcher.set_routes(list(config.routes))
-        old = self.connections
-        self.config = effective
-        self.connections = Connections(effective, on_retry=self.hooks.retry)
-        for part in (self.submitter, self.tracker, self.feedback):
-            part.config = effective
-            part.connections = self.connections
-        self._old_connections.append(old)  # closed at stop: uploads in flight may still use them
+        new = Connections(effective, on_retry=self.hooks.retry)
+        with self._conn_leases.lock:  # no upload can take the old set once this block ends
+            old = self.connections
+            self.config = effective
+            self.connections = new
+            for part in (self.submitter, self.tracker, self.feedback, self.reconciler):
+                part.config = effective
+                part.connections = new
+        self._conn_leases.retire(old)  # closed when the uploads that started under it have finished
         log.info("configuration reloaded: %d route(s)%s", len(config.routes),
                  f", {len(retired)} retired route(s) finishing their work" if retired else "")
 
@@ -218,7 +223,10 @@ class Daemon:
 
     def _upload(self, sub_id: int) -> None:
         try:
-            self.submitter.upload(sub_id)
+            if hold_for_window(self.config, self.store, sub_id):
+                return  # QUEUED until the route's submission window opens (filing_calendar)
+            with self._conn_leases.lease(lambda: self.connections):
+                self.submitter.upload(sub_id)
         except Exception:  # noqa: BLE001
             log.exception("submission %s: upload worker failed", sub_id)
         finally:
@@ -226,6 +234,10 @@ class Daemon:
                 self._inflight.pop(sub_id, None)
 
     def track_and_collect(self) -> None:
+        with self._conn_leases.lease(lambda: self.connections):
+            self._track_and_collect()
+
+    def _track_and_collect(self) -> None:
         for step in (self.rescue_expired, self._reconcile, self.tracker.poll, self.feedback.collect_all):
             if self._stopping.is_set():
                 return

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
+from zoneinfo import ZoneInfo
 
 from filex_agent.config import Config, SecretRef, load_config
 from filex_agent.errors import AuthError, ConfigError, FilexError, NotEntitledError, TransientError
@@ -78,6 +79,7 @@ class Doctor:
         self.check_folders(cfg)
         self.check_secrets(cfg)
         self.check_metrics(cfg)
+        self.check_calendar(cfg)
         # Fail fast on network calls: two attempts, short backoff.
         net = cfg.network.model_copy(update={"max_attempts": min(2, cfg.network.max_attempts),
                                              "backoff_initial": 0.2, "backoff_max": 1.0})
@@ -100,6 +102,23 @@ class Doctor:
         self._writable_dir("agent.data_dir", cfg.agent.data_dir)
         for r in cfg.routes:
             self._writable_dir(f"route {r.name} outbox", Path(r.outbox))
+            self._spool(r)
+
+    def _spool(self, route) -> None:  # noqa: ANN001
+        from filex_agent.spool import SpoolError, check_spool, spool_dir
+
+        if not Path(route.outbox).is_dir():
+            return  # created with the outbox
+        try:
+            check_spool(route)
+        except SpoolError as exc:
+            self.report(False, f"route {route.name} spool", str(exc).split(": ", 1)[1],
+                        f"inspect and remove {spool_dir(route)}; the agent recreates it")
+        except OSError as exc:
+            self.report(False, f"route {route.name} spool", f"{spool_dir(route)}: {exc.strerror}",
+                        "give the agent write access to the outbox")
+        else:
+            self.report(True, f"route {route.name} spool", f"{spool_dir(route)} is the agent's own, mode 0700")
 
     def _writable_dir(self, name: str, path: Path) -> None:
         """The agent creates missing folders, so a missing one is fine if it can be created."""
@@ -113,7 +132,7 @@ class Doctor:
             what = "is not writable" if probe == p else f"does not exist and {probe} is not writable"
             self.report(False, name, f"{p} {what} by {_user()}",
                         f"mkdir -p {p} && chown {_user()} {p} (an outbox also needs the producers' group: "
-                        "chgrp GROUP and chmod 2770); the agent moves files out of outboxes and writes "
+                        "chgrp GROUP and chmod 3770); the agent moves files out of outboxes and writes "
                         "its journal and archives")
         else:
             self.report(True, name, f"{p} {'is writable' if p.exists() else 'will be created'}")
@@ -163,6 +182,30 @@ class Doctor:
         loopback = host in ("127.0.0.1", "::1", "localhost")
         self.report(True, "metrics.listen", f"{host}:{port}" + ("" if loopback else
                                                                " (not loopback: protect it with a firewall)"))
+
+    def check_calendar(self, cfg: Config) -> None:
+        """Each expectation's next deadline, and that its route would take such files at all."""
+        from filex_agent.filing_calendar import Schedule, window_allows
+        from filex_agent.store import utcnow
+
+        now = utcnow()
+        for e in cfg.expectations:
+            name = f"expectation {e.name}"
+            route = cfg.route(e.route)
+            sample = e.pattern.replace("*", "x").replace("?", "x")
+            if "[" not in e.pattern and not route.wants(sample):
+                self.report(False, name, f"route {route.name} does not take files like {sample!r} "
+                                         "(its include/ignore patterns): this expectation could never be met",
+                            "fix the pattern, or the route's include/ignore")
+                continue
+            nxt = Schedule(e).next_deadline(now)
+            when = nxt.astimezone(ZoneInfo(e.timezone)).strftime("%Y-%m-%d %H:%M %Z") if nxt else "never"
+            self.report(True, name, f"{e.pattern!r} on {e.route}, next due {when} ({e.calendar} business days)")
+        for r in cfg.routes:
+            if r.submission_window is not None:
+                ok, opens, why = window_allows(r, now)
+                self.report(True, f"route {r.name} submission window",
+                            "open now" if ok else f"closed ({why}); opens {opens.isoformat() if opens else '?'}")
 
     # -- remote --------------------------------------------------------------------------------
     def check_tokens(self, cfg: Config, conns) -> set[str]:  # noqa: ANN001

@@ -9,36 +9,61 @@ from __future__ import annotations
 
 import errno
 import logging
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from filex_agent.config import Config, RouteSettings
 from filex_agent.errors import AuthError, FilexError, NotEntitledError, PermanentError
 from filex_agent.fsutil import atomic_writer, sanitize_remote_name
 from filex_agent.hooks import Hooks
-from filex_agent.store import Store, Submission
+from filex_agent.store import FeedbackAlreadyFiled, State, Store, Submission, feedback_instant, file_stem
 from filex_agent.transports import RemoteFile
 
 log = logging.getLogger(__name__)
 
 
-def link_submission(remote_name: str, subs: list[Submission]) -> Submission | None:
-    """The submission a feedback file belongs to: its tracking id, else its file stem, in the name.
+LINK_SKEW = timedelta(seconds=5)  # a listing's time is truncated to the second, and clocks differ
+MIN_STEM = 3  # a shorter stem ("a", "fb") would link feedback to unrelated files
 
-    The longest stem wins (``a.csv`` and ``a_v2.csv``), then the newest submission.
+
+def name_parts(remote_name: str) -> set[str]:
+    """Every part of a name that starts and ends at its edges or next to a character that is not
+    a letter or digit: the tracking id or file stem a feedback name may contain. Whole parts only,
+    so ``report_1`` is not found in ``report_12_fb.txt``."""
+    cuts = [i for i, c in enumerate(remote_name) if not c.isalnum()]
+    starts = [0, *(i + 1 for i in cuts)]
+    ends = [*cuts, len(remote_name)]
+    return {remote_name[a:b] for a in starts for b in ends if b - a >= MIN_STEM}
+
+
+def link_submission(remote_name: str, modified: datetime | None, candidates: list[Submission]) -> Submission | None:
+    """The submission a feedback file belongs to, among ``candidates`` (submissions that reached
+    fileX, see ``Store.feedback_candidates``):
+
+    1. the one whose tracking id is in the name;
+    2. else by file stem in the name, the longest stem (``a`` and ``a_v2``), and of those the one
+       uploaded most recently *before* the feedback file's time: yesterday's late feedback is not
+       given to today's resubmission of the same name, uploaded after it appeared.
     """
-    for sub in sorted(subs, key=lambda s: -s.id):
-        if sub.tracking_id and sub.tracking_id in remote_name:
-            return sub
-    best: Submission | None = None
-    for sub in sorted(subs, key=lambda s: -s.id):
-        stem = Path(sub.file_name).stem
-        if len(stem) >= 3 and stem in remote_name and (best is None or len(stem) > len(Path(best.file_name).stem)):
-            best = sub
-    return best
+    parts = name_parts(remote_name)
+    by_id = [s for s in candidates if s.tracking_id and s.tracking_id in parts]
+    if by_id:
+        return max(by_id, key=_upload_order)
+    by_stem = [s for s in candidates if file_stem(s.file_name) in parts and len(file_stem(s.file_name)) >= MIN_STEM]
+    if modified is not None:
+        by_stem = [s for s in by_stem if s.uploaded_at is None or s.uploaded_at <= modified + LINK_SKEW]
+    if not by_stem:
+        return None
+    longest = max(len(file_stem(s.file_name)) for s in by_stem)
+    return max((s for s in by_stem if len(file_stem(s.file_name)) == longest), key=_upload_order)
+
+
+def _upload_order(sub: Submission) -> tuple[datetime, int]:
+    return (sub.uploaded_at or datetime.min.replace(tzinfo=timezone.utc), sub.id)
 
 
 def _modified(f: RemoteFile) -> str | None:
-    return f.modified.isoformat() if f.modified else None
+    return feedback_instant(f.modified)  # the same key whichever transport listed the file
 
 
 def _key(f: RemoteFile) -> tuple[str, int | None, str | None]:
@@ -65,39 +90,57 @@ class FeedbackCollector:
             listing = transport.list_feedback()
             # One query for the whole route, whatever the size of the listing.
             filed, doubt = self.store.feedback_keys(route.name)
-            new = [f for f in listing if _key(f) not in filed]
+            # Each remote file once, even if the listing shows it twice.
+            new = list({_key(f): f for f in listing if _key(f) not in filed}.values())
             if not new:
                 return 0
-            subs = self.store.list(route=route.name)
-            first_time = (not subs and not filed and not doubt and not route.download_existing_feedback)
+            first_time = (not route.download_existing_feedback and not filed and not doubt
+                          and not self.store.count(list(State), route.name))
             n = 0
             for f in new:
-                if first_time:
-                    # Only record what was there before the agent ever submitted on this route.
-                    self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
-                    continue
                 try:
-                    n += self._download(route, transport, f, dest, subs, in_doubt=_key(f) in doubt)
-                except (AuthError, NotEntitledError):
-                    raise  # the route's credentials, not this file: the whole cycle stops here
-                except PermanentError as exc:
-                    # This file can never be fetched (e.g. a name fileX itself should not allow):
-                    # say so once and do not try again every cycle.
-                    log.error("route %s: feedback %r cannot be downloaded: %s; recorded as not downloadable",
-                              route.name, f.name, exc)
-                    self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
-                    self._flag(link_submission(f.name, subs), f"feedback {f.name!r} cannot be downloaded: {exc}")
-                except (FilexError, OSError) as exc:
-                    log.warning("route %s: feedback %r not downloaded yet: %s", route.name, f.name, _why(exc))
-                    self._flag(link_submission(f.name, subs), f"feedback {f.name!r} not downloaded yet: {_why(exc)}")
+                    n += self._one(route, transport, f, dest, first_time, in_doubt=_key(f) in doubt)
+                except FeedbackAlreadyFiled as exc:
+                    # Filed meanwhile (by another process on this journal): nothing more to do;
+                    # the key is in the journal, so it is not listed as new again.
+                    log.warning("route %s: %s; not filed a second time", route.name, exc)
             return n
+
+    def _one(self, route: RouteSettings, transport, f: RemoteFile, dest: Path, first_time: bool,
+             in_doubt: bool) -> int:
+        if first_time:
+            # Only record what was there before the agent ever submitted on this route.
+            self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
+            return 0
+        try:
+            return self._download(route, transport, f, dest, in_doubt=in_doubt)
+        except (AuthError, NotEntitledError):
+            raise  # the route's credentials, not this file: the whole cycle stops here
+        except PermanentError as exc:
+            # This file can never be fetched (e.g. a name fileX itself should not allow):
+            # say so once and do not try again every cycle.
+            log.error("route %s: feedback %r cannot be downloaded: %s; recorded as not downloadable",
+                      route.name, f.name, exc)
+            self.store.record_feedback(route.name, f.name, f.size, _modified(f), None, None)
+            self._flag(self.link(route, f), f"feedback {f.name!r} cannot be downloaded: {exc}")
+        except (FilexError, OSError) as exc:
+            log.warning("route %s: feedback %r not downloaded yet: %s", route.name, f.name, _why(exc))
+            self._flag(self.link(route, f), f"feedback {f.name!r} not downloaded yet: {_why(exc)}")
+        return 0
 
     def _flag(self, sub: Submission | None, text: str) -> None:
         if sub is not None and self.store.get(sub.id).flag != text:
             self.hooks.submission_changed(self.store.update(sub.id, flag=text), "flagged")
 
-    def _download(self, route: RouteSettings, transport, f: RemoteFile, dest: Path, subs: list[Submission],
-                  in_doubt: bool = False) -> int:
+    def link(self, route: RouteSettings, f: RemoteFile) -> Submission | None:
+        """The submission ``f`` belongs to: looked up by the parts of its name, not by reading
+        the route's history."""
+        modified = f.modified
+        if modified is not None and modified.tzinfo is None:
+            modified = modified.replace(tzinfo=timezone.utc)
+        return link_submission(f.name, modified, self.store.feedback_candidates(route.name, name_parts(f.name)))
+
+    def _download(self, route: RouteSettings, transport, f: RemoteFile, dest: Path, in_doubt: bool = False) -> int:
         local_name = sanitize_remote_name(f.name)
         if local_name != f.name:
             log.warning("route %s: feedback name %r is not a safe local name; filed as %r", route.name, f.name,
@@ -107,11 +150,17 @@ class FeedbackCollector:
             # row "in doubt", and the next download then reuses an identical file instead of
             # filing a second copy.
             self.store.begin_feedback(route.name, f.name, f.size, _modified(f))
-        with atomic_writer(dest, local_name, reuse_identical=in_doubt) as (out, result):
+        with atomic_writer(dest, local_name, reuse_identical=in_doubt,
+                           perms=self.config.file_perms) as (out, result):
             transport.download_feedback(f.name, out)
         path = result[0]
-        sub = link_submission(f.name, subs)
-        self.store.record_feedback(route.name, f.name, f.size, _modified(f), str(path), sub.id if sub else None)
+        sub = self.link(route, f)
+        try:
+            self.store.record_feedback(route.name, f.name, f.size, _modified(f), str(path), sub.id if sub else None)
+        except FeedbackAlreadyFiled as exc:
+            if not in_doubt and exc.local_path != str(path):
+                path.unlink(missing_ok=True)  # made just now (no reuse): it would be a second copy
+            raise
         log.info("route %s: feedback %s filed as %s%s", route.name, f.name, path,
                  f" (submission {sub.id})" if sub else "")
         if sub is not None:

@@ -17,7 +17,10 @@ import tempfile
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
+
+if TYPE_CHECKING:
+    from filex_agent.config import FilePerms
 
 from filex_agent.localfile import LocalFile
 
@@ -40,6 +43,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def apply_perms(target: int | Path, perms: "FilePerms | None") -> None:
+    """Give a filed file the configured mode and group (fd or path, never following a link).
+    A file the agent does not own (and cannot chown, not being root) keeps what it has."""
+    if perms is None:
+        return
+    if isinstance(target, int):
+        fd = target
+    else:
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # a link moved aside (never followed), or gone
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        try:
+            if perms.gid is not None and st.st_gid != perms.gid:
+                os.fchown(fd, -1, perms.gid)
+            if stat.S_IMODE(st.st_mode) != perms.mode:
+                os.fchmod(fd, perms.mode)
+        except PermissionError:
+            pass  # another user's file, or a group the agent is not in: left as it is
+    finally:
+        if not isinstance(target, int):
+            os.close(fd)
 
 
 def _candidates(dest_dir: Path, name: str) -> Iterator[Path]:
@@ -98,55 +129,114 @@ def _link_free(src: Path, dest_dir: Path, name: str) -> Path:
     raise AssertionError("unreachable")
 
 
+MOVE_MARK = ".filex-move-"  # a cross-filesystem move's copy, named after its source (see _copy_free)
+
+
 def move_no_clobber(src: Path, dest_dir: Path, name: str | None = None) -> Path:
     """Move src into dest_dir (as ``name``), never overwriting: ``a.txt`` → ``a~1.txt``.
 
-    Same filesystem: link + unlink (atomic, no overwrite). Across filesystems: copy to a
-    temporary name, fsync, link under the final name, then remove the source.
-    Symlinks are moved as links (never followed).
+    Same filesystem: link + unlink (the link fails rather than overwrite). Across filesystems
+    (or where the link is refused): copy + fsync + link + unlink, see ``_copy_free``. Symbolic
+    links are moved as links, never followed. Crash-safe: calling it again after a crash at any
+    step finishes the same move, with neither a second copy nor a lost one.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     name = name or src.name
-    done = _already_linked(src, dest_dir, name)
-    if done is not None:
-        # Interrupted earlier after the link: finishing means dropping the source name only.
-        os.unlink(src)
-        fsync_dir(dest_dir)
-        return done
-    if src.is_symlink():
-        for cand in _candidates(dest_dir, name):
-            if not os.path.lexists(cand):
-                os.rename(src, cand)  # renames the link itself
-                return cand
-    try:
-        final = _link_free(src, dest_dir, name)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
-            raise
-        fd, tmp = tempfile.mkstemp(prefix=".filex-move-", dir=dest_dir)
+    marker: Path | None = None
+    final = _already_linked(src, dest_dir, name)  # interrupted earlier after the link
+    if final is None:
         try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            shutil.copystat(src, tmp)
-            final = _link_free(Path(tmp), dest_dir, name)
-        finally:
-            os.unlink(tmp)
+            final = _link_free(src, dest_dir, name)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                raise
+            final, marker = _copy_free(src, dest_dir, name)
+    fsync_dir(dest_dir)  # the new name is on disk before the old one goes
     os.unlink(src)
-    fsync_dir(dest_dir)
+    fsync_dir(src.parent)
+    if marker is not None:
+        os.unlink(marker)
+        fsync_dir(dest_dir)
     return final
 
 
+def _move_marker(dest_dir: Path, st: os.stat_result) -> Path:
+    return dest_dir / f"{MOVE_MARK}{st.st_dev:x}-{st.st_ino:x}"
+
+
+def _copy_free(src: Path, dest_dir: Path, name: str) -> tuple[Path, Path]:
+    """Copy src into dest_dir under a free name; returns (final name, marker).
+
+    The copy is made under a marker name derived from the source's identity (device, inode),
+    fsynced, then hard-linked under the final name; the caller unlinks the source, then the
+    marker. So after a crash the marker tells the next attempt what it had done: absent or not
+    linked yet, the copy is redone; linked, the final name is found by its inode and only the
+    source (and the marker) remain to be removed. Never a second copy, never a lost one.
+    """
+    st = os.lstat(src)
+    marker = _move_marker(dest_dir, st)
+    final = _resumable(src, marker, dest_dir, name)
+    if final is not None:
+        return final, marker
+    if os.path.lexists(marker):
+        os.unlink(marker)  # a copy cut short (or a stale one): start again
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), marker)  # the link itself, never its target
+    else:
+        with open(marker, "xb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+    try:
+        shutil.copystat(src, marker, follow_symlinks=False)
+    except (NotImplementedError, OSError):  # lutimes/lchmod missing: times are not essential
+        pass
+    return _link_free(marker, dest_dir, name), marker
+
+
+def _same_content(src: Path, copy: Path) -> bool:
+    a, b = os.lstat(src), os.lstat(copy)
+    if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode):
+        return False
+    if stat.S_ISLNK(a.st_mode):
+        return os.readlink(src) == os.readlink(copy)
+    return a.st_size == b.st_size and sha256_file(src) == sha256_file(copy)
+
+
+def _resumable(src: Path, marker: Path, dest_dir: Path, name: str) -> Path | None:
+    """The final name an interrupted copy of src was already linked under, if any."""
+    try:
+        if not _same_content(src, marker):
+            return None
+    except OSError:  # no marker: nothing was begun
+        return None
+    return _already_linked(marker, dest_dir, name)
+
+
+def forget_move_marker(final: Path) -> None:
+    """Drop the marker a crash left after the source of a copy-move was already gone (the
+    move is complete: the marker is only a second name of ``final``)."""
+    try:
+        st = os.lstat(final)
+    except OSError:
+        return
+    if st.st_nlink < 2:
+        return
+    for m in final.parent.glob(MOVE_MARK + "*"):
+        if _same_inode(m, final):
+            os.unlink(m)
+
+
 @contextmanager
-def atomic_writer(dest_dir: Path, name: str, *, reuse_identical: bool = False) -> Iterator[tuple[BinaryIO, list[Path]]]:
+def atomic_writer(dest_dir: Path, name: str, *, reuse_identical: bool = False,
+                  perms: "FilePerms | None" = None) -> Iterator[tuple[BinaryIO, list[Path]]]:
     """Write into a temporary file in dest_dir; on success fsync and link it under a free
     name (never overwriting). Yields (file, result) — result[0] is the final path afterwards.
     On any error the temporary file is removed and nothing appears under the final name.
 
     ``reuse_identical``: if ``name`` (or a ``~N`` variant) already holds exactly these bytes,
     that file is the result and no second copy is linked (redoing a write a crash may have
-    completed)."""
+    completed). ``perms``: mode and group of the file (else mkstemp's 0600)."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".filex-partial-", dir=dest_dir)
     result: list[Path] = []
@@ -154,6 +244,7 @@ def atomic_writer(dest_dir: Path, name: str, *, reuse_identical: bool = False) -
         with os.fdopen(fd, "wb") as f:
             yield f, result
             f.flush()
+            apply_perms(f.fileno(), perms)
             os.fsync(f.fileno())
         same = None
         if reuse_identical:
@@ -168,11 +259,12 @@ def atomic_writer(dest_dir: Path, name: str, *, reuse_identical: bool = False) -
 
 
 def cleanup_partials(dest_dir: Path) -> int:
-    """Remove temporary files left by a crash mid-write."""
+    """Remove temporary files left by a crash mid-write (not a move's marker: the move that
+    made it finishes or redoes it, see ``_copy_free``)."""
     n = 0
     if dest_dir.is_dir():
         for p in dest_dir.glob(".filex-*"):
-            if p.is_file():
+            if p.is_file() and not p.name.startswith(MOVE_MARK):
                 p.unlink(missing_ok=True)
                 n += 1
     return n
@@ -197,8 +289,10 @@ def sanitize_remote_name(name: str) -> str:
     return name or "feedback"
 
 
-def write_reason(dest: Path, reason: str) -> Path:
-    """``NAME.reason.txt`` beside a file moved aside (never overwriting)."""
-    with atomic_writer(dest.parent, dest.name + ".reason.txt") as (f, result):
-        f.write((reason.rstrip() + "\n").encode("utf-8"))
+def write_reason(dest: Path, reason: str, perms: "FilePerms | None" = None) -> Path:
+    """``NAME.reason.txt`` beside a file moved aside (never overwriting), secrets redacted."""
+    from filex_agent.logging_setup import redact
+
+    with atomic_writer(dest.parent, dest.name + ".reason.txt", perms=perms) as (f, result):
+        f.write((redact(reason).rstrip() + "\n").encode("utf-8"))
     return result[0]

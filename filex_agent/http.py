@@ -271,11 +271,16 @@ class RetryPolicy:
 # --------------------------------------------------------------------------- rate limit
 
 class RateLimiter:
-    """Thread-safe token bucket. ``burst`` defaults to 1: requests evenly spaced at ``rate``/s,
-    so no one-second window ever sees more than ``rate`` (+1) requests."""
+    """Thread-safe token bucket for one host. ``burst`` defaults to 1: requests evenly spaced at
+    ``rate``/s, so no one-second window ever sees more than ``rate`` (+1) requests.
+
+    FINRA's limit is per IP: a ``Retry-After`` seen by one request (``pause``) holds every request
+    through this limiter until it has passed, not only the refused one. A pause longer than
+    ``max_wait`` is not slept out: ``acquire`` raises a TransientError carrying the remaining
+    time, so the caller reschedules instead of blocking a worker."""
 
     def __init__(self, rate: float, burst: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, max_wait: float = float("inf")):
         if rate <= 0:
             raise ValueError("rate must be > 0")
         self.rate = float(rate)
@@ -285,6 +290,16 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._tokens = float(self.burst)
         self._last = clock()
+        self.max_wait = max_wait
+        self._paused_until = float("-inf")
+
+    def pause(self, seconds: float) -> None:
+        """The host said Retry-After: no request through this limiter before ``seconds`` from now."""
+        with self._lock:
+            until = self._clock() + max(0.0, seconds)
+            if until > self._paused_until:
+                self._paused_until = until
+                log.warning("fileX asked to wait %.1fs (Retry-After): every request to it waits", seconds)
 
     def acquire(self) -> None:
         with self._lock:
@@ -296,6 +311,16 @@ class RateLimiter:
             wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
         if wait > 0:
             self._sleep(wait)
+        # A pause may have begun while this request waited for its slot: checked after, too.
+        while True:
+            with self._lock:
+                remaining = self._paused_until - self._clock()
+            if remaining <= 0:
+                return
+            if remaining > self.max_wait:
+                raise HttpTransientError(f"fileX asked every client to wait {remaining:.0f}s more (Retry-After)",
+                                         status=429, retry_after=remaining)
+            self._sleep(remaining)
 
 
 # --------------------------------------------------------------------------- client

@@ -100,15 +100,15 @@ def redact(text: str) -> str:
     return text
 
 
-def _redact_value(value: Any) -> Any:
-    """Redact inside extra fields; keys that name secrets lose their value entirely."""
+def redact_value(value: Any) -> Any:
+    """Redact inside any value (log fields, audit records); keys that name secrets lose their value."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: (MASK if isinstance(k, str) and re.fullmatch(_KEY, k, re.I) else _redact_value(v))
+        return {k: (MASK if isinstance(k, str) and re.fullmatch(_KEY, k, re.I) else redact_value(v))
                 for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_redact_value(v) for v in value]
+        return [redact_value(v) for v in value]
     if isinstance(value, (int, float, bool)) or value is None:
         return value
     return redact(str(value))
@@ -144,7 +144,7 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
         for key, value in extra_fields(record).items():
-            setattr(record, key, _redact_value(value))
+            setattr(record, key, redact_value(value))
         record._filex_redacted = True
         return True
 
@@ -153,24 +153,45 @@ def _iso(created: float) -> str:
     return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Control characters (newlines, CR, ANSI escapes, NEL) and the Unicode line/paragraph separators:
+# in a name taken from an outbox or from fileX's `out` they would forge or hide log lines.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group(0)
+    return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: every control character is shown as an escape (``\\n``, ``\\x1b``)."""
+    return _CONTROL_RE.sub(_escape_char, text)
+
+
 class TextFormatter(logging.Formatter):
-    """``2025-01-01T12:00:00.000Z INFO filex_agent.x: message key=value``"""
+    """``2025-01-01T12:00:00.000Z INFO filex_agent.x: message key=value``
+
+    One record is one line: control characters in the message and fields are escaped. A
+    traceback keeps its line breaks but every line of it is indented, so no part of it can
+    pass for a record of its own."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_iso(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{_iso(record.created)} {record.levelname} {record.name}: {escape_controls(record.getMessage())}"
         extras = extra_fields(record)
         if extras:
-            line += " " + " ".join(f"{k}={_compact(v)}" for k, v in extras.items())
-        if record.exc_text:
-            line += "\n" + record.exc_text
-        if record.stack_info:
-            line += "\n" + record.stack_info
+            line += " " + " ".join(f"{escape_controls(k)}={_compact(v)}" for k, v in extras.items())
+        for block in (record.exc_text, record.stack_info):
+            if block:
+                line += "\n" + "\n".join("  " + escape_controls(part) if part.strip() else part
+                                          for part in block.split("\n"))
         return line
 
 
 def _compact(value: Any) -> str:
     if isinstance(value, str):
-        return value if value and not any(c.isspace() for c in value) else json.dumps(value)
+        return value if value and not any(c.isspace() for c in value) and not _CONTROL_RE.search(value) \
+            else json.dumps(value)
     return json.dumps(value, default=str, separators=(",", ":"))
 
 

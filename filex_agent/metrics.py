@@ -21,7 +21,7 @@ OUTCOMES = ("submitted", "accepted", "rejected", "partially_rejected", "failed",
 # Uploads range from a few KB (seconds) to 5 GB (tens of minutes).
 _UPLOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 # Drop to submitted includes stability wait and queueing: seconds to hours.
-_LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 
 
 class Metrics:
@@ -37,7 +37,7 @@ class Metrics:
             buckets=_UPLOAD_BUCKETS, registry=r)
         self.drop_to_submitted_seconds = Histogram(
             "filex_drop_to_submitted_seconds", "From file detected in the outbox to upload complete",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("filex_queue_depth", "Files waiting to be uploaded", ["route"], registry=r)
         self.retries_total = Counter("filex_retries_total", "Retried operations", ["operation"], registry=r)
         self.token_refreshes_total = Counter(
@@ -45,6 +45,12 @@ class Metrics:
         self.last_tracking_poll_success = Gauge(
             "filex_last_tracking_poll_success_timestamp_seconds",
             "Unix time of the last successful tracking poll", registry=r)
+        self.calendar_occurrences = Gauge(
+            "filex_calendar_occurrences", "Filing-calendar occurrences open or under way, by state",
+            ["expectation", "state"], registry=r)
+        self.calendar_next_deadline = Gauge(
+            "filex_calendar_next_deadline_timestamp_seconds", "Unix time of the next deadline of an expectation",
+            ["expectation"], registry=r)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None

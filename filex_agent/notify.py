@@ -31,11 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tenacity import (RetryCallState, Retrying, retry_if_exception, stop_after_attempt,
                       wait_exponential_jitter)
 
-from filex_agent.logging_setup import register_secret
+from filex_agent.logging_setup import escape_controls, redact, register_secret
 
 log = logging.getLogger(__name__)
 
-KINDS = ("REJECTED", "PARTIALLY_REJECTED", "FAILED", "STUCK", "ROUTE_DOWN")
+KINDS = ("REJECTED", "PARTIALLY_REJECTED", "FAILED", "STUCK", "ROUTE_DOWN",
+         # the filing calendar (filex_agent/filing_calendar.py)
+         "NOT_DROPPED", "AT_RISK", "REJECTED_BEFORE_DUE", "MISSED")
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 300.0  # a server asking for longer is treated as "give up for now"
 
@@ -53,6 +55,12 @@ class Notification:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown notification kind {self.kind!r}; one of {', '.join(KINDS)}")
+        # The text quotes failure reasons (exception messages): scrubbed like a log line. The
+        # subject and file name become a mail header: one line, whatever the file was called.
+        self.text = redact(self.text)
+        self.subject = escape_controls(redact(self.subject))
+        self.file = None if self.file is None else escape_controls(self.file)
+        self.feedback = [redact(p) for p in self.feedback]
 
     def render(self) -> str:
         """Plain-text body: what happened, to which file, where its feedback is."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from filex_agent.audit import AuditLog
 from filex_agent.config import Config
+from filex_agent.filing_calendar import WINDOW_REASON
 from filex_agent.hooks import Hooks
 from filex_agent.metrics import Metrics
 from filex_agent.notify import Notification, Notifier
@@ -268,6 +269,10 @@ class NotifyHooks(Hooks):
     ``feedback_wait_seconds`` without one (``flush_due``, called every few seconds by the
     service), so the alert says where the feedback is whenever FINRA provides it promptly and
     is never held back for long when it does not.
+
+    The wait survives a restart: each alert is journaled as sent (``Store.mark_alerted``) just
+    before it goes to the notifier, and ``resume()`` at start takes up every REJECTED row whose
+    alert was not, so an alert is neither lost by a kill while it waits nor sent twice.
     """
 
     def __init__(self, notifier: Notifier, store: Store, config: Config,
@@ -299,6 +304,25 @@ class NotifyHooks(Hooks):
             if due:
                 self._send(self.store.get(sub.id))
 
+    def resume(self) -> int:
+        """At start: the REJECTED / PARTIALLY_REJECTED alerts a stop or crash left waiting, from the
+        journal. Sent now if their feedback is filed, else they wait out the rest of their time
+        (from the final status), and at least one tracking poll for the feedback cycle to run."""
+        n = 0
+        now = utcnow()
+        for sub in self.store.unalerted([State.REJECTED, State.PARTIALLY_REJECTED]):
+            if any(f.local_path for f in self.store.feedback_for(sub.id)):
+                self._send(sub)
+            else:
+                waited = (now - sub.final_at).total_seconds() if sub.final_at else 0.0
+                left = max(self.feedback_wait - waited, self.config.tracking.poll_interval_seconds)
+                with self._lock:
+                    self._pending.setdefault(sub.id, self._clock() + left)
+            n += 1
+        if n:
+            log.info("%d REJECTED alert(s) taken up from the journal", n)
+        return n
+
     def flush_due(self, force: bool = False) -> int:
         """Send the REJECTED alerts whose feedback did not come in time (all with ``force``,
         at shutdown: an alert is never left unsent); returns how many."""
@@ -323,6 +347,8 @@ class NotifyHooks(Hooks):
 
     def _send(self, sub: Submission) -> None:
         kind = sub.state.value
+        if not self.store.mark_alerted(sub.id, kind):
+            return  # sent already (before a restart, or by a concurrent caller)
         feedback = [f.local_path for f in self.store.feedback_for(sub.id) if f.local_path]
         where = f"org {sub.org}, application {sub.application}, route {sub.route}, via {sub.transport}"
         if kind == "FAILED":
@@ -436,8 +462,8 @@ class ProblemChecks(Hooks):
         limit = timedelta(minutes=minutes)
         waiting: dict[str, list[tuple[datetime, Submission]]] = {}
         for sub in self.store.list([State.QUEUED]):
-            if not sub.reason or sub.attempts == 0:
-                continue  # queued for the first time, or released: not a failure
+            if not sub.reason or sub.attempts == 0 or sub.reason.startswith(WINDOW_REASON):
+                continue  # queued for the first time, released, or waiting for its window: not a failure
             waiting.setdefault(sub.route, []).append((self._failing_since(sub), sub))
         for route, subs in waiting.items():
             since = min(t for t, _ in subs)

@@ -21,7 +21,8 @@ from types import FrameType
 from filex_agent import sdnotify
 from filex_agent.audit import AuditLog
 from filex_agent.config import Config, NotifySettings, load_config
-from filex_agent.errors import FilexError
+from filex_agent.errors import ConfigError, FilexError
+from filex_agent.filing_calendar import CalendarWatch
 from filex_agent.hooks import MultiHooks
 from filex_agent.logging_setup import configure_logging, register_secret
 from filex_agent.metrics import Metrics, parse_listen
@@ -77,9 +78,13 @@ class Service:
         self.metrics_hooks = MetricsHooks(self.metrics, self.store)
         self.notify_hooks = NotifyHooks(self.notifier, self.store, cfg)
         self.checks = ProblemChecks(cfg, self.store, self.notifier)
+        self.calendar = CalendarWatch(cfg, self.store, self.notifier, self.metrics, on_change=self._audit_occurrence)
         self.daemon = Daemon(cfg, store=self.store, exclusive=exclusive, hooks=MultiHooks(
             self.audit_hooks, self.metrics_hooks, self.notify_hooks, self.checks))
         self.watchdog = sdnotify.Watchdog()
+        self.web = None  # the status page (filex_agent/web), when [web] enables it
+        # Its secrets are resolved now: a missing one stops the start (exit 2), like [notify]'s.
+        self._web_auth = _web_authenticator(cfg) if cfg.web.enabled else None
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
@@ -112,6 +117,27 @@ class Service:
                      + (" (failing)" if self.metrics_hooks.last_poll_failed else ""))
         return ", ".join(parts)
 
+    def start_web(self) -> str | None:
+        """Start the status page if [web] enables it (once); its URL, or None. A port in use is
+        logged, not fatal: filings matter more than the page."""
+        if not self.cfg.web.enabled:
+            return None
+        if self.web is None:
+            from filex_agent.web.app import Sources
+            from filex_agent.web.server import WebServer
+
+            web = WebServer(self.cfg.web, Sources(self.store, lambda: self.cfg,
+                                                  last_poll=lambda: self.metrics_hooks.last_poll,
+                                                  active_problems=lambda: self.checks.active),
+                            auth=self._web_auth)
+            try:
+                web.start()
+            except OSError as exc:
+                log.error("status page on %s not started: %s", self.cfg.web.listen, exc)
+                return None
+            self.web = web
+        return self.web.url
+
     # -- signals -----------------------------------------------------------------------------
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
         self._signals += 1
@@ -138,15 +164,22 @@ class Service:
             except (OSError, ValueError) as exc:
                 # Filings matter more than metrics: keep running, loudly.
                 log.error("metrics server on %s not started: %s", self.cfg.metrics.listen, exc)
+        self.start_web()
         try:
             self.daemon.start()
+        except ConfigError as exc:  # e.g. a spool a producer replaced: the operator must look
+            log.error("start-up refused: %s", exc)
+            self._shutdown()
+            return 2
         except Exception:
             log.exception("start-up failed")
             self._shutdown()
             return 1
         self._audit_event("agent.started", routes=[r.name for r in self.cfg.routes], pid=os.getpid())
+        self._guard(self.notify_hooks.resume)
         self._sweep()
         self.metrics_hooks.refresh(r.name for r in self.cfg.routes)
+        self._guard(self.calendar.run)
         sdnotify.ready(self.status_line())
         self.watchdog.start(self.alive)
         last_status = last_check = time.monotonic()
@@ -177,8 +210,9 @@ class Service:
         return 0
 
     def periodic(self) -> None:
-        """Every minute: problem checks, token counters, queue gauges, audit catch-up."""
+        """Every minute: problem checks, filing calendar, token counters, queue gauges, audit catch-up."""
         self.checks.run()
+        self._guard(self.calendar.run)
         self.metrics_hooks.poll_token_refreshes(self.daemon.connections)
         self.metrics_hooks.refresh(r.name for r in self.daemon.config.routes)
         self._sweep()
@@ -200,6 +234,11 @@ class Service:
         except Exception:  # noqa: BLE001 - housekeeping must not stop the service
             log.exception("%s failed", getattr(fn, "__name__", fn))
 
+    def _audit_occurrence(self, occ, previous: str | None) -> None:  # noqa: ANN001 - an Occurrence
+        self._audit_event("calendar.occurrence", expectation=occ.expectation, period=occ.label,
+                          deadline=occ.deadline.isoformat(), route=occ.route, state=occ.state, previous=previous,
+                          on_time=occ.on_time, submission_id=occ.submission_id, verdict=occ.verdict)
+
     def _audit_event(self, event: str, **fields: object) -> None:
         try:
             self.audit.append(event, **fields)
@@ -209,6 +248,8 @@ class Service:
     def _shutdown(self) -> bool:
         """False when uploads were cut off at the end of the grace (the journal has them)."""
         self.watchdog.stop()
+        if self.web is not None:
+            self.web.stop()  # before the journal closes
         self._guard(lambda: self.notify_hooks.flush_due(force=True))
         clean = self.daemon.stop()  # also closes the journal
         self._audit_event("agent.stopped", pid=os.getpid(), clean=bool(clean))
@@ -261,15 +302,17 @@ class Service:
             return False
         self.cfg = new
         self.notify_hooks.config = new
-        self.checks.config = new
+        self.checks.config = self.calendar.config = new
         if notifier is not None:
             old_notifier, self.notifier = self.notifier, notifier
-            self.notify_hooks.notifier = self.checks.notifier = notifier
+            self.notify_hooks.notifier = self.checks.notifier = self.calendar.notifier = notifier
             old_notifier.stop(timeout=5)
         if (new.agent.log_level, new.agent.log_format) != (old.agent.log_level, old.agent.log_format):
             _configure_logging(new)
         if new.metrics != old.metrics:
             log.warning("[metrics] changed: it applies at the next restart")
+        if new.web != old.web:
+            log.warning("[web] changed: it applies at the next restart")
         self.metrics_hooks.refresh(r.name for r in new.routes)
         added = sorted({r.name for r in new.routes} - {r.name for r in old.routes})
         removed = sorted({r.name for r in old.routes} - {r.name for r in new.routes})
@@ -279,10 +322,20 @@ class Service:
         return True
 
 
+def prepare_service(cfg: Config, config_path: Path | None) -> Service:
+    _configure_logging(cfg)
+    return Service(cfg, config_path)
+
+
 def run_service(cfg: Config, config_path: Path | None) -> int:
     """What `filex-agent run` does; returns the exit code."""
-    _configure_logging(cfg)
-    return Service(cfg, config_path).run()
+    return prepare_service(cfg, config_path).run()
+
+
+def _web_authenticator(cfg: Config):  # noqa: ANN202
+    from filex_agent.web.server import authenticator
+
+    return authenticator(cfg.web)
 
 
 def _configure_logging(cfg: Config) -> None:

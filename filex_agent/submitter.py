@@ -24,23 +24,19 @@ from filex_agent.errors import (
     TransientError,
     UploadUnconfirmed,
 )
-from filex_agent.fsutil import move_no_clobber, sha256_file, write_reason
+from filex_agent.fsutil import apply_perms, forget_move_marker, move_no_clobber, sha256_file, write_reason
 from filex_agent.localfile import LocalFile
 from filex_agent.hooks import Hooks
 from filex_agent.leases import new_owner
 from filex_agent.reconciler import unconfirmed_flag
+from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
 from filex_agent.store import Attempt, Outcome, StaleEpoch, State, StateConflict, Store, Submission, utcnow
 
 log = logging.getLogger(__name__)
 
-SPOOL = ".filex-agent"  # inside the outbox: same filesystem, so the claim is an atomic rename
 MAX_UNEXPECTED = 3  # unexpected (non-classified) errors before a file is failed, not retried forever
 MAX_TOKEN_REFUSALS = 6  # fresh tokens refused by fileX before a file is failed
 _RELEASE = {"owner": None, "lease_until": None}  # fields that end a worker's ownership
-
-
-def spool_dir(route: RouteSettings) -> Path:
-    return Path(route.outbox) / SPOOL
 
 
 class Submitter:
@@ -59,8 +55,15 @@ class Submitter:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
+            _consume(trigger)  # vanished: its trigger must not release the next file of that name
             return None
         if stat_mod.S_ISDIR(st.st_mode):
+            return None
+        try:
+            check_spool(route)
+        except SpoolError as exc:
+            # Not the file's fault: it stays in the outbox, and is taken once the spool is fixed.
+            log.error("%s; %s stays in the outbox", exc, path.name)
             return None
         sub = self.store.create(route=route.name, org=route.org, application=route.application,
                                 transport=route.transports[0], file_name=path.name, source_path=str(path),
@@ -71,6 +74,11 @@ class Submitter:
         """Second half of a claim (also used by recovery): refuse links, rename into the spool."""
         route = self.config.route(sub.route)
         path = Path(sub.source_path)
+        if trigger is None and route.readiness == "trigger":
+            trigger = path.with_name(path.name + route.trigger_suffix)  # recovery finishing a claim
+        # Consumed first, on every path that takes the file (claimed, refused, vanished): a trigger
+        # left behind would release the next file of that name while it is being written.
+        _consume(trigger)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -83,15 +91,14 @@ class Submitter:
         if not stat_mod.S_ISREG(st.st_mode):
             return self._fail(sub, path, f"refused: {path.name} is not a regular file")
         target = spool_dir(route) / str(sub.id) / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
         sub = self.store.update(sub.id, local_path=str(target))
         try:
-            os.rename(path, target)
+            problem = claim_into_spool(route, sub.id, path)
         except FileNotFoundError:
             return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
                                          reason="the file disappeared from the outbox before it was claimed; nothing was sent")
-        if trigger is not None:
-            trigger.unlink(missing_ok=True)
+        if problem:
+            return self._fail(sub, target, problem)
         sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING})
         self.hooks.submission_changed(sub, "claimed")
         return self.validate(sub)
@@ -317,7 +324,8 @@ class Submitter:
                                     move_to=str(failed_dir), **_RELEASE)
         if os.path.lexists(path):
             dest = move_no_clobber(path, failed_dir)
-            write_reason(dest, reason)
+            apply_perms(dest, self.config.file_perms)
+            write_reason(dest, reason, self.config.file_perms)
             sub = self.store.update(sub.id, local_path=str(dest), move_to=None)
         self.hooks.submission_changed(sub, "FAILED")
         return sub
@@ -340,11 +348,13 @@ class Submitter:
         dest_dir = Path(sub.move_to)
         if os.path.lexists(src):
             dest = move_no_clobber(src, dest_dir, sub.file_name)
+            apply_perms(dest, self.config.file_perms)
             _remove_empty_spool_dir(src.parent)
             return self.store.update(sub.id, local_path=str(dest), move_to=None)
         # Crash after the move but before the journal update: the file is already there.
         for cand in sorted(dest_dir.glob(f"{Path(sub.file_name).stem}*")):
             if sub.sha256 and cand.is_file() and cand.stat().st_size == sub.size and sha256_file(cand) == sub.sha256:
+                forget_move_marker(cand)  # a copy-move cut off after the source went
                 return self.store.update(sub.id, local_path=str(cand), move_to=None)
         log.error("submission %s: original %s is missing and not found in %s", sub.id, src, dest_dir)
         return self.store.update(sub.id, move_to=None, flag=f"original file missing (was {src})")
@@ -365,6 +375,14 @@ def _private_copy(path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _consume(trigger: Path | None) -> None:
+    if trigger is not None:
+        try:
+            trigger.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. a directory of that name: say so, the claim goes on
+            log.warning("cannot remove trigger %s: %s", trigger, exc.strerror or exc)
 
 
 def _remove_empty_spool_dir(d: Path) -> None:

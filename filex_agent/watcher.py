@@ -14,7 +14,8 @@ Readiness, per route:
   writer closes it (IN_CLOSE_WRITE): a writer that pauses longer than ``stable_seconds`` while holding the
   file open is not taken half-written. A missed close (inotify queue overflow, a hard link) only delays the
   file: it is taken after ``max(60 s, rescan_interval, stable_seconds)`` without change.
-- ``trigger``: ``NAME + trigger_suffix`` exists beside ``NAME``; the trigger itself is never a candidate.
+- ``trigger``: ``NAME + trigger_suffix`` exists beside ``NAME`` *and* ``NAME`` is stable as above (a trigger
+  may be stale or written first); the trigger itself is never a candidate, and the claim consumes it.
 """
 
 from __future__ import annotations
@@ -480,15 +481,15 @@ class OutboxWatcher:
                         e.emitted_key = None  # changed after emission: wait for readiness again
                 if e.emitted_key == key and now - e.emitted_at < reemit:
                     continue
-                if route.readiness == "trigger":
-                    if not trigger_present:
-                        continue
-                else:
-                    quiet = now - e.last_change
-                    if quiet < route.stable_seconds:
-                        continue
-                    if e.writer_open and not e.is_symlink and quiet < max(reemit, route.stable_seconds):
-                        continue  # seen being written and not closed yet
+                if route.readiness == "trigger" and not trigger_present:
+                    continue
+                # A trigger alone is not enough: it may be stale (left by a crash, or written
+                # before the file as some producers do), so the file must be stable as well.
+                quiet = now - e.last_change
+                if quiet < route.stable_seconds:
+                    continue
+                if e.writer_open and not e.is_symlink and quiet < max(reemit, route.stable_seconds):
+                    continue  # seen being written and not closed yet
                 e.emitted_key, e.emitted_at = key, now
                 ready.append(Candidate(route=route, path=path, trigger=trigger if trigger_present else None,
                                        size=key[0], mtime_ns=key[1], is_symlink=e.is_symlink))

@@ -69,6 +69,14 @@ def _faults(rng: random.Random) -> list[tuple[str, dict]]:
         ("status", {"target": "s3", "status": 503, "count": rng.randint(2, 5)}),
         ("status", {"target": "s3", "status": 500, "count": rng.randint(1, 3)}),
         ("slow", {"target": "s3", "seconds": rng.uniform(0.3, 1.0), "count": rng.randint(1, 3)}),
+        # The worst ones: it happened, then the answer was lost.
+        ("status", {"target": "s3", "status": 503, "after": True, "count": rng.randint(1, 2),
+                    "operation": rng.choice(["PutObject", "CompleteMultipartUpload", "UploadPart"])}),
+        ("drop", {"target": "s3", "after": True, "count": 1}),
+        ("drop", {"target": "s3", "count": 1}),
+        ("drop", {"target": "api", "after": True, "method": "PUT", "path_prefix": "/files", "count": 1}),
+        ("drop", {"target": "sftp", "after": rng.random() < 0.7, "count": 1,
+                  "operation": rng.choice(["rename", "write", "open"])}),
     ]
 
 
@@ -138,7 +146,10 @@ def test_chaos_sigkill_and_faults(tmp_path):
     rng = random.Random(seed)
     t0 = time.monotonic()
 
-    sb = Sandbox(tmp_path / "sandbox", processing_delay=0.3, sftp=sftp_supported())
+    # fileX takes uploads a while after its bucket stored them: "not yet" must never read as "no".
+    lag = rng.choice([0.0, 1.0, 3.0])
+    print(f"chaos: receive lag {lag} s")
+    sb = Sandbox(tmp_path / "sandbox", processing_delay=0.3, sftp=sftp_supported(), receive_lag=lag)
     sb.start()
     daemon: _Daemon | None = None
     try:
@@ -242,6 +253,8 @@ def test_chaos_sigkill_and_faults(tmp_path):
         print(f"chaos: seed {seed}: {n_files} files, {daemon.starts} daemon starts ({n_kills} SIGKILLs), "
               f"chaos phase {chaos_end - t0:.1f} s, calm phase {calm_end - chaos_end:.1f} s, "
               f"total {time.monotonic() - t0:.1f} s")
+        _next_day(seed, rng, sb, cfg, plan, daemon)
+        print(f"chaos: seed {seed}: next day done, total {time.monotonic() - t0:.1f} s")
     except BaseException:
         print(f"chaos: FAILED with FILEX_CHAOS_SEED={seed}; daemon log: {tmp_path / 'daemon.log'}")
         raise
@@ -249,6 +262,59 @@ def test_chaos_sigkill_and_faults(tmp_path):
         if daemon is not None:
             daemon.close()
         sb.stop()
+
+
+def _next_day(seed: int, rng: random.Random, sb: Sandbox, cfg, plan: dict[str, tuple], daemon: "_Daemon") -> None:
+    """A later "day": some of the same names dropped again with new bytes, while yesterday's
+    filings of those names sit in in_arcv and in tracking. SIGKILLs and lost answers again.
+    Each day's bytes must be filed exactly once; yesterday's evidence never counts for today."""
+    names = rng.sample(sorted(plan), k=max(4, len(plan) // 5))
+    today = {n: (plan[n][0], f"next day {n} seed {seed}\n".encode() + rng.randbytes(rng.randint(50, 3000)))
+             for n in names}
+    f_rng = random.Random(seed + 3)
+    for i, name in enumerate(names):
+        route, data = today[name]
+        tmp = Path(route.outbox) / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.rename(tmp, Path(route.outbox) / name)
+        if i % 7 == 0:
+            kind, kw = f_rng.choice(_faults(f_rng)[-5:])  # the after-the-side-effect ones
+            sb.inject_fault(kind, **kw)
+    for _ in range(4):
+        daemon.start()
+        daemon.wait_started(timeout=8)
+        time.sleep(rng.uniform(0.3, 2.0))
+        daemon.kill()
+    sb.clear_faults()
+    daemon.start()
+    want = {n: hashlib.sha256(d).hexdigest() for n, (_, d) in today.items()}
+
+    def done() -> bool:
+        with _journal(cfg.journal_path) as db:
+            rows = db.execute("SELECT file_name, sha256, state FROM submissions").fetchall()
+        finals = {(r[0], r[1]) for r in rows if r[2] in ("ACCEPTED", "REJECTED", "PARTIALLY_REJECTED")}
+        return all((n, sha) in finals for n, sha in want.items())
+
+    deadline = time.monotonic() + 150
+    while not done():
+        assert daemon.proc.poll() is None, "daemon died on the next day; see daemon.log"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"seed {seed}: next day not finished in time")
+        time.sleep(0.5)
+    time.sleep(1.5)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=20) == 0
+    problems = []
+    filed = Counter((u.name, u.sha256) for u in sb.uploads())
+    for name, (route, data) in today.items():
+        old_sha = hashlib.sha256(plan[name][1]).hexdigest()
+        for label, sha in (("yesterday's", old_sha), ("today's", want[name])):
+            if filed[(name, sha)] != 1:
+                problems.append(f"{name}: {label} bytes filed {filed[(name, sha)]} times")
+        if sum(c for (n, _), c in filed.items() if n == name) != 2:
+            problems.append(f"{name}: {sum(c for (n, _), c in filed.items() if n == name)} filings over two days")
+    if problems:
+        raise AssertionError(f"seed {seed}: next day: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:40]))
 
 
 def _check(seed: int, sb: Sandbox, cfg, plan: dict[str, tuple]) -> None:

@@ -1,4 +1,4 @@
-"""`filex-agent run --sandbox`: prints the outboxes, files a dropped file, stops cleanly on SIGTERM."""
+"""`filex-agent run --sandbox`: prints the outboxes and the status page URL, files a dropped file, stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 from tests.conftest import wait_for
 
@@ -26,9 +28,13 @@ def test_run_sandbox_then_sigterm(tmp_path):
             if not line:
                 break
             lines.append(line)
-            if line.startswith("status:"):
+            if line.startswith("status web page:"):
                 break
         out = "".join(lines)
+        # The status page is on (loopback, a free port) and its URL printed beside the outboxes.
+        url = next(l.split(": ", 1)[1].strip() for l in lines if l.startswith("status web page:"))
+        assert url.startswith("http://127.0.0.1:"), out
+        assert "<h1>Did today's files go in?</h1>" in httpx.get(url, timeout=10).text
         assert (data / "filex-agent.toml").is_file(), out
         outboxes = [l.split()[0] for l in lines if l.startswith("  /")]
         assert outboxes, out

@@ -127,3 +127,5 @@ def test_cli_bad_config_exits_2(tmp_path):
 def test_example_config_is_valid(monkeypatch):
     cfg = load_config(Path(__file__).parents[1] / "config" / "filex-agent.example.toml")
     assert cfg.routes, "the example documents at least one route"
+    assert [e.recurrence for e in cfg.expectations] == ["business_day", "quarter_end", "days_of_month"]
+    assert cfg.routes[0].submission_window is not None

@@ -28,7 +28,17 @@ def test_all_ok(sandbox, tmp_path, capsys):
     text = "\n".join(lines)
     assert "FIP token" in text and "application app1 present" in text and "'in' is writable" in text
     assert "route s3-0001-app2 S3 transfer tokens: STS credentials for bucket" in text
+    assert "OK    expectation daily-demo: 'daily-*' on rest-0001-app1, next due " in text
     assert sandbox.client_secret not in text
+
+
+def test_expectation_the_route_would_never_take(sandbox, tmp_path, capsys):
+    path = _config(sandbox, tmp_path)
+    path.write_text(path.read_text().replace('pattern = "daily-*"', 'pattern = "daily-*.tmp"'))
+    rc, lines = _run(capsys, path)
+    assert rc == 1
+    bad = [line for line in lines if line.startswith("FAIL  expectation daily-demo")]
+    assert bad and "could never be met" in bad[0] and "include/ignore" in bad[0]
 
 
 def test_wrong_client_secret_fails_with_a_fix(sandbox, tmp_path, capsys):

@@ -164,3 +164,90 @@ def test_every_transport_through_the_daemon(kind, sandbox, sandbox_config):
         assert "corrected data" in part.reason
     finally:
         d.stop(grace=5)
+
+
+def test_trigger_route_consumes_its_trigger_and_never_takes_a_file_half_written(sandbox, sandbox_config):
+    """readiness = "trigger": the trigger is removed whenever the file is taken (filed or
+    refused), and a trigger alone (stale, or written first) never releases a file still being
+    written: it must be stable as well."""
+    cfg = sandbox_config(transports=("rest",))
+    # stable_seconds well above the writer's pauses: a loaded machine must not stretch one past it.
+    route = cfg.routes[0].model_copy(update={"readiness": "trigger", "stable_seconds": 1.5})
+    cfg = cfg.model_copy(update={"routes": [route]})
+    d = Daemon(cfg, dispatch_interval=0.2)
+    d.start()
+    try:
+        outbox = Path(route.outbox)
+        (outbox / "TRIG_a.csv").write_bytes(b"first version\n")
+        (outbox / "TRIG_a.csv.done").touch()
+        (outbox / "TRIG_link.csv").symlink_to(outbox / "TRIG_a.csv")
+        (outbox / "TRIG_link.csv.done").touch()
+        first = _final(d, "TRIG_a.csv", State.ACCEPTED)
+        _final(d, "TRIG_link.csv", State.FAILED)
+        assert sorted(p.name for p in outbox.iterdir()) == [".filex-agent"]  # both triggers consumed
+
+        # The same name again, appended to in slow steps (each much shorter than stable_seconds)
+        # with a trigger already present, as a stale one would be.
+        (outbox / "TRIG_a.csv.done").touch()
+        chunks = [os.urandom(32 * 1024) for _ in range(8)]
+        for c in chunks:
+            with open(outbox / "TRIG_a.csv", "ab") as f:
+                f.write(c)
+            time.sleep(0.2)
+        whole = hashlib.sha256(b"".join(chunks)).hexdigest()
+        second = wait_for(lambda: next((s for s in d.store.list() if s.file_name == "TRIG_a.csv"
+                                        and s.id != first.id and s.state is State.ACCEPTED), None),
+                          timeout=30, what="the second TRIG_a.csv accepted")
+        assert second.sha256 == whole
+        sent = [u for u in sandbox.uploads() if u.name == "TRIG_a.csv"]
+        assert [u.sha256 for u in sent] == [first.sha256, whole]  # each version once, whole
+        assert [s.file_name for s in d.store.list()].count("TRIG_a.csv") == 2  # no part taken apart
+        assert not (outbox / "TRIG_a.csv.done").exists()
+    finally:
+        d.stop(grace=5)
+
+
+def test_feedback_is_not_filed_again_when_the_route_changes_transport(sandbox, sandbox_config):
+    """The once-only key of a feedback file holds its modified time as a UTC instant to the
+    second: REST (fileX's local time with milliseconds), S3 and SFTP listings of the same ``out``
+    file give the same key. Rows of an older journal (REST's text kept as it was) match too."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone
+
+    from tests.conftest import sftp_supported
+
+    cfg = sandbox_config(transports=("rest",))
+    route = cfg.routes[0]
+    names = [f"XPORT_{os.getpid()}_{i}_fb.txt" for i in range(3)]
+    for n in names:
+        sandbox.admin_s3.put_object(Bucket=sandbox.bucket, Key=f"{route.org}/{route.application}/out/{n}",
+                                    Body=n.encode())
+    folder = route.folder("feedback", cfg.agent.data_dir)
+
+    def mine() -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.name.startswith("XPORT_")) if folder.is_dir() else []
+
+    d = Daemon(cfg)
+    try:
+        assert d.feedback.collect(route) >= 3
+    finally:
+        d.stop(grace=0)
+    assert mine() == names
+    # As the agent before this change wrote them: REST's own text for the time.
+    with sqlite3.connect(cfg.journal_path) as db:
+        for fid, modified in db.execute("SELECT id, remote_modified FROM feedback").fetchall():
+            when = datetime.fromisoformat(modified.replace("Z", "+00:00"))
+            db.execute("UPDATE feedback SET remote_modified = ? WHERE id = ?",
+                       (when.astimezone(timezone(timedelta(hours=-5))).isoformat(), fid))
+    db.close()
+
+    for kind in ("s3", "sftp"):
+        if kind == "sftp" and not sftp_supported():
+            continue
+        moved = route.model_copy(update={"transport": kind})
+        d = Daemon(cfg.model_copy(update={"routes": [moved]}))
+        try:
+            assert d.feedback.collect(moved) == 0, f"feedback filed again over {kind}"
+        finally:
+            d.stop(grace=0)
+        assert mine() == names  # no ~1 copies

@@ -185,3 +185,76 @@ def test_a_stale_owner_cannot_finish_what_was_taken_over(sandbox, sandbox_config
     with pytest.raises(StaleEpoch):
         d.store.transition(sub.id, State.SUBMITTED, "late answer of the paused worker", epoch=stale_epoch)
     d.stop(grace=0)
+
+
+def _lose_the_answer(sandbox, route, name: str) -> None:
+    """The upload takes effect at fileX, then its answer is lost (5xx or a dropped connection)."""
+    key = f"/{sandbox.bucket}/{route.org}/{route.application}/in/{name}"
+    kind = route.transports[0]
+    if kind == "rest":
+        sandbox.inject_fault("status", target="s3", status=503, after=True, operation="PutObject", path_prefix=key)
+    elif kind == "s3":
+        sandbox.inject_fault("drop", target="s3", after=True, operation="PutObject", path_prefix=key)
+    else:
+        sandbox.inject_fault("drop", target="sftp", after=True, operation="rename")
+
+
+@pytest.mark.parametrize("lag", [0, 5, 30])
+def test_lost_answer_is_filed_exactly_once_whatever_fileX_s_lag(sandbox, sandbox_config, lag):
+    """Every transport: stored, then the answer lost, with fileX taking the upload 0, 5 or 30 s
+    after it was stored. The reconciler waits for the evidence (settle > lag): filed once, whole."""
+    cfg = sandbox_config(tracking={"unconfirmed_settle_seconds": lag + 30})
+    sandbox.inject_fault("receive_lag", seconds=lag)
+    d = Daemon(cfg, dispatch_interval=0.2)
+    files = {}
+    try:
+        d.start()
+        for route in cfg.routes:
+            name = f"LOST_{route.transports[0]}_{lag}.csv"
+            data = f"{route.name} lag {lag}\n".encode() * 100
+            _lose_the_answer(sandbox, route, name)
+            (Path(route.outbox) / name).write_bytes(data)
+            files[name] = data
+        wait_for(lambda: all(any(s.file_name == n and s.state is State.ACCEPTED for s in d.store.list())
+                             for n in files), timeout=lag + 60, what="every file accepted")
+        subs = [s for s in d.store.list() if s.file_name in files]
+        assert all([a.outcome for a in d.store.attempts(s.id)] == [Outcome.SENT] for s in subs)
+    finally:
+        d.stop(grace=5)
+        sandbox.clear_faults()
+        sandbox.inject_fault("receive_lag", seconds=0)
+    for name, data in files.items():
+        ups = [u for u in sandbox.uploads() if u.name == name]
+        assert len(ups) == 1, f"{name} filed {len(ups)} times"
+        assert ups[0].sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_rest_to_sftp_fallback_follows_the_sftp_filing_not_the_stale_rest_records(sandbox, sandbox_config):
+    """REST handed out tracking ids ("Request Received") but S3 refused every PUT (URLs expired):
+    nothing landed, so SFTP takes the file. Tracking then follows the SFTP filing, never the
+    stale REST records of the same name."""
+    from filex_agent.config import load_config
+
+    if sandbox.sftp is None:
+        pytest.skip("no SFTP in this sandbox")
+    cfg = sandbox_config(transports=("sftp",))
+    path = Path(cfg.agent.data_dir).parent / "filex-agent.toml"
+    path.write_text(path.read_text().replace('transport = "sftp"', 'transport = ["rest", "sftp"]'))
+    cfg = load_config(path)
+    route = cfg.routes[0]
+    assert route.transports == ["rest", "sftp"]
+    name = "FALLBACK_rest_sftp.csv"
+    sandbox.inject_fault("presign_expire_now", count=50)
+    d = Daemon(cfg, dispatch_interval=0.2)
+    try:
+        d.start()
+        (Path(route.outbox) / name).write_bytes(b"rest refused, sftp took it\n")
+        sub = wait_for(lambda: next((s for s in d.store.list() if s.file_name == name
+                                     and s.state is State.ACCEPTED), None), timeout=60, what="accepted")
+    finally:
+        d.stop(grace=5)
+        sandbox.clear_faults()
+    (up,) = [u for u in sandbox.uploads() if u.name == name]
+    assert up.transport == "sftp" and sub.tracking_id == up.tracking_id
+    stale = [r for r in sandbox.tracking_records() if r["fileName"] == name and r["trackingId"] != up.tracking_id]
+    assert stale and all(r["status"] == "Request Received" for r in stale)

@@ -276,6 +276,80 @@ def test_rejected_alert_sent_without_feedback_after_the_bound(tmp_path, store):
     assert hooks.flush_due() == 0
 
 
+def test_rejected_alert_waiting_for_feedback_survives_a_restart_and_is_sent_once(tmp_path):
+    """Killed while the REJECTED alert waited for its feedback: the next start takes it up from
+    the journal, sends it once when the feedback is filed, and a later start sends nothing."""
+    cfg = make_config(tmp_path)
+    journal = tmp_path / "journal.sqlite3"
+    store = open_store(journal)
+    first = RecordingNotifier()
+    hooks = NotifyHooks(first, store, cfg)
+    assert hooks.resume() == 0
+    sub = submit(store, new_sub(store, "REJECT_k.csv"))
+    sub = store.transition(sub.id, State.REJECTED, "final: REJECTED", final_at=utcnow())
+    hooks.submission_changed(sub, "REJECTED")
+    assert hooks.pending() == [sub.id] and first.calls == []
+    store.close()  # SIGKILL: nothing flushed
+
+    store = open_store(journal)
+    second = RecordingNotifier()
+    clock = [0.0]
+    hooks = NotifyHooks(second, store, cfg, clock=lambda: clock[0])
+    assert hooks.resume() == 1 and hooks.pending() == [sub.id]
+    assert hooks.flush_due() == 0 and second.calls == []  # still waiting for the feedback
+    fb = tmp_path / "REJECT_k_fb.txt"
+    store.record_feedback("r1", fb.name, 5, None, str(fb), sub.id)
+    hooks.submission_changed(store.get(sub.id), "feedback")
+    (n, key), = second.calls
+    assert key == f"REJECTED:{sub.id}" and n.feedback == [str(fb)]
+    clock[0] = 10_000.0
+    assert hooks.flush_due(force=True) == 0 and len(second.calls) == 1
+    store.close()
+
+    store = open_store(journal)
+    third = RecordingNotifier()
+    hooks = NotifyHooks(third, store, cfg)
+    assert hooks.resume() == 0 and hooks.pending() == []
+    hooks.submission_changed(store.get(sub.id), "feedback")
+    assert third.calls == []
+    store.close()
+
+
+def test_rejected_alert_whose_wait_ran_out_while_stopped_goes_out_after_one_poll(tmp_path, store):
+    cfg = make_config(tmp_path)
+    sub = submit(store, new_sub(store, "PARTIAL_z.csv"))
+    store.transition(sub.id, State.PARTIALLY_REJECTED, "final", final_at=utcnow() - timedelta(hours=3))
+    notifier = RecordingNotifier()
+    clock = [0.0]
+    hooks = NotifyHooks(notifier, store, cfg, clock=lambda: clock[0])
+    assert hooks.resume() == 1
+    assert hooks.flush_due() == 0  # one tracking poll first: the feedback cycle may still file it
+    clock[0] = cfg.tracking.poll_interval_seconds
+    assert hooks.flush_due() == 1
+    (n, _), = notifier.calls
+    assert n.kind == "PARTIALLY_REJECTED" and n.feedback == []
+
+
+def test_older_journal_does_not_alert_its_history_again(tmp_path):
+    """A journal from before alerts were journaled: its REJECTED rows count as alerted."""
+    import sqlite3
+
+    journal = tmp_path / "journal.sqlite3"
+    store = open_store(journal)
+    sub = submit(store, new_sub(store, "REJECT_old.csv"))
+    store.transition(sub.id, State.REJECTED, "final", final_at=utcnow())
+    store.close()
+    with sqlite3.connect(journal) as db:
+        db.execute("DROP TABLE alerts")
+    db.close()
+    store = open_store(journal)
+    try:
+        hooks = NotifyHooks(RecordingNotifier(), store, make_config(tmp_path))
+        assert hooks.resume() == 0
+    finally:
+        store.close()
+
+
 def test_failed_alert_at_once(tmp_path, store):
     cfg = make_config(tmp_path)
     notifier = RecordingNotifier()
@@ -333,6 +407,20 @@ def test_route_down_then_resolved(tmp_path, store):
     sub = submit(store, sub)
     checks.submission_changed(sub, "uploaded")
     assert checks.run() == set() and notifier.resolved == ["ROUTE_DOWN:r1"]
+
+
+def test_route_not_down_while_waiting_for_its_submission_window(tmp_path, store):
+    """A file that failed once and then waits overnight for the route's window is not an outage."""
+    from filex_agent.filing_calendar import WINDOW_REASON
+
+    cfg = make_config(tmp_path, notify={"route_down_minutes": 30})
+    checks = ProblemChecks(cfg, store, RecordingNotifier(), clock=lambda: now[0])
+    now = [utcnow()]
+    sub = _retrying(store, "late.csv", "r1")
+    store.update(sub.id, reason=f"{WINDOW_REASON}: outside the submission window; goes out at 06:00",
+                 next_attempt_at=now[0] + timedelta(hours=10))
+    now[0] += timedelta(hours=9)
+    assert checks.run() == set()
 
 
 def test_route_not_down_while_other_files_get_through(tmp_path, store):

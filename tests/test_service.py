@@ -173,6 +173,33 @@ def test_metrics_health_and_sd_notify(agent):
     assert "queued" in status[-1] and "last poll" in status[-1]
 
 
+def test_filing_calendar_runs_in_the_service(agent):
+    """The sandbox config's example expectation (daily-*, every day, 23:59 New York) is evaluated
+    at start: its occurrence is in the journal and its next deadline in /metrics."""
+    from datetime import timedelta
+
+    from filex_agent.config import load_config
+    from filex_agent.filing_calendar import Schedule
+    from filex_agent.store import open_store, utcnow
+
+    cfg = load_config(agent.config)
+    exp = cfg.expectations[0]
+    deadline = agent.metric("filex_calendar_next_deadline_timestamp_seconds", expectation="daily-demo")
+    # The deadline ahead when the agent last evaluated (within the last two minutes).
+    assert deadline in {Schedule(exp).next_deadline(utcnow() - timedelta(minutes=m)).timestamp() for m in (0, 2)}
+    store = open_store(cfg.journal_path)
+    try:
+        occs = store.occurrences(expectation="daily-demo")
+    finally:
+        store.close()
+    if deadline > utcnow().timestamp() + 120:  # not in the last minutes before 23:59 New York
+        assert [o.state for o in occs][-1:] in (["EXPECTED"], ["ACCEPTED"])
+        assert sum(agent.metric("filex_calendar_occurrences", expectation="daily-demo", state=st)
+                   for st in ("EXPECTED", "ACCEPTED")) == 1
+        lines = [json.loads(x) for x in cfg.audit_path.read_text().splitlines()]
+        assert any(x["event"] == "calendar.occurrence" and x["expectation"] == "daily-demo" for x in lines)
+
+
 def test_rejected_file_notifies_the_webhook_with_its_feedback(agent):
     (agent.outbox("rest-0001-app1") / "REJECT_batch.csv").write_bytes(b"id,value\nbroken\n")
     got = wait_for(lambda: [p for p in agent.webhook.received

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from filex_agent.store import State, StateConflict
+from filex_agent.store import FeedbackAlreadyFiled, State, StateConflict
 from filex_agent.store.sqlite import SQLiteStore
 
 
@@ -85,8 +85,9 @@ def test_feedback_recorded_once(tmp_path):
     s.record_feedback("r", "f.txt", 10, "2025-01-01", "/fb/f.txt", sub.id)
     assert s.feedback_seen("r", "f.txt", 10, "2025-01-01")
     assert not s.feedback_seen("r", "f.txt", 11, "2025-01-01")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(FeedbackAlreadyFiled) as caught:  # the store's conflict, not SQLite's
         s.record_feedback("r", "f.txt", 10, "2025-01-01", "/fb/f~1.txt", sub.id)
+    assert caught.value.local_path == "/fb/f.txt" and not isinstance(caught.value, sqlite3.Error)
     assert [f.local_path for f in s.feedback_for(sub.id)] == ["/fb/f.txt"]
 
 
@@ -181,3 +182,30 @@ def test_old_journal_gains_the_new_columns(tmp_path):
     (att,) = st.attempts(1)
     assert att.remote_name == "a.csv" and att.upload_location == "0001/app1/in" and not att.may_have_landed
     assert SQLiteStore(path).attempts(1) == [att]  # once
+
+
+def test_feedback_key_time_is_the_utc_second_whatever_the_transport_wrote():
+    from datetime import datetime, timezone
+
+    from filex_agent.store import feedback_instant
+
+    same = ["2025-08-22T17:29:58.000-04:00", "2025-08-22T17:29:58.999-04:00", "2025-08-22 21:29:58+00:00",
+            "2025-08-22T21:29:58Z", datetime(2025, 8, 22, 21, 29, 58, 500000, tzinfo=timezone.utc),
+            datetime.fromtimestamp(1755898198, timezone.utc)]
+    assert {feedback_instant(v) for v in same} == {"2025-08-22T21:29:58Z"}
+    assert feedback_instant(None) is None and feedback_instant("not a time") == "not a time"
+
+
+def test_older_feedback_rows_are_normalised_when_the_journal_is_opened(tmp_path):
+    import sqlite3
+
+    s = SQLiteStore(tmp_path / "j.sqlite3")
+    s.record_feedback("r", "a.txt", 5, "2025-08-22T21:29:58Z", "/fb/a.txt", None)
+    s.close()
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:  # as an older agent wrote it, over REST
+        db.execute("UPDATE feedback SET remote_modified = '2025-08-22T17:29:58-04:00'")
+    db.close()
+    s = SQLiteStore(tmp_path / "j.sqlite3")
+    assert s.feedback_keys("r") == ({("a.txt", 5, "2025-08-22T21:29:58Z")}, set())
+    assert s.feedback_seen("r", "a.txt", 5, "2025-08-22T21:29:58.000+00:00")
+    s.close()

@@ -19,6 +19,8 @@ from filex_agent.transports import UploadResult
 class Scripted:
     """Raises the scripted errors in turn, then succeeds."""
 
+    reports_commit = False  # no finer point of no return: anything may land from the first byte
+
     def __init__(self, errors):
         self.errors = list(errors)
         self.uploads = 0
@@ -83,3 +85,27 @@ def test_transient_errors_leave_the_file_queued_with_the_reason(make):
     sub, s, conns = make([TransientError("HTTP 503 from fileX")] * 3)
     s = sub.upload(s.id)
     assert s.state is State.QUEUED and "503" in s.reason and s.next_attempt_at is not None
+
+
+def test_trigger_is_consumed_when_the_file_vanished_or_a_claim_is_finished_by_recovery(tmp_path):
+    cfg = parse_config({"agent": {"data_dir": str(tmp_path / "d")},
+                        "credentials": {"c": {"client_id": "x", "client_secret": "env:X"}},
+                        "routes": [{"name": "r", "outbox": str(tmp_path / "out"), "org": "0001",
+                                    "application": "app1", "credential": "c", "readiness": "trigger"}]})
+    route = cfg.routes[0]
+    store = SQLiteStore(tmp_path / "j.sqlite3")
+    sub = Submitter(cfg, store, Scripted([]), Hooks())
+    out = tmp_path / "out"
+    out.mkdir()
+    # Vanished before the claim: the trigger goes too, or it would release the next a.csv.
+    (out / "a.csv.done").touch()
+    assert sub.claim(route, out / "a.csv", out / "a.csv.done") is None
+    assert not (out / "a.csv.done").exists()
+    # A claim cut off before the rename, finished by recovery (which does not know the trigger).
+    (out / "b.csv").write_bytes(b"b\n")
+    (out / "b.csv.done").touch()
+    row = store.create(route="r", org="0001", application="app1", transport="rest", file_name="b.csv",
+                       source_path=str(out / "b.csv"), local_path=str(out / "b.csv"), state=State.CLAIMING)
+    assert sub.complete_claim(row).state is State.QUEUED
+    assert sorted(p.name for p in out.iterdir()) == [".filex-agent"]
+    store.close()

@@ -459,7 +459,7 @@ def _real_transport(base: str, tmp_path: Path) -> RestTransport:
     api_http = httpx.Client(transport=httpx.MockTransport(filex))
     retry = RetryPolicy(max_attempts=2, sleep=lambda s: None)
     tokens = FipTokenProvider("https://fip.test/token", "cid", "csecret", http=api_http, retry=retry)
-    api = FilexClient("https://filex.test", tokens, http=api_http, retry=retry)
+    api = FilexClient("https://filex.test", tokens, http=api_http, retry=retry, allow_insecure=True)  # moto: plain http
     s3_http = httpx.Client(timeout=httpx.Timeout(10.0))
     return RestTransport("0001", "app1", api=api, http=s3_http, retry=retry)
 

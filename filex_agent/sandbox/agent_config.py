@@ -14,9 +14,10 @@ def _toml_str(value: str) -> str:
 def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stable_seconds: float = 1.0,
                          transports: tuple[str, ...] = ("rest", "s3", "sftp"),
                          s3: dict[str, int] | None = None, tracking: dict[str, float] | None = None,
-                         journal: dict[str, float] | None = None) -> Path:
+                         journal: dict[str, float] | None = None, web_listen: str | None = "127.0.0.1:0") -> Path:
     """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002; ``s3``, ``tracking``,
-    ``journal``: more keys of those sections."""
+    ``journal``: more keys of those sections; ``web_listen``: the status page's address (port 0: any
+    free port; None: no page)."""
     # The sandbox shows an upload within a second or two: a lost answer is decided in seconds,
     # not in production's minutes.
     tracking = {"poll_interval_seconds": poll_seconds, "unconfirmed_settle_seconds": 10, **(tracking or {})}
@@ -45,6 +46,7 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
         "",
         "[environment]",
         'name = "custom"',
+        "allow_insecure = true  # the sandbox speaks plain http on loopback",
         f"fip_token_url = {_toml_str(sb.fip_token_url)}",
         f"api_base_url = {_toml_str(sb.api_base_url)}",
         f"s3_endpoint_url = {_toml_str(sb.s3_endpoint_url)}",
@@ -57,6 +59,8 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
         lines += ["[journal]", *(f"{k} = {v}" for k, v in journal.items()), ""]
     if s3:
         lines += ["[s3]", *(f"{k} = {int(v)}" for k, v in s3.items()), ""]
+    if web_listen is not None:
+        lines += ["[web]", "enabled = true", f"listen = {_toml_str(web_listen)}", "refresh_seconds = 2", ""]
     if sftp is not None:
         lines += ["[sftp]", f"host_key_fingerprints = [{_toml_str(sftp.host_key_fingerprint)}]", ""]
     lines += ["[credentials.sandbox]", f"client_id = {_toml_str(sb.client_id)}",
@@ -68,6 +72,10 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
         lines += ["", "[[routes]]", f'name = "{name}"', f"outbox = {_toml_str(str(data_dir / 'outbox' / name))}",
                   f'org = "{org}"', f'application = "{app}"', f'transport = "{kind}"', 'credential = "sandbox"',
                   f"stable_seconds = {stable_seconds}"]
+    if routes and routes[0][3] == "rest":
+        # The filing calendar's demo: due every calendar day, so it shows on any day.
+        lines += ["", "[[expectations]]", 'name = "daily-demo"', f'route = "{routes[0][0]}"', 'pattern = "daily-*"',
+                  'recurrence = "calendar_day"', 'due = "23:59"', 'timezone = "America/New_York"']
     path = data_dir / "filex-agent.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 
 class State(str, enum.Enum):
@@ -33,6 +33,8 @@ class State(str, enum.Enum):
 
 FINAL_STATES = frozenset({State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED, State.FAILED})
 PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.UNCONFIRMED, State.SUBMITTED})
+# fileX has the bytes: the only submissions a feedback file can belong to.
+REACHED_STATES = frozenset({State.SUBMITTED, State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED})
 
 
 class Outcome(str, enum.Enum):
@@ -45,6 +47,12 @@ class Outcome(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def open_state_names() -> tuple[str, ...]:
+    """Every state that is not final, by name (states added to ``State`` later included): the
+    read-only views select them with ``IN (...)``, which an index serves (``NOT IN`` would not)."""
+    return tuple(s.value for s in State if s not in FINAL_STATES)
 
 
 def utcnow() -> datetime:
@@ -139,6 +147,43 @@ class FeedbackFile:
     downloaded_at: datetime | None
 
 
+@dataclass
+class Occurrence:
+    """One due filing of a calendar expectation (filex_agent/filing_calendar.py).
+
+    Keyed by (expectation, deadline). A matching file claimed on ``route`` in
+    [``opens_at``, ``closes_at``) counts for it; ``closed`` once nothing can change it any more.
+    """
+
+    expectation: str
+    deadline: datetime  # UTC
+    opens_at: datetime
+    closes_at: datetime
+    route: str
+    pattern: str
+    label: str  # the period in local terms: "2026-11-25", "2026-Q1", ...
+    state: str  # EXPECTED, DROPPED, SUBMITTED, ACCEPTED, REJECTED, PARTIALLY_REJECTED, MISSED
+    on_time: bool | None = None  # ACCEPTED: uploaded at or before the deadline
+    submission_id: int | None = None  # the submission that satisfied it (or the latest one seen)
+    verdict: str | None = None  # that submission's state
+    early_close: bool = False
+    closed: bool = False
+    updated_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass
+class CalendarAlert:
+    """The last time a calendar alert kind was sent for one occurrence (restart-proof dedupe)."""
+
+    expectation: str
+    deadline: datetime
+    kind: str
+    first_sent_at: datetime
+    last_sent_at: datetime
+    sent_count: int
+    cleared_at: datetime | None = None
+
+
 class Store(abc.ABC):
     """What the daemon needs from a journal. Implementations must be thread-safe."""
 
@@ -182,6 +227,9 @@ class Store(abc.ABC):
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
         """An earlier submission of the same bytes that is pending or ACCEPTED."""
 
+    # The feedback once-only key is (route, remote_name, remote_size, remote_modified), with
+    # remote_modified normalised by ``feedback_instant`` on the way in and out (implementations
+    # must do both, so rows written before the normalisation still match).
     @abc.abstractmethod
     def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
                       remote_modified: str | None) -> bool: ...
@@ -189,10 +237,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def record_feedback(self, route: str, remote_name: str, remote_size: int | None,
                         remote_modified: str | None, local_path: str | None,
-                        submission_id: int | None) -> FeedbackFile: ...
+                        submission_id: int | None) -> FeedbackFile:
+        """Confirm a download (completing a ``begin_feedback`` row if there is one);
+        ``FeedbackAlreadyFiled`` if that remote file is recorded as filed already."""
 
     @abc.abstractmethod
     def feedback_for(self, sub_id: int) -> list[FeedbackFile]: ...
+
+    @abc.abstractmethod
+    def feedback_candidates(self, route: str, parts: Iterable[str]) -> list[Submission]:
+        """Submissions of ``route`` that reached fileX (``REACHED_STATES``) whose tracking id or
+        file stem (the name without its last extension) is one of ``parts``: an indexed lookup,
+        whatever the size of the history."""
 
     @abc.abstractmethod
     def feedback_keys(self, route: str) -> tuple[set[FeedbackKey], set[FeedbackKey]]:
@@ -204,6 +260,48 @@ class Store(abc.ABC):
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
         """Write-ahead: a download of this remote file is about to start."""
+
+    # -- alerts ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def mark_alerted(self, sub_id: int, kind: str) -> bool:
+        """Journal that the ``kind`` alert of a submission is being sent (before it is handed to
+        the notifier); False if it was already: each such alert goes out once, across restarts."""
+
+    @abc.abstractmethod
+    def unalerted(self, states: Iterable[State]) -> list[Submission]:
+        """Submissions in ``states`` whose alert of that state has not been sent (a restart came
+        while it waited for feedback). Rows final before the journal knew alerts count as sent."""
+
+    # -- filing calendar -------------------------------------------------------------------
+    @abc.abstractmethod
+    def list_created(self, route: str, since: datetime, until: datetime) -> list[Submission]:
+        """Submissions of ``route`` claimed (``created_at``) in [since, until), oldest first."""
+
+    @abc.abstractmethod
+    def save_occurrence(self, occ: Occurrence) -> None:
+        """Insert or replace the occurrence keyed by (expectation, deadline)."""
+
+    @abc.abstractmethod
+    def occurrences(self, expectation: str | None = None, since: datetime | None = None,
+                    until: datetime | None = None, open_only: bool = False) -> list[Occurrence]:
+        """Occurrences with ``since <= deadline < until`` (each bound optional), by deadline;
+        ``open_only``: those not ``closed``."""
+
+    @abc.abstractmethod
+    def last_occurrence(self, expectation: str) -> Occurrence | None:
+        """The occurrence of ``expectation`` with the latest deadline."""
+
+    @abc.abstractmethod
+    def calendar_alerts(self, expectation: str, deadline: datetime) -> dict[str, CalendarAlert]:
+        """Alerts recorded for one occurrence, by kind."""
+
+    @abc.abstractmethod
+    def record_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        """An alert was sent at ``at`` (first or again): counted, and no longer cleared."""
+
+    @abc.abstractmethod
+    def clear_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        """The problem the alert was about has ended (its next occurrence alerts at once)."""
 
     def lock_instance(self, holder: str) -> bool:
         """For ``run``: make this process the journal's only daemon, if the journal needs that.
@@ -260,11 +358,121 @@ class Store(abc.ABC):
         old owner's later writes are refused. ``StateConflict`` if another owner's lease is still
         live, unless ``force`` (the caller knows that owner is dead: it held the instance lock)."""
 
+    # -- read-only views: the status web page (any node can serve it from the journal) ----------
+    @abc.abstractmethod
+    def search(self, query: SubmissionQuery, limit: int = 50, *, after: PageKey | None = None,
+               before: PageKey | None = None) -> SubmissionPage:
+        """One page of submissions matching ``query``, newest first (``created_at`` descending,
+        then ``id`` descending). Keyset paging: ``after`` gives the rows older than that key,
+        ``before`` the rows newer than it (still returned newest first); never OFFSET, so page
+        1,000 costs what page 1 costs. ``text``: when a submission has that ``tracking_id``
+        (and matches the other filters) the page is that one row; otherwise it selects the file
+        names that start with ``text``."""
+
+    @abc.abstractmethod
+    def open_counts(self) -> dict[tuple[str, str], int]:
+        """``(route, state) -> count`` of the submissions in a state that is not final."""
+
+    @abc.abstractmethod
+    def final_counts(self, since: datetime, until: datetime) -> dict[tuple[str, str], int]:
+        """``(route, state) -> count`` of the submissions with ``since <= final_at < until``."""
+
+    @abc.abstractmethod
+    def final_histogram(self, edges: Sequence[datetime]) -> dict[tuple[int, str], int]:
+        """``(bin, state) -> count`` of final outcomes per bin: bin ``i`` holds the submissions with
+        ``edges[i] <= final_at < edges[i + 1]`` (``edges`` ascending; outcomes per day: day starts)."""
+
+    @abc.abstractmethod
+    def latency_histogram(self, edges: Sequence[datetime], bounds: Sequence[float]) -> dict[tuple[int, int], int]:
+        """Drop → submitted time per period, as histogram counts: ``(bin, bucket) -> count`` of
+        the submissions with ``edges[bin] <= uploaded_at < edges[bin + 1]`` whose
+        ``uploaded_at - created_at`` in seconds is ``<= bounds[bucket]`` (and above the bound
+        before it); bucket ``len(bounds)`` holds the longer ones. Computed by the database (the
+        time difference is the one dialect-specific expression: SQLite ``julianday``,
+        PostgreSQL ``EXTRACT(EPOCH FROM ...)``), so a month of uploads is never sent to Python."""
+
+    @abc.abstractmethod
+    def problems(self, states: Iterable[str], open_before: datetime, limit: int) -> list[Submission]:
+        """Submissions that need a person, newest first, at most ``limit``: those with a ``flag``,
+        those in one of ``states`` (e.g. UNCONFIRMED), and those in a state that is not final with
+        ``COALESCE(uploaded_at, created_at)`` before ``open_before`` (no verdict for too long)."""
+
+    @abc.abstractmethod
+    def feedback_file(self, sub_id: int, feedback_id: int) -> FeedbackFile | None:
+        """Feedback ``feedback_id`` if it was filed for submission ``sub_id``, else None."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
 
 FeedbackKey = tuple[str, "int | None", "str | None"]
+
+
+def file_stem(name: str) -> str:
+    """``name`` without its last extension (``a.tar.gz`` → ``a.tar``; ``noext`` and ``.rc`` whole),
+    as the journal indexes it for ``feedback_candidates``."""
+    return name if name.find(".") <= 0 else name[: name.rfind(".")]
+
+
+def feedback_instant(value: datetime | str | None) -> str | None:
+    """A remote file's modified time as the feedback once-only key holds it: the UTC instant at
+    whole-second precision (``2025-08-22T21:29:58Z``), whatever the transport said.
+
+    REST lists ``2025-08-22T17:29:58.000-04:00``, S3 ``2025-08-22 21:29:58+00:00``, SFTP integer
+    seconds: the same ``out`` file must give the same key over each, or changing a route's
+    transport would file every feedback file again. Truncated, not rounded: SFTP truncates.
+    Text that is not a time (or a naive time, taken as UTC) is kept as it is / read as UTC.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+        except ValueError:
+            return text
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FeedbackAlreadyFiled(Exception):
+    """``record_feedback`` for a remote file the journal has filed already (listed twice, or
+    filed meanwhile by another process): filing it again would make a second copy."""
+
+    def __init__(self, message: str, local_path: str | None = None):
+        super().__init__(message)
+        self.local_path = local_path  # where the earlier filing put it
+
+
+# -- read-only views (the status web page) ------------------------------------------------------
+# Times are compared as the journal stores them (UTC). Every method below must stay fast with
+# 1,000,000 rows: each is one indexed query (see ``SQLiteStore``'s indexes and bench/web.py).
+
+@dataclass(frozen=True)
+class SubmissionQuery:
+    """Filters of ``Store.search``; ``None`` means "any"."""
+
+    text: str | None = None  # a tracking id (exact), else the start of a file name (case-sensitive)
+    states: tuple[str, ...] | None = None
+    route: str | None = None
+    created_from: datetime | None = None  # inclusive
+    created_to: datetime | None = None  # exclusive
+
+
+@dataclass(frozen=True)
+class PageKey:
+    """Keyset paging position: a row's ``(created_at, id)``, the order of every page."""
+
+    created_at: datetime
+    id: int
+
+
+@dataclass
+class SubmissionPage:
+    rows: list[Submission]
+    older: PageKey | None  # pass as ``after`` for the next (older) page; None: this is the last
+    newer: PageKey | None  # pass as ``before`` for the previous (newer) page; None: this is the first
 
 
 class StateConflict(Exception):

@@ -6,21 +6,33 @@ import os
 import sqlite3
 import threading
 from dataclasses import fields as dc_fields
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
+from filex_agent.errors import FilexError
+from filex_agent.logging_setup import redact
 from filex_agent.store import (
     Attempt,
+    CalendarAlert,
     Event,
+    FeedbackAlreadyFiled,
     JournalLocked,
+    Occurrence,
     Outcome,
     StaleEpoch,
     FeedbackFile,
+    PageKey,
+    REACHED_STATES,
     State,
     StateConflict,
     Store,
     Submission,
+    SubmissionPage,
+    SubmissionQuery,
+    feedback_instant,
+    open_state_names,
     utcnow,
 )
 
@@ -40,6 +52,7 @@ CREATE INDEX IF NOT EXISTS submissions_state ON submissions(state);
 CREATE INDEX IF NOT EXISTS submissions_route_state ON submissions(route, state);
 CREATE INDEX IF NOT EXISTS submissions_sha ON submissions(org, application, sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_tracking ON submissions(tracking_id) WHERE tracking_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS submissions_route_stem ON submissions(route, {stem});
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     submission_id INTEGER NOT NULL REFERENCES submissions(id),
@@ -53,6 +66,20 @@ CREATE TABLE IF NOT EXISTS feedback (
     UNIQUE(route, remote_name, remote_size, remote_modified)
 );
 CREATE INDEX IF NOT EXISTS feedback_sub ON feedback(submission_id);
+CREATE INDEX IF NOT EXISTS submissions_route_created ON submissions(route, created_at);
+CREATE TABLE IF NOT EXISTS calendar_occurrences (
+    expectation TEXT NOT NULL, deadline TEXT NOT NULL,
+    opens_at TEXT NOT NULL, closes_at TEXT NOT NULL, route TEXT NOT NULL, pattern TEXT NOT NULL,
+    label TEXT NOT NULL, state TEXT NOT NULL, on_time INTEGER, submission_id INTEGER, verdict TEXT,
+    early_close INTEGER NOT NULL DEFAULT 0, closed INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL,
+    PRIMARY KEY (expectation, deadline)
+);
+CREATE INDEX IF NOT EXISTS calendar_occurrences_open ON calendar_occurrences(closed, expectation);
+CREATE TABLE IF NOT EXISTS calendar_alerts (
+    expectation TEXT NOT NULL, deadline TEXT NOT NULL, kind TEXT NOT NULL,
+    first_sent_at TEXT NOT NULL, last_sent_at TEXT NOT NULL, sent_count INTEGER NOT NULL, cleared_at TEXT,
+    PRIMARY KEY (expectation, deadline, kind)
+);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     submission_id INTEGER NOT NULL REFERENCES submissions(id),
@@ -62,7 +89,30 @@ CREATE TABLE IF NOT EXISTS attempts (
     UNIQUE(submission_id, n)
 );
 CREATE INDEX IF NOT EXISTS attempts_outcome ON attempts(outcome);
+CREATE TABLE IF NOT EXISTS alerts (
+    submission_id INTEGER NOT NULL REFERENCES submissions(id), kind TEXT NOT NULL, sent_at TEXT NOT NULL,
+    PRIMARY KEY (submission_id, kind)
+);
+-- The status web page (read-only views): keyset pages newest first, with or without a filter on
+-- state or route; a file name prefix; outcomes by final time; latency by upload time; flags.
+CREATE INDEX IF NOT EXISTS submissions_created ON submissions(created_at, id);
+CREATE INDEX IF NOT EXISTS submissions_state_created ON submissions(state, created_at, id);
+CREATE INDEX IF NOT EXISTS submissions_route_created ON submissions(route, created_at, id);
+CREATE INDEX IF NOT EXISTS submissions_name ON submissions(file_name);
+CREATE INDEX IF NOT EXISTS submissions_final ON submissions(final_at, state, route);
+CREATE INDEX IF NOT EXISTS submissions_uploaded_created ON submissions(uploaded_at, created_at);
+CREATE INDEX IF NOT EXISTS submissions_flag ON submissions(id) WHERE flag IS NOT NULL;
 """
+# States whose alert waits (for the feedback file) and so must survive a restart.
+_ALERTED_STATES = ("REJECTED", "PARTIALLY_REJECTED")
+
+# A file name without its last extension, as pathlib's ``stem`` (SQLite has no rpartition: rtrim
+# drops every character but '.' from the right, leaving the name up to its last dot). Feedback
+# linking looks stems up through an index on exactly this expression.
+_UP_TO_LAST_DOT = "rtrim(file_name, replace(file_name, '.', ''))"
+STEM_SQL = (f"(CASE WHEN instr(file_name, '.') <= 1 THEN file_name "
+            f"ELSE substr({_UP_TO_LAST_DOT}, 1, length({_UP_TO_LAST_DOT}) - 1) END)")
+SCHEMA = SCHEMA.replace("{stem}", STEM_SQL)
 
 # Columns added after the first release: (table, column, declaration). Added to an older journal
 # at open; ``user_version`` records the schema version reached.
@@ -80,7 +130,14 @@ _ATTEMPT_FIELDS = [f.name for f in dc_fields(Attempt)]
 _ATTEMPT_DT = {"started_at", "committed_at", "ended_at", "decide_by"}
 
 
+# Free text that may carry an exception's message: scrubbed like a log line before it is kept
+# (the journal is read by `status`, the audit trail, alerts and reason files).
+_TEXT_FIELDS = frozenset({"reason", "flag"})
+
+
 def _enc(key: str, value: Any) -> Any:
+    if key in _TEXT_FIELDS and isinstance(value, str):
+        return redact(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, State):
@@ -101,6 +158,61 @@ def _where(states: Iterable[State] | None, route: str | None) -> tuple[str, list
     return sql, args
 
 
+_OCC_COLS = ("expectation", "deadline", "opens_at", "closes_at", "route", "pattern", "label", "state", "on_time",
+             "submission_id", "verdict", "early_close", "closed", "updated_at")
+
+
+def _ts(value: datetime) -> str:
+    """Instants as ISO text in UTC: one spelling per instant, so keys and text comparisons agree."""
+    return value.astimezone(timezone.utc).isoformat()
+
+
+def _row_to_occ(row: sqlite3.Row) -> Occurrence:
+    return Occurrence(
+        expectation=row["expectation"], deadline=datetime.fromisoformat(row["deadline"]),
+        opens_at=datetime.fromisoformat(row["opens_at"]), closes_at=datetime.fromisoformat(row["closes_at"]),
+        route=row["route"], pattern=row["pattern"], label=row["label"], state=row["state"],
+        on_time=None if row["on_time"] is None else bool(row["on_time"]), submission_id=row["submission_id"],
+        verdict=row["verdict"], early_close=bool(row["early_close"]), closed=bool(row["closed"]),
+        updated_at=datetime.fromisoformat(row["updated_at"]))
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+# A name prefix matching at least this many rows is served by walking the newest rows first
+# (they match densely); a rarer one by the name index and a sort of its (few) matches.
+DENSE_PREFIX = 2000
+
+
+def _prefix_bounds(text: str) -> list[str]:
+    # A prefix as a range (not LIKE 'x%'): an index serves it whatever the collation options.
+    return [text, text + "\U0010ffff"]
+
+
+def _query_where(q: SubmissionQuery, name_term: str = "file_name >= ? AND file_name < ?") -> tuple[list[str], list[Any]]:
+    """WHERE terms (ANDed) and arguments of a web search, but for ``text``'s tracking id."""
+    terms: list[str] = []
+    args: list[Any] = []
+    if q.text:
+        terms.append(name_term)
+        args += _prefix_bounds(q.text)
+    if q.states is not None:
+        terms.append(f"state IN ({_marks(q.states) or 'NULL'})")
+        args += list(q.states)
+    if q.route is not None:
+        terms.append("route = ?")
+        args.append(q.route)
+    if q.created_from is not None:
+        terms.append("created_at >= ?")
+        args.append(_ts(q.created_from))
+    if q.created_to is not None:
+        terms.append("created_at < ?")
+        args.append(_ts(q.created_to))
+    return terms, args
+
+
 def _row_to_sub(row: sqlite3.Row) -> Submission:
     data = {k: row[k] for k in _SUB_FIELDS}
     for k in _DT_FIELDS:
@@ -119,10 +231,39 @@ def _row_to_attempt(row: sqlite3.Row) -> Attempt:
     return Attempt(**data)
 
 
+class JournalOwnerError(FilexError):
+    """root about to open (and so create root-owned -wal/-shm files in) another user's journal."""
+
+
+def _refuse_foreign_journal_as_root(path: Path) -> None:
+    """As root, SQLite would create ``-wal``/``-shm`` (or the journal itself) owned by root, which
+    the daemon, running as its own user, then cannot open: refuse, naming the owner."""
+    if os.geteuid() != 0:
+        return
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), path.parent):
+        try:
+            uid = os.stat(p).st_uid
+        except FileNotFoundError:
+            continue
+        if uid != 0:
+            try:
+                import pwd
+
+                user = pwd.getpwuid(uid).pw_name
+            except (ImportError, KeyError):
+                user = str(uid)
+            raise JournalOwnerError(
+                f"the journal {path} belongs to {user}; as root this command would leave files there the "
+                f"agent cannot open. Run it as that user: sudo -u {user} filex-agent ...")
+        if p == path:  # the journal exists and is root's: its folder does not matter
+            break
+
+
 class SQLiteStore(Store):
     def __init__(self, path: Path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_foreign_journal_as_root(path)
         self.path = path
         # One connection guarded by a lock: writes are small and serialised anyway.
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -134,6 +275,8 @@ class SQLiteStore(Store):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+        self._reader: sqlite3.Connection | None = None  # read-only views; opened when first used
+        self._reader_lock = threading.Lock()
 
     def _migrate(self) -> None:
         have = {r[1] for r in self._db.execute("PRAGMA table_info(submissions)")}
@@ -141,7 +284,16 @@ class SQLiteStore(Store):
             for table, col, decl in _ADDED_COLUMNS:
                 if col not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+        had_alerts = bool(self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone())
         self._db.executescript(SCHEMA)
+        if have and not had_alerts:
+            # A journal from before alerts were journaled: its final rows were alerted then (a
+            # graceful stop sends every waiting alert); do not alert the whole history again.
+            self._db.execute(
+                "INSERT OR IGNORE INTO alerts (submission_id, kind, sent_at) SELECT id, state, ? FROM submissions "
+                f"WHERE state IN ({', '.join('?' for _ in _ALERTED_STATES)})",
+                (utcnow().isoformat(), *_ALERTED_STATES))
         if self._db.execute("PRAGMA user_version").fetchone()[0] < 2:
             # Uploads a pre-attempts agent left UPLOADING get the attempt row it would have
             # written: committed (bytes may have landed) unless REST without a tracking id, the
@@ -155,7 +307,28 @@ class SQLiteStore(Store):
                 "ELSE COALESCE(upload_started_at, updated_at) END, tracking_id "
                 "FROM submissions s WHERE state = 'UPLOADING' "
                 "AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.submission_id = s.id)")
+        self._normalise_feedback_times()
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _normalise_feedback_times(self) -> None:
+        """Feedback rows written before ``feedback_instant`` hold the transport's own text: rewrite
+        them once, so the key matches whichever transport lists the file now. A row whose
+        normalised key exists already (the same file filed twice by that very defect) keeps its
+        text; ``feedback_keys`` still normalises it on read."""
+        rows = self._db.execute("SELECT id, route, remote_name, remote_size, remote_modified FROM feedback "
+                                "WHERE remote_modified IS NOT NULL AND remote_modified NOT GLOB "
+                                "'[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'"
+                                ).fetchall()
+        if not rows:
+            return
+        with self._tx() as db:
+            for r in rows:
+                norm = feedback_instant(r["remote_modified"])
+                if norm == r["remote_modified"] or db.execute(
+                        "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
+                        "AND remote_modified = ?", (r["route"], r["remote_name"], r["remote_size"], norm)).fetchone():
+                    continue
+                db.execute("UPDATE feedback SET remote_modified = ? WHERE id = ?", (norm, r["id"]))
 
     # -- helpers -------------------------------------------------------------------------
     def _tx(self):
@@ -226,7 +399,7 @@ class SQLiteStore(Store):
             sets = ", ".join(f"{k} = ?" for k in fields)
             db.execute(f"UPDATE submissions SET {sets} WHERE id = ?", [_enc(k, v) for k, v in fields.items()] + [sub_id])
             db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
-                       (sub_id, now.isoformat(), str(state), detail))
+                       (sub_id, now.isoformat(), str(state), None if detail is None else redact(detail)))
         return self.get(sub_id)
 
     def update(self, sub_id: int, *, epoch: int | None = None, **fields: Any) -> Submission:
@@ -263,6 +436,7 @@ class SQLiteStore(Store):
     # -- feedback ------------------------------------------------------------------------
     def feedback_seen(self, route: str, remote_name: str, remote_size: int | None,
                       remote_modified: str | None) -> bool:
+        remote_modified = feedback_instant(remote_modified)
         with self._lock:
             row = self._db.execute(
                 "SELECT 1 FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
@@ -278,11 +452,12 @@ class SQLiteStore(Store):
                 "SELECT remote_name, remote_size, remote_modified, downloaded_at FROM feedback WHERE route = ?",
                 (route,)).fetchall()
         for r in rows:
-            (filed if r[3] is not None else doubt).add((r[0], r[1], r[2]))
+            (filed if r[3] is not None else doubt).add((r[0], r[1], feedback_instant(r[2])))
         return filed, doubt
 
     def begin_feedback(self, route: str, remote_name: str, remote_size: int | None,
                        remote_modified: str | None) -> None:
+        remote_modified = feedback_instant(remote_modified)
         with self._tx() as db:
             row = db.execute(
                 "SELECT id FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? AND remote_modified IS ?",
@@ -295,19 +470,25 @@ class SQLiteStore(Store):
                         remote_modified: str | None, local_path: str | None,
                         submission_id: int | None) -> FeedbackFile:
         """Confirm a download (completing a ``begin_feedback`` row if there is one)."""
+        remote_modified = feedback_instant(remote_modified)
         now = utcnow().isoformat()
         with self._tx() as db:
             row = db.execute(
-                "SELECT id, downloaded_at FROM feedback WHERE route = ? AND remote_name = ? AND remote_size IS ? "
-                "AND remote_modified IS ?", (route, remote_name, remote_size, remote_modified)).fetchone()
+                "SELECT id, downloaded_at, local_path FROM feedback WHERE route = ? AND remote_name = ? "
+                "AND remote_size IS ? AND remote_modified IS ?",
+                (route, remote_name, remote_size, remote_modified)).fetchone()
             if row is not None and row[1] is not None:
                 # Filed already: a second record would mean a second copy (the invariant is "once").
-                raise sqlite3.IntegrityError(f"feedback {remote_name!r} of route {route} is recorded already")
+                raise FeedbackAlreadyFiled(f"feedback {remote_name!r} of route {route} is filed already"
+                                           + (f" as {row[2]}" if row[2] else ""), row[2])
             if row is None:
-                fid = db.execute(
-                    "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, submission_id, "
-                    "downloaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (route, remote_name, remote_size, remote_modified, local_path, submission_id, now)).lastrowid
+                try:
+                    fid = db.execute(
+                        "INSERT INTO feedback (route, remote_name, remote_size, remote_modified, local_path, "
+                        "submission_id, downloaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (route, remote_name, remote_size, remote_modified, local_path, submission_id, now)).lastrowid
+                except sqlite3.IntegrityError as exc:  # the UNIQUE key: the store's conflict, not SQLite's
+                    raise FeedbackAlreadyFiled(f"feedback {remote_name!r} of route {route} is filed already") from exc
             else:
                 fid = row[0]
                 db.execute("UPDATE feedback SET local_path = ?, submission_id = ?, downloaded_at = ? WHERE id = ?",
@@ -323,6 +504,224 @@ class SQLiteStore(Store):
                              r["local_path"], r["submission_id"],
                              datetime.fromisoformat(r["downloaded_at"]) if r["downloaded_at"] else None)
                 for r in rows]
+
+    # -- read-only views (the status web page) ------------------------------------------
+    def _rows(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+        # A connection of their own (WAL: readers never block the writer): a page being
+        # rendered never holds up a journal write of the daemon.
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                               check_same_thread=False, timeout=30)
+                self._reader.row_factory = sqlite3.Row
+            return self._reader.execute(sql, list(args)).fetchall()
+
+    def search(self, query: SubmissionQuery, limit: int = 50, *, after: PageKey | None = None,
+               before: PageKey | None = None) -> SubmissionPage:
+        if query.text:
+            rest, rest_args = _query_where(replace(query, text=None))
+            hit = self._rows(" AND ".join(["SELECT * FROM submissions WHERE tracking_id = ?", *rest]),
+                             [query.text, *rest_args])
+            if hit:
+                return SubmissionPage([_row_to_sub(hit[0])], None, None)
+        name_term = "file_name >= ? AND file_name < ?"
+        if query.text:
+            probe = self._rows("SELECT COUNT(*) FROM (SELECT 1 FROM submissions WHERE file_name >= ? "
+                               "AND file_name < ? LIMIT ?) AS m", [*_prefix_bounds(query.text), DENSE_PREFIX])
+            if probe[0][0] >= DENSE_PREFIX:
+                # Dense: "+" keeps SQLite's planner off the name index (it has no idea how many
+                # rows a range holds) so it walks (created_at, id) and stops after one page.
+                name_term = "+file_name >= ? AND +file_name < ?"
+        terms, args = _query_where(query, name_term)
+        base_terms, base_args = list(terms), list(args)
+        # Row values (standard SQL; SQLite and PostgreSQL both seek an index with them; the
+        # equivalent OR made SQLite walk the index from the top: 0.2 s for a page half a year back).
+        if after is not None:
+            terms.append("(created_at, id) < (?, ?)")
+            args += [_ts(after.created_at), after.id]
+        if before is not None:
+            terms.append("(created_at, id) > (?, ?)")
+            args += [_ts(before.created_at), before.id]
+        where = " AND ".join(terms) or "1=1"
+        order = "ASC" if before is not None else "DESC"
+        rows = self._rows(f"SELECT * FROM submissions WHERE {where} ORDER BY created_at {order}, id {order} "
+                          "LIMIT ?", [*args, limit + 1])
+        more = len(rows) > limit
+        subs = [_row_to_sub(r) for r in rows[:limit]]
+        if before is not None:
+            subs.reverse()
+        if not subs:
+            return SubmissionPage([], None, None)
+        first, last = PageKey(subs[0].created_at, subs[0].id), PageKey(subs[-1].created_at, subs[-1].id)
+        if before is not None:
+            return SubmissionPage(subs, last if self._exists(base_terms, base_args, last, older=True) else None,
+                                  first if more else None)
+        newer = after is not None and self._exists(base_terms, base_args, first, older=False)
+        return SubmissionPage(subs, last if more else None, first if newer else None)
+
+    def _exists(self, terms: list[str], args: list[Any], key: PageKey, *, older: bool) -> bool:
+        op = "<" if older else ">"
+        cond = " AND ".join([*terms, f"(created_at, id) {op} (?, ?)"])
+        return bool(self._rows(f"SELECT 1 FROM submissions WHERE {cond} LIMIT 1",
+                               [*args, _ts(key.created_at), key.id]))
+
+    def open_counts(self) -> dict[tuple[str, str], int]:
+        names = open_state_names()
+        rows = self._rows(f"SELECT route, state, COUNT(*) FROM submissions WHERE state IN ({_marks(names)}) "
+                          "GROUP BY route, state", names)
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def final_counts(self, since: datetime, until: datetime) -> dict[tuple[str, str], int]:
+        # Both bounds: with only one, SQLite's planner walks (route, state) over the whole table.
+        rows = self._rows("SELECT route, state, COUNT(*) FROM submissions WHERE final_at >= ? AND final_at < ? "
+                          "GROUP BY route, state", [_ts(since), _ts(until)])
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def final_histogram(self, edges: Sequence[datetime]) -> dict[tuple[int, str], int]:
+        if len(edges) < 2:
+            return {}
+        bounds = [_ts(e) for e in edges]
+        # One pass over the final_at index: CASE numbers the bin of each row (portable SQL).
+        case = " ".join(f"WHEN final_at < ? THEN {i}" for i in range(len(bounds) - 1))
+        rows = self._rows(f"SELECT CASE {case} END AS bin, state, COUNT(*) FROM submissions "
+                          "WHERE final_at >= ? AND final_at < ? GROUP BY bin, state",
+                          [*bounds[1:], bounds[0], bounds[-1]])
+        return {(int(r[0]), r[1]): int(r[2]) for r in rows}
+
+    def latency_histogram(self, edges: Sequence[datetime], bounds: Sequence[float]) -> dict[tuple[int, int], int]:
+        if len(edges) < 2:
+            return {}
+        days = [_ts(e) for e in edges]
+        day_case = " ".join(f"WHEN uploaded_at < ? THEN {i}" for i in range(len(days) - 1))
+        bucket_case = " ".join(f"WHEN s <= ? THEN {j}" for j in range(len(bounds)))
+        # MATERIALIZED: the difference is computed once per row, not once per WHEN.
+        rows = self._rows(
+            f"WITH t AS MATERIALIZED (SELECT CASE {day_case} END AS bin, "
+            "(julianday(uploaded_at) - julianday(created_at)) * 86400.0 AS s FROM submissions "
+            f"WHERE uploaded_at >= ? AND uploaded_at < ?) SELECT bin, CASE {bucket_case} ELSE {len(bounds)} END "
+            "AS bucket, COUNT(*) FROM t GROUP BY bin, bucket", [*days[1:], days[0], days[-1], *bounds])
+        return {(int(r[0]), int(r[1])): int(r[2]) for r in rows}
+
+    def problems(self, states: Iterable[str], open_before: datetime, limit: int) -> list[Submission]:
+        states = tuple(states)
+        names = open_state_names()
+        # Three indexed selections (flag, state, open states), merged: an OR across them would
+        # make SQLite scan the table.
+        ids: set[int] = set()
+        ids |= {r[0] for r in self._rows("SELECT id FROM submissions WHERE flag IS NOT NULL ORDER BY id DESC "
+                                         "LIMIT ?", [limit])}
+        if states:
+            ids |= {r[0] for r in self._rows(f"SELECT id FROM submissions WHERE state IN ({_marks(states)}) "
+                                             "ORDER BY id DESC LIMIT ?", [*states, limit])}
+        before = _ts(open_before)
+        ids |= {r[0] for r in self._rows(
+            f"SELECT id FROM submissions WHERE state IN ({_marks(names)}) "
+            "AND COALESCE(uploaded_at, created_at) < ? ORDER BY id DESC LIMIT ?", [*names, before, limit])}
+        keep = sorted(ids, reverse=True)[:limit]
+        if not keep:
+            return []
+        rows = self._rows(f"SELECT * FROM submissions WHERE id IN ({_marks(keep)}) ORDER BY id DESC", keep)
+        return [_row_to_sub(r) for r in rows]
+
+    def feedback_file(self, sub_id: int, feedback_id: int) -> FeedbackFile | None:
+        return next((f for f in self.feedback_for(sub_id) if f.id == feedback_id), None)
+
+    def feedback_candidates(self, route: str, parts: Iterable[str]) -> list[Submission]:
+        parts = sorted(set(parts))
+        states = [str(st) for st in REACHED_STATES]
+        in_states = f"state IN ({', '.join('?' for _ in states)})"
+        found: dict[int, Submission] = {}
+        with self._lock:
+            for i in range(0, len(parts), 400):  # well under SQLite's bound on parameters
+                chunk = parts[i:i + 400]
+                marks = ", ".join("?" for _ in chunk)
+                for where in (f"tracking_id IS NOT NULL AND tracking_id IN ({marks}) AND route = ?",
+                              f"route = ? AND {STEM_SQL} IN ({marks})"):
+                    args = [*chunk, route] if where.startswith("tracking_id") else [route, *chunk]
+                    for row in self._db.execute(f"SELECT * FROM submissions WHERE {where} AND {in_states}",
+                                                args + states):
+                        found[row["id"]] = _row_to_sub(row)
+        return sorted(found.values(), key=lambda sub: sub.id)
+
+    # -- alerts ----------------------------------------------------------------------------
+    def mark_alerted(self, sub_id: int, kind: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO alerts (submission_id, kind, sent_at) VALUES (?, ?, ?)",
+                             (sub_id, kind, utcnow().isoformat()))
+            return cur.rowcount == 1
+
+    def unalerted(self, states: Iterable[State]) -> list[Submission]:
+        names = [str(st) for st in states]
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM submissions s WHERE state IN ({', '.join('?' for _ in names)}) AND NOT EXISTS "
+                "(SELECT 1 FROM alerts a WHERE a.submission_id = s.id AND a.kind = s.state) ORDER BY id",
+                names).fetchall()
+        return [_row_to_sub(r) for r in rows]
+
+    # -- filing calendar -------------------------------------------------------------------
+    def list_created(self, route: str, since: datetime, until: datetime) -> list[Submission]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM submissions WHERE route = ? AND created_at >= ? AND created_at < ? ORDER BY id",
+                (route, _ts(since), _ts(until))).fetchall()
+        return [_row_to_sub(r) for r in rows]
+
+    def save_occurrence(self, occ: Occurrence) -> None:
+        values = [getattr(occ, c) for c in _OCC_COLS]
+        values = [_ts(v) if isinstance(v, datetime) else int(v) if isinstance(v, bool) else v for v in values]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _OCC_COLS[2:])
+        with self._tx() as db:
+            # INSERT ... ON CONFLICT DO UPDATE: the same statement works on PostgreSQL.
+            db.execute(f"INSERT INTO calendar_occurrences ({', '.join(_OCC_COLS)}) "
+                       f"VALUES ({', '.join('?' for _ in _OCC_COLS)}) "
+                       f"ON CONFLICT (expectation, deadline) DO UPDATE SET {updates}", values)
+
+    def occurrences(self, expectation: str | None = None, since: datetime | None = None,
+                    until: datetime | None = None, open_only: bool = False) -> list[Occurrence]:
+        sql, args = "SELECT * FROM calendar_occurrences WHERE 1=1", []
+        if expectation is not None:
+            sql += " AND expectation = ?"
+            args.append(expectation)
+        if since is not None:
+            sql += " AND deadline >= ?"
+            args.append(_ts(since))
+        if until is not None:
+            sql += " AND deadline < ?"
+            args.append(_ts(until))
+        if open_only:
+            sql += " AND closed = 0"
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY deadline, expectation", args).fetchall()
+        return [_row_to_occ(r) for r in rows]
+
+    def last_occurrence(self, expectation: str) -> Occurrence | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM calendar_occurrences WHERE expectation = ? "
+                                   "ORDER BY deadline DESC LIMIT 1", (expectation,)).fetchone()
+        return None if row is None else _row_to_occ(row)
+
+    def calendar_alerts(self, expectation: str, deadline: datetime) -> dict[str, CalendarAlert]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM calendar_alerts WHERE expectation = ? AND deadline = ?",
+                                    (expectation, _ts(deadline))).fetchall()
+        return {r["kind"]: CalendarAlert(
+            r["expectation"], datetime.fromisoformat(r["deadline"]), r["kind"],
+            datetime.fromisoformat(r["first_sent_at"]), datetime.fromisoformat(r["last_sent_at"]), r["sent_count"],
+            datetime.fromisoformat(r["cleared_at"]) if r["cleared_at"] else None) for r in rows}
+
+    def record_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO calendar_alerts (expectation, deadline, kind, first_sent_at, last_sent_at, "
+                       "sent_count, cleared_at) VALUES (?, ?, ?, ?, ?, 1, NULL) "
+                       "ON CONFLICT (expectation, deadline, kind) DO UPDATE SET last_sent_at = excluded.last_sent_at, "
+                       "sent_count = calendar_alerts.sent_count + 1, cleared_at = NULL",
+                       (expectation, _ts(deadline), kind, _ts(at), _ts(at)))
+
+    def clear_calendar_alert(self, expectation: str, deadline: datetime, kind: str, at: datetime) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE calendar_alerts SET cleared_at = ? WHERE expectation = ? AND deadline = ? "
+                       "AND kind = ? AND cleared_at IS NULL", (_ts(at), expectation, _ts(deadline), kind))
 
     def lock_instance(self, holder: str) -> bool:
         """An flock on ``JOURNAL.lock`` held until the process ends (the kernel drops it if the
@@ -418,7 +817,8 @@ class SQLiteStore(Store):
             self._fenced_attempt(db, attempt_id, epoch)
             db.execute("UPDATE attempts SET outcome = ?, detail = COALESCE(?, detail), decide_by = ?, "
                        "ended_at = CASE WHEN ? = 'UNCONFIRMED' THEN ended_at ELSE ? END WHERE id = ?",
-                       (outcome.value, detail, decide_by.isoformat() if decide_by else None, outcome.value, now,
+                       (outcome.value, None if detail is None else redact(detail),
+                        decide_by.isoformat() if decide_by else None, outcome.value, now,
                         attempt_id))
         return self._attempt(attempt_id)
 
@@ -465,6 +865,10 @@ class SQLiteStore(Store):
         return self.get(sub_id)
 
     def close(self) -> None:
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         with self._lock:
             self._db.close()
         fd = getattr(self, "_instance_fd", None)

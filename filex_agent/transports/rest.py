@@ -221,7 +221,7 @@ class RestTransport(Transport):
              written: list[int]) -> int | None:
         what = f"download of out/{name} from {redact_url(presigned.url)}"
         try:
-            with self._http.stream("GET", presigned.url, follow_redirects=True) as resp:
+            with self._http.stream("GET", presigned.url, follow_redirects=False) as resp:  # never to another host
                 if not resp.is_success:
                     resp.read()
                     if _is_expired(resp):

@@ -156,6 +156,7 @@ class SftpSession:
         known_hosts: Path | None = None,
         host_key_fingerprints: list[str] | tuple[str, ...] = (),
         auto_accept_host_key: bool = False,
+        tofu_known_hosts: Path | None = None,
         keepalive_seconds: int = 30,
         connect_timeout: float = 10.0,
         channels: int = 2,
@@ -177,6 +178,9 @@ class SftpSession:
         self.known_hosts = known_hosts
         self.host_key_fingerprints = [_norm_fp(f) for f in host_key_fingerprints]
         self.auto_accept_host_key = auto_accept_host_key
+        # auto_accept_host_key is trust-on-first-use: the first key is recorded here (the agent's
+        # own file) and any other key is refused afterwards.
+        self.tofu_known_hosts = tofu_known_hosts
         self.keepalive_seconds = keepalive_seconds
         self.connect_timeout = connect_timeout
         self.channels = max(1, channels)
@@ -221,23 +225,29 @@ class SftpSession:
                 raise AuthError(f"{self.label}: cannot read private key {self._private_key_path}: {e.strerror}") from e
         return self._pkey
 
+    @property
+    def _known_hosts_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
     def _known_host_keys(self) -> dict[str, paramiko.PKey]:
-        if self.known_hosts is None:
-            return {}
-        hk = paramiko.HostKeys()
-        try:
-            hk.load(str(self.known_hosts))
-        except FileNotFoundError:
-            log.warning("%s: known_hosts file %s does not exist", self.label, self.known_hosts)
-            return {}
-        except OSError as e:
-            raise PermanentError(f"{self.label}: cannot read known_hosts {self.known_hosts}: {e}") from e
-        names = [self.host] if self.port == 22 else [f"[{self.host}]:{self.port}"]
+        """Keys known for this host: the configured known_hosts, then the agent's own
+        trust-on-first-use file (``{key type: key}``)."""
         found: dict[str, paramiko.PKey] = {}
-        for name in names:
-            entry = hk.lookup(name)
+        for path, configured in ((self.known_hosts, True), (self.tofu_known_hosts, False)):
+            if path is None:
+                continue
+            hk = paramiko.HostKeys()
+            try:
+                hk.load(str(path))
+            except FileNotFoundError:
+                if configured:
+                    log.warning("%s: known_hosts file %s does not exist", self.label, path)
+                continue
+            except OSError as e:
+                raise PermanentError(f"{self.label}: cannot read known_hosts {path}: {e}") from e
+            entry = hk.lookup(self._known_hosts_name)
             if entry:
-                found.update({k: entry[k] for k in entry.keys()})
+                found.update({k: entry[k] for k in entry.keys() if k not in found})
         return found
 
     def _check_host_key(self, key: paramiko.PKey, known: dict[str, paramiko.PKey]) -> None:
@@ -249,19 +259,34 @@ class SftpSession:
         ktype = key.get_name()
         hint = f'if it is legitimate (check with the operator), pin it: [sftp] host_key_fingerprints = ["{fp}"]'
         if known:
-            # known_hosts has a key for this host and this is not it: refuse even with
-            # auto-accept, as OpenSSH does.
-            raise PermanentError(
-                f"{self.label}: host key CHANGED: server offered {ktype} {fp}, which matches no entry for this "
-                f"host in {self.known_hosts} (possible man-in-the-middle); {hint}"
-            )
+            # A key is known for this host and this is not it: refuse even with auto-accept,
+            # as OpenSSH does, naming both keys.
+            where = " or ".join(str(p) for p in (self.known_hosts, self.tofu_known_hosts) if p is not None)
+            old = ", ".join(f"{t} {fingerprint(k)}" for t, k in known.items())
+            msg = (f"{self.label}: host key CHANGED for {self._known_hosts_name}: known {old} (in {where}), "
+                   f"server now offers {ktype} {fp} — possible man-in-the-middle, nothing is sent. If the "
+                   f"change is legitimate (confirm with FINRA), remove the host's line from {where}; {hint}")
+            log.error("%s", msg)
+            raise PermanentError(msg)
         if self.host_key_fingerprints:
             raise PermanentError(
                 f"{self.label}: host key mismatch: server offered {ktype} {fp}, pinned "
                 f"{', '.join(self.host_key_fingerprints)}; {hint}"
             )
         if self.auto_accept_host_key:
-            log.warning("%s: accepting unknown host key %s %s (auto_accept_host_key=true)", self.label, ktype, fp)
+            record = self.tofu_known_hosts or self.known_hosts
+            if record is None:
+                raise PermanentError(f"{self.label}: auto_accept_host_key needs a known_hosts file to record "
+                                     f"the first key in; server offered {ktype} {fp}; {hint}")
+            record.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "a", encoding="ascii") as f:
+                f.write(f"{self._known_hosts_name} {ktype} {key.get_base64()}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            log.warning("%s: first connection: trusting host key %s %s and recording it in %s "
+                        "(auto_accept_host_key=true); a different key is refused from now on",
+                        self.label, ktype, fp, record)
             return
         raise PermanentError(f"{self.label}: unknown host key: server offered {ktype} {fp}; {hint}")
 
