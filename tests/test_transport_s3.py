@@ -723,17 +723,23 @@ def test_connection_refused_before_the_put_is_retried(moto: Moto, proxy: FaultPr
     assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
 
 
-def test_part_failures_are_retried_and_the_object_is_made_once(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
-    # Parts are no filing: a part stored then answered 503 may be sent again before Complete.
+@pytest.mark.parametrize("faults,forwarded", [
+    (["store_then_503", "store_then_drop"], 3 + 2),  # stored, then the answer lost: sent again
+    (["reset_mid_body", "reset_mid_body"], 3),  # cut off half-way: botocore rewinds, hashes stay right
+])
+def test_part_failures_are_retried_and_the_object_is_made_once(moto: Moto, proxy: FaultProxy, tmp_path: Path,
+                                                               faults: list[str], forwarded: int) -> None:
+    # Parts are no filing: a part may be sent again before Complete.
     t, events = via(proxy, moto)
-    local = tmp_path / "parts.dat"
+    local = tmp_path / f"parts-{faults[0]}.dat"
     digest = write_random(local, 11 * MIB)
-    proxy.faults = [(upload_part, "store_then_503"), (upload_part, "store_then_drop")]
+    proxy.faults = [(upload_part, f) for f in faults]
     result = t.upload(local, local.name)
-    assert proxy.count(upload_part) == 3 + 2 and proxy.count(complete_multipart) == 1
+    assert len(proxy.injected) == 2
+    assert proxy.count(upload_part) == forwarded and proxy.count(complete_multipart) == 1
     assert events == ["commit"]
     assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
-    assert result.sent_sha256 == digest
+    assert result.sent_sha256 == digest  # the part digests survived the resends
 
 
 def test_on_commit_refusal_sends_nothing(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
@@ -819,17 +825,6 @@ def test_body_reset_mid_way_is_rewound_and_stored_exactly(moto: Moto, proxy: Fau
     assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
     assert result.sent_sha256 == digest
     assert result.detail["md5"] == hashlib.md5(local.read_bytes()).hexdigest() == result.detail["etag"]
-
-
-def test_part_reset_mid_way_is_rewound_and_hashed_once(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
-    t, _ = via(proxy, moto)
-    local = tmp_path / "rewound-parts.bin"
-    digest = write_random(local, 11 * MIB)
-    proxy.faults = [(upload_part, "reset_mid_body"), (upload_part, "reset_mid_body")]
-    result = t.upload(local, local.name)
-    assert len(proxy.injected) == 2
-    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
-    assert result.sent_sha256 == digest  # the part digests survived the rewinds
 
 
 def test_big_single_put_etag_is_right_while_in_is_listed(moto: Moto, tmp_path: Path) -> None:
