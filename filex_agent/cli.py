@@ -1,4 +1,4 @@
-"""Command line: `filex-agent run|routes|status|submit|ls|track|release|profiles|audit|calendar|doctor`.
+"""Command line: `filex-agent run|routes|status|submit|ls|track|release|profiles|audit|calendar|doctor|nodes|journal`.
 
 Exit codes: 0 ok, 1 operation failed, 2 bad configuration or usage.
 """
@@ -125,7 +125,7 @@ def cmd_routes(args) -> int:
 def status_rows(cfg: Config) -> list[dict[str, Any]]:
     from filex_agent.store import open_store
 
-    store = open_store(cfg.journal_path)
+    store = open_store(cfg.journal_path, journal=cfg.journal)
     try:
         rows = []
         for s in store.list():
@@ -326,7 +326,7 @@ def _cli_audit_hooks(cfg: Config):
         log.warning("audit log %s not writable by this user (%s); the agent records these changes later",
                     cfg.audit_path, exc.strerror)
         return None
-    store = open_store(cfg.journal_path)  # the hooks' own handle: read-only use (events, feedback)
+    store = open_store(cfg.journal_path, journal=cfg.journal)  # the hooks' own handle: read-only use (events, feedback)
     return AuditHooks(audit, store)
 
 
@@ -421,6 +421,69 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_nodes(args) -> int:
+    """The agents sharing this journal: last heartbeat, uploads held, singletons led."""
+    from filex_agent.store import open_store
+
+    cfg = _load(args)
+    store = open_store(cfg.journal_path, journal=cfg.journal)
+    try:
+        now = store.now()
+        nodes, leaders = store.nodes(), store.leaders()
+    finally:
+        store.close()
+    live = cfg.journal.lease_seconds
+    rows = [{"node": n.node, "alive": (now - n.heartbeat_at).total_seconds() <= live,
+             "last_heartbeat": n.heartbeat_at.isoformat(), "seconds_ago": round((now - n.heartbeat_at).total_seconds(), 1),
+             "started_at": n.started_at.isoformat(), "pid": n.info.get("pid"), "version": n.info.get("version"),
+             "uploading": n.holds, "leads": n.leads} for n in nodes]
+    leads = [{"singleton": name, "owner": lead.owner, "lease_until": lead.lease_until.isoformat(),
+              "live": lead.lease_until > now, "epoch": lead.epoch} for name, lead in leaders.items()]
+    if args.json:
+        print(json.dumps({"journal": _journal_name(cfg), "now": now.isoformat(), "nodes": rows, "leaders": leads},
+                         indent=2))
+        return 0
+    print(f"journal: {_journal_name(cfg)}")
+    _emit(args, [{**r, "alive": "yes" if r["alive"] else f"NO (silent {r['seconds_ago']:.0f}s)",
+                  "leads": ", ".join(r["leads"])} for r in rows],
+          ["node", "alive", "last_heartbeat", "pid", "version", "uploading", "leads"])
+    for lead in leads:
+        print(f"  {lead['singleton']}: led by {lead['owner']}" + ("" if lead["live"] else " (lease expired: none leads)"))
+    return 0
+
+
+def _journal_name(cfg: Config) -> str:
+    return cfg.journal.url if cfg.journal.is_postgres else str(cfg.journal_path)
+
+
+def cmd_journal(args) -> int:
+    """`journal migrate`: copy the SQLite journal into an empty PostgreSQL one, once."""
+    from filex_agent.config import parse_journal
+    from filex_agent.store.migrate import sqlite_to_postgres
+    from filex_agent.store.postgres import open_postgres
+
+    cfg = _load(args)
+    source = Path(args.source) if args.source else cfg.journal_path
+    url = args.to or (cfg.journal.url if cfg.journal.is_postgres else None)
+    if not url:
+        raise ConfigError("--to", "the PostgreSQL journal to copy into: --to postgresql://user@host/dbname")
+    settings = {**cfg.journal.model_dump(exclude_none=True), "url": url}
+    if args.password:
+        settings["password"] = args.password
+    # The same checks as [journal]: no password inside the URL, the password a reference.
+    target_cfg = parse_journal(settings)
+    if not target_cfg.is_postgres:
+        raise ConfigError("--to", "must be a postgresql:// URL")
+    target = open_postgres(target_cfg)
+    try:
+        copied = sqlite_to_postgres(source, target)
+    finally:
+        target.close()
+    print(f"copied {source} into {target_cfg.url}: " + ", ".join(f"{t} {n}" for t, n in copied.items()))
+    print("now set [journal] url (and password) in every agent's config to this database and start them")
+    return 0
+
+
 def _parse_day(value: str | None, key: str, default):
     """--from/--to: a date (local midnight in UTC terms) or an ISO date-time."""
     from datetime import datetime, timezone
@@ -446,7 +509,7 @@ def cmd_calendar(args) -> int:
     until = _parse_day(args.until, "--to", now + timedelta(days=14))
     if until <= since:
         raise ConfigError("--to", "must be after --from")
-    store = open_store(cfg.journal_path)
+    store = open_store(cfg.journal_path, journal=cfg.journal)
     try:
         rows = calendar_rows(cfg, store, since, until, now)
     finally:
@@ -505,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--from", dest="since", metavar="DATE", help="from DATE (YYYY-MM-DD or ISO time, UTC; default 7 days ago)")
     ca.add_argument("--to", dest="until", metavar="DATE", help="until DATE (default 14 days ahead)")
     add("doctor", cmd_doctor, "check config, credentials, entitlements and connectivity, one line per check")
+    add("nodes", cmd_nodes, "the agents sharing the journal: heartbeat, uploads held, singletons led", json_flag=True)
+    jr = add("journal", cmd_journal, "journal maintenance: `migrate` copies the SQLite journal into PostgreSQL")
+    jr.add_argument("action", choices=["migrate"])
+    jr.add_argument("--to", metavar="URL", help="postgresql://user@host/dbname (default: [journal] url)")
+    jr.add_argument("--password", metavar="REF", help="env:VAR, file:/path or systemd:NAME (default: [journal] password)")
+    jr.add_argument("--from", dest="source", metavar="PATH", help="the SQLite journal (default: the config's)")
     return p
 
 

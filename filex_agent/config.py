@@ -10,12 +10,14 @@ import fnmatch
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 import zoneinfo
 from datetime import datetime, time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -111,7 +113,7 @@ class AgentSettings(_Strict):
     # Graceful shutdown: uploads in flight may finish within this many seconds.
     shutdown_grace_seconds: float = Field(30.0, ge=0)
     workers: int = Field(4, ge=1, le=64)
-    # Journal: "sqlite" (default, file in data_dir) — the store interface admits others.
+    # Kept for old configs; where the journal lives is [journal] (url: SQLite or PostgreSQL).
     store: Literal["sqlite"] = "sqlite"
     # Feedback files, reason files and archived originals: this mode and group, so that e.g. a
     # compliance group can read FINRA's feedback. Group default: data_dir's group.
@@ -211,14 +213,6 @@ class TrackingSettings(_Strict):
     # shown no trace of it for this long. fileX promises no delay between its bucket storing a
     # file and tracking showing it; minutes, not seconds, so a slow fileX never gets a double.
     unconfirmed_settle_seconds: float = Field(900.0, gt=0)
-
-
-class JournalSettings(_Strict):
-    # This agent's name among the agents sharing a journal (defaults to the host name).
-    node_name: str | None = None
-    # An upload's owner renews its lease every lease_seconds / 3; a lease not renewed for this
-    # long is taken over (the owner died or stalled) and its upload decided from fileX's evidence.
-    lease_seconds: float = Field(30.0, ge=1)
 
 
 class WatcherSettings(_Strict):
@@ -620,12 +614,69 @@ class NotifySettings(_Strict):
         return self
 
 
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class JournalSettings(_Strict):
+    """Where the journal lives. Unset (or ``sqlite:///PATH``): the embedded SQLite file, default
+    ``data_dir/journal.sqlite3``. ``postgresql://user@host[:port]/db``: one journal shared by
+    several agents (high availability); its password is a secret reference, never in the URL."""
+
+    url: str | None = None
+    password: SecretRef | None = None
+    # libpq's: verify-full checks the server's certificate and name against sslrootcert.
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    sslrootcert: Path | None = None
+    # This agent's name in the cluster (owner of its leases, row in `filex-agent nodes`).
+    node_name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0] or "localhost")
+    # A node that stops renewing (dead, paused, cut off) loses its uploads and singletons after this.
+    lease_seconds: float = Field(30.0, ge=1, le=3600)
+    statement_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    pool_size: int = Field(8, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> "JournalSettings":
+        if not NODE_NAME_RE.match(self.node_name):
+            raise ConfigError("journal.node_name", "letters, digits, '.', '_' and '-' only (at most 63)")
+        if self.url is None or self.url.startswith("sqlite:"):
+            if self.url is not None and not self.url.startswith("sqlite:///"):
+                raise ConfigError("journal.url", "an SQLite journal is written sqlite:///PATH")
+            for key in ("password", "sslmode", "sslrootcert"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"journal.{key}", "only for a postgresql:// journal")
+            return self
+        # Never echo the URL in an error: it may hold the very password being refused.
+        try:
+            parts = urlsplit(self.url)
+            has_password = parts.password is not None
+        except ValueError:
+            raise ConfigError("journal.url", "not a valid URL") from None
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ConfigError("journal.url", "must be postgresql://user@host/dbname or sqlite:///PATH")
+        query = {k.lower() for k, _ in parse_qsl(parts.query)}
+        if has_password or "password" in query:
+            raise ConfigError("journal.url", "contains a password: put a reference in journal.password "
+                                             "(env:VAR, file:/path or systemd:NAME) instead")
+        if not parts.hostname or not parts.path.strip("/"):
+            raise ConfigError("journal.url", "needs a host and a database name: postgresql://user@host/dbname")
+        if self.sslrootcert is not None and self.sslmode not in ("verify-ca", "verify-full"):
+            raise ConfigError("journal.sslmode", "set verify-ca or verify-full for sslrootcert to be checked")
+        return self
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url is not None and not self.url.startswith("sqlite:")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        return Path(self.url[len("sqlite:///"):]) if self.url and self.url.startswith("sqlite:///") else None
+
+
 class Config(_Strict):
     agent: AgentSettings
     environment: EnvironmentSettings = EnvironmentSettings()
     network: NetworkSettings = NetworkSettings()
     tracking: TrackingSettings = TrackingSettings()
-    journal: JournalSettings = JournalSettings()
     watcher: WatcherSettings = WatcherSettings()
     s3: S3Settings = S3Settings()
     sftp: SftpSettings = SftpSettings()
@@ -633,12 +684,16 @@ class Config(_Strict):
     web: WebSettings = WebSettings()
     audit: AuditSettings = AuditSettings()
     notify: NotifySettings = NotifySettings()
+    journal: JournalSettings = JournalSettings()
     credentials: dict[str, CredentialSettings] = {}
     routes: list[RouteSettings] = []
     expectations: list[ExpectationSettings] = []
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
+        if self.journal.is_postgres and self.journal.pool_size < self.agent.workers + 2:
+            # Each upload worker holds a connection at times; the heartbeat and tracker need theirs.
+            raise ConfigError("journal.pool_size", f"at least agent.workers + 2 ({self.agent.workers + 2})")
         names: set[str] = set()
         outboxes: dict[Path, str] = {}
         for i, r in enumerate(self.routes):
@@ -694,11 +749,16 @@ class Config(_Strict):
 
     @property
     def journal_path(self) -> Path:
-        return self.agent.data_dir / "journal.sqlite3"
+        """The SQLite journal's file (unused when the journal is PostgreSQL)."""
+        return self.journal.sqlite_path or self.agent.data_dir / "journal.sqlite3"
 
     @property
     def audit_path(self) -> Path:
-        return self.audit.path or self.agent.data_dir / "audit.jsonl"
+        if self.audit.path:
+            return self.audit.path
+        # A shared journal: one hash chain per node (data_dir may be shared too), named by node.
+        return self.agent.data_dir / (f"audit-{self.journal.node_name}.jsonl" if self.journal.is_postgres
+                                      else "audit.jsonl")
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -713,10 +773,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> Config:
-    """Validate a config mapping; raise ConfigError naming the first bad key."""
+def _validate(model: type[_Strict], data: dict[str, Any], prefix: str = "") -> Any:
+    """``model`` from ``data``, or the ConfigError naming the first bad key."""
     try:
-        cfg = Config.model_validate(data)
+        return model.model_validate(data)
     except ConfigError:
         raise
     except ValidationError as exc:
@@ -727,7 +787,17 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> Config:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise ConfigError(_loc(err["loc"]) or "config", msg) from None
+        raise ConfigError(prefix + _loc(err["loc"]) or "config", msg) from None
+
+
+def parse_journal(data: dict[str, Any]) -> "JournalSettings":
+    """A ``[journal]`` table on its own (``journal migrate --to``), with the same checks."""
+    return _validate(JournalSettings, data, "journal.")
+
+
+def parse_config(data: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Validate a config mapping; raise ConfigError naming the first bad key."""
+    cfg = _validate(Config, data)
     if base_dir is not None:
         cfg = _absolutise(cfg, base_dir)
     return cfg
@@ -750,8 +820,11 @@ def _absolutise(cfg: Config, base: Path) -> Config:
     audit = cfg.audit.model_copy(update={"path": fix(cfg.audit.path)})
     web = cfg.web.model_copy(update={"tls_cert": fix(cfg.web.tls_cert), "tls_key": fix(cfg.web.tls_key)})
     notify = cfg.notify.model_copy(update={"smtp_ca_file": fix(cfg.notify.smtp_ca_file)})
+    journal = cfg.journal.model_copy(update={"sslrootcert": fix(cfg.journal.sslrootcert)})
+    if cfg.journal.sqlite_path is not None:
+        journal = journal.model_copy(update={"url": f"sqlite:///{fix(cfg.journal.sqlite_path)}"})
     return cfg.model_copy(update={"agent": agent, "routes": routes, "credentials": creds, "sftp": sftp,
-                                  "audit": audit, "notify": notify, "web": web})
+                                  "audit": audit, "notify": notify, "web": web, "journal": journal})
 
 
 def load_config(path: Path | str) -> Config:

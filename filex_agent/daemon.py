@@ -23,7 +23,7 @@ from filex_agent.feedback import FeedbackCollector
 from filex_agent.filing_calendar import hold_for_window
 from filex_agent.fsutil import cleanup_partials
 from filex_agent.hooks import Hooks, LoggingHooks, MultiHooks
-from filex_agent.leases import Heartbeat, new_owner, node_name, owner_is_dead_here
+from filex_agent.leases import Heartbeat, Leadership, new_owner, node_name, owner_is_dead_here
 from filex_agent.reconciler import Reconciler, unconfirmed_flag
 from filex_agent.store import Outcome, State, StateConflict, Store, Submission, open_store, utcnow
 from filex_agent.submitter import Submitter
@@ -36,7 +36,7 @@ class Daemon:
     def __init__(self, config: Config, *, store: Store | None = None, hooks: Hooks | None = None,
                  dispatch_interval: float = 1.0, role: str = "run", exclusive: bool = False):
         self.config = config
-        self.store = store or open_store(config.journal_path)
+        self.store = store or open_store(config.journal_path, journal=config.journal)
         self.hooks = MultiHooks(LoggingHooks(), *([hooks] if hooks else []))
         self.connections = Connections(config, on_retry=self.hooks.retry)
         self.node = node_name(config)
@@ -48,8 +48,13 @@ class Daemon:
         self.feedback = FeedbackCollector(config, self.store, self.connections, self.hooks)
         self.tracker = Tracker(config, self.store, self.connections, self.submitter, self.hooks)
         self.reconciler = Reconciler(config, self.store, self.connections, self.submitter, self.hooks, self.owner)
+        # Singletons (tracking, feedback, audit sweep, alerts) run where this says, one agent at a
+        # time; a journal only this process uses (SQLite) needs no election.
+        self.leadership = Leadership(self.store, self.owner, self.node, config.journal.lease_seconds,
+                                     info=self._node_info, always=exclusive or not self.store.shared,
+                                     ) if role == "run" else None
         self.heartbeat = Heartbeat(self.store, self.owner, config.journal.lease_seconds,
-                                   held=self._held, on_lost=self._leases_lost)
+                                   held=self._held, on_lost=self._leases_lost, leadership=self.leadership)
         self._last_rescue = 0.0
         self.dispatch_interval = dispatch_interval
         self.executor = ThreadPoolExecutor(config.agent.workers, thread_name_prefix="upload")
@@ -68,6 +73,11 @@ class Daemon:
 
         check_spools(self.config)  # a spool a producer replaced (link, not ours): refuse to start
         self.recover()
+        if self.leadership is not None:
+            try:  # now, not a third of a lease later: a lone agent tracks from its first cycle
+                self.leadership.beat()
+            except Exception as exc:  # noqa: BLE001 - the heartbeat tries again
+                log.warning("joining the cluster failed (the heartbeat retries): %s", exc)
         self.heartbeat.start()
         self.watcher = OutboxWatcher(self.config.routes, self._on_candidate,
                                      rescan_interval=self.config.watcher.rescan_interval_seconds)
@@ -118,6 +128,8 @@ class Daemon:
                         "evidence, never sent blindly again", grace)
             self._cut_off()
         self.heartbeat.stop()
+        if self.leadership is not None:
+            self.leadership.resign()
         self._conn_leases.close_retired()
         try:
             self.connections.close()
@@ -233,12 +245,28 @@ class Daemon:
             with self._lock:
                 self._inflight.pop(sub_id, None)
 
+    def leads(self, singleton: str) -> bool:
+        """Whether this process runs ``singleton`` now (leases.SINGLETONS)."""
+        return self.leadership is not None and self.leadership.leads(singleton)
+
+    def _node_info(self) -> dict:
+        from filex_agent import __version__
+
+        return {"pid": os.getpid(), "owner": self.owner, "version": __version__,
+                "routes": [r.name for r in self.config.routes], "workers": self.config.agent.workers,
+                "uploading": len(self._held())}
+
     def track_and_collect(self) -> None:
         with self._conn_leases.lease(lambda: self.connections):
             self._track_and_collect()
 
     def _track_and_collect(self) -> None:
-        for step in (self.rescue_expired, self._reconcile, self.tracker.poll, self.feedback.collect_all):
+        steps = [self.rescue_expired]
+        if self.leads("tracking"):
+            steps += [self._reconcile, self.tracker.poll]
+        if self.leads("feedback"):
+            steps.append(self.feedback.collect_all)
+        for step in steps:
             if self._stopping.is_set():
                 return
             try:
@@ -266,10 +294,20 @@ class Daemon:
             if sub.id in self._held():
                 continue  # our own, slow heartbeat: the worker is still at it
             self._guarded(sub, self._rescue, "its owner stopped renewing its lease")
+        if not (self.store.shared and self.leads("tracking")):
+            return
+        # A claim whose agent died between its journal row and its rename (another machine);
+        # by the leader only: two rescuers of one claim could each think the other's rename lost it.
+        stale = self.store.now() - timedelta(seconds=2 * self.config.journal.lease_seconds)
+        for sub in self.store.list([State.CLAIMING]):
+            if sub.updated_at < stale:
+                self._guarded(sub, self._recover_claim)
 
     def _rescue(self, sub: Submission, why: str, force: bool = False) -> None:
         sub = self.store.take_over(sub.id, self.owner, force=force)
-        pending = [a for a in self.store.attempts(sub.id) if a.outcome is Outcome.PENDING]
+        # SENT too: its owner died between recording the attempt SENT and the row SUBMITTED (two
+        # writes); fileX has it, so it must never be taken for "nothing can have landed".
+        pending = [a for a in self.store.attempts(sub.id) if a.outcome in (Outcome.PENDING, Outcome.SENT)]
         att = pending[-1] if pending else None
         if att is not None and att.may_have_landed:
             decide_by = self.store.now() + timedelta(seconds=self.config.tracking.unconfirmed_settle_seconds)
@@ -323,14 +361,20 @@ class Daemon:
             except OSError as exc:
                 log.error("route %s: cleaning up after a crash failed: %s", route.name, exc)
         for sub in self.store.list([State.CLAIMING]):
-            self._guarded(sub, self._recover_claim)
+            # Not a live agent's claim in progress (a shared journal): those are its own.
+            if not sub.owner or self._exclusive_over(sub.owner) or owner_is_dead_here(sub.owner, self.node):
+                self._guarded(sub, self._recover_claim)
         for sub in self.store.list([State.UPLOADING]):
-            if self.exclusive and (sub.owner or "").endswith(":run") or owner_is_dead_here(sub.owner, self.node):
+            if self._exclusive_over(sub.owner) or owner_is_dead_here(sub.owner, self.node):
                 self._guarded(sub, self._rescue, "the agent that was uploading it is gone", True)
         self.rescue_expired()
         for sub in self.store.list():
             if sub.move_to:
                 self._guarded(sub, self.submitter.finish_move)
+
+    def _exclusive_over(self, owner: str | None) -> bool:
+        """This process holds the journal alone, so ``owner``, a `run` before it, is dead."""
+        return self.exclusive and (owner or "").endswith(":run")
 
     def _recover_claim(self, sub: Submission) -> None:
         src, dst = Path(sub.source_path), Path(sub.local_path)

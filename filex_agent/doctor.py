@@ -78,6 +78,7 @@ class Doctor:
                         "add a [[routes]] table per outbox")
         self.check_folders(cfg)
         self.check_secrets(cfg)
+        self.check_journal(cfg)
         self.check_metrics(cfg)
         self.check_calendar(cfg)
         # Fail fast on network calls: two attempts, short backoff.
@@ -155,6 +156,8 @@ class Doctor:
             refs.append(("notify.webhook_url", cfg.notify.webhook_url))
         if cfg.notify.smtp_password is not None:
             refs.append(("notify.smtp_password", cfg.notify.smtp_password))
+        if cfg.journal.password is not None:
+            refs.append(("journal.password", cfg.journal.password))
         from filex_agent.logging_setup import register_secret
 
         for key, ref in refs:
@@ -168,6 +171,54 @@ class Doctor:
                 self.report(False, key, f"{ref} is empty", _secret_fix(str(ref)))
             else:
                 self.report(True, key, f"{ref} resolves ({len(value)} characters)")
+
+    # Clock skew past this between a node and the journal's server is a failure: leases are
+    # reckoned by the server, but retry times (next_attempt_at) and logs by the node.
+    MAX_SKEW_SECONDS = 2.0
+
+    def check_journal(self, cfg: Config) -> None:
+        """Reachable, schema version, and (PostgreSQL) this node's clock against the server's."""
+        import time
+
+        from filex_agent.store import SCHEMA_VERSION, SchemaTooNew, open_store
+        from filex_agent.store import utcnow
+
+        if not cfg.journal.is_postgres and not cfg.journal_path.exists():
+            self.report(True, "journal", f"SQLite {cfg.journal_path} will be created at the first start")
+            return
+        where = cfg.journal.url if cfg.journal.is_postgres else f"SQLite {cfg.journal_path}"
+        try:
+            store = open_store(cfg.journal_path, journal=cfg.journal)
+        except SchemaTooNew as exc:
+            self.report(False, "journal", str(exc), "install the filex-agent version the other nodes run")
+            return
+        except (FilexError, OSError) as exc:
+            self.report(False, "journal", f"{where}: {_describe_error(exc)}",
+                        "check the server is up and reachable from this host (host, port, pg_hba.conf), the "
+                        "database and user exist, journal.password, and sslmode/sslrootcert" if cfg.journal.is_postgres
+                        else "check data_dir is writable and the file is an SQLite journal")
+            return
+        try:
+            self.report(True, "journal", f"{where} reachable, schema version {store.schema_version()} "
+                                         f"(this agent: {SCHEMA_VERSION})")
+            if not store.shared:
+                return
+            before = time.monotonic()
+            server = store.now()
+            rtt = time.monotonic() - before
+            skew = (utcnow() - server).total_seconds() - rtt / 2
+            detail = f"this node's clock is {abs(skew):.2f}s {'ahead of' if skew > 0 else 'behind'} the journal server's"
+            if abs(skew) > self.MAX_SKEW_SECONDS:
+                self.report(False, "journal clock", detail,
+                            "run NTP (chrony or systemd-timesyncd) on every node and on the database server")
+            else:
+                self.report(True, "journal clock", detail)
+            others = [n for n in store.nodes() if n.node == cfg.journal.node_name and n.info.get("pid") and
+                      (server - n.heartbeat_at).total_seconds() < cfg.journal.lease_seconds]
+            self.report(True, "journal.node_name", f"{cfg.journal.node_name}" +
+                        (" (an agent of this name is running now)" if others else ""))
+        finally:
+            store.close()
 
     def check_metrics(self, cfg: Config) -> None:
         if not cfg.metrics.enabled:

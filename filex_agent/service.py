@@ -65,7 +65,7 @@ class Service:
         self.cfg = cfg
         self.config_path = config_path
         self.notifier = build_notifier(cfg.notify)  # first: a missing secret stops us before anything opens
-        self.store = open_store(cfg.journal_path)
+        self.store = open_store(cfg.journal_path, journal=cfg.journal)
         try:
             exclusive = self.store.lock_instance(f"pid {os.getpid()} on {socket.gethostname()}, "
                                                  f"started {datetime.now().astimezone():%Y-%m-%d %H:%M:%S %Z}")
@@ -211,14 +211,18 @@ class Service:
 
     def periodic(self) -> None:
         """Every minute: problem checks, filing calendar, token counters, queue gauges, audit catch-up."""
-        self.checks.run()
-        self._guard(self.calendar.run)
+        if self.daemon.leads("alerts"):  # one agent of a cluster alerts and keeps the calendar, not each
+            self.checks.run()
+            self._guard(self.calendar.run)
         self.metrics_hooks.poll_token_refreshes(self.daemon.connections)
         self.metrics_hooks.refresh(r.name for r in self.daemon.config.routes)
         self._sweep()
 
     def _sweep(self) -> None:
-        # Journal events no hook announced (recovery, upload started, tracking status changes).
+        # Journal events no hook announced (recovery, upload started, tracking status changes);
+        # in a cluster the leader's chain records them (each node's hooks record its own work).
+        if not self.daemon.leads("audit-sweep"):
+            return
         for sub in self.store.list([*PENDING_STATES, State.HELD]):
             self.audit_hooks.catch_up(sub.id)
 

@@ -30,7 +30,8 @@ from filex_agent.hooks import Hooks
 from filex_agent.leases import new_owner
 from filex_agent.reconciler import unconfirmed_flag
 from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
-from filex_agent.store import Attempt, Outcome, StaleEpoch, State, StateConflict, Store, Submission, utcnow
+from filex_agent.store import (Attempt, Duplicate, Outcome, StaleEpoch, State, StateConflict, Store, Submission,
+                               utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,19 @@ class Submitter:
             # Not the file's fault: it stays in the outbox, and is taken once the spool is fixed.
             log.error("%s; %s stays in the outbox", exc, path.name)
             return None
-        sub = self.store.create(route=route.name, org=route.org, application=route.application,
-                                transport=route.transports[0], file_name=path.name, source_path=str(path),
-                                local_path=str(path), state=State.CLAIMING)
+        try:
+            # owner: who is claiming, so that recovery leaves a live agent's claim alone.
+            sub = self.store.create(route=route.name, org=route.org, application=route.application,
+                                    transport=route.transports[0], file_name=path.name, source_path=str(path),
+                                    local_path=str(path), state=State.CLAIMING, owner=self.owner)
+        except Duplicate:
+            log.debug("%s is being claimed by another agent", path)
+            return None
         return self.complete_claim(sub, trigger)
 
-    def complete_claim(self, sub: Submission, trigger: Path | None = None) -> Submission:
-        """Second half of a claim (also used by recovery): refuse links, rename into the spool."""
+    def complete_claim(self, sub: Submission, trigger: Path | None = None) -> Submission | None:
+        """Second half of a claim (also used by recovery): refuse links, rename into the spool.
+        None when another agent sharing the journal claimed the file first (this row is gone)."""
         route = self.config.route(sub.route)
         path = Path(sub.source_path)
         if trigger is None and route.readiness == "trigger":
@@ -82,8 +89,7 @@ class Submitter:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
-                                         reason="the file disappeared from the outbox before it was claimed; nothing was sent")
+            return self._vanished(sub)
         if stat_mod.S_ISLNK(st.st_mode):
             target = os.readlink(path)
             return self._fail(sub, path, f"refused: {path.name} is a symbolic link (to {target}); "
@@ -95,21 +101,46 @@ class Submitter:
         try:
             problem = claim_into_spool(route, sub.id, path)
         except FileNotFoundError:
-            return self.store.transition(sub.id, State.FAILED, "vanished", final_at=utcnow(),
-                                         reason="the file disappeared from the outbox before it was claimed; nothing was sent")
+            return self._vanished(sub)
         if problem:
             return self._fail(sub, target, problem)
-        sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING})
+        sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING}, owner=None)
         self.hooks.submission_changed(sub, "claimed")
         return self.validate(sub)
 
+    def _vanished(self, sub: Submission) -> Submission | None:
+        if self.store.discard_claim(sub.id):  # another agent's claim took it: let go, silently
+            log.debug("%s was claimed by another agent", sub.source_path)
+            return None
+        try:
+            return self.store.transition(sub.id, State.FAILED, "vanished", expect={State.CLAIMING}, final_at=utcnow(),
+                                         owner=None, reason="the file disappeared from the outbox before it was "
+                                                            "claimed; nothing was sent")
+        except StateConflict:  # a rescuer completed this very claim meanwhile: the file is in the spool
+            return None
+
     def validate(self, sub: Submission) -> Submission:
-        """Name rules, size, readability, duplicate content. FAILED/HELD or stays QUEUED."""
+        """Name rules, size, readability, duplicate content. FAILED/HELD or stays QUEUED.
+
+        The row is QUEUED already, so another agent sharing the journal may start (and even
+        finish and archive) it meanwhile: every verdict here applies only while it is still
+        QUEUED, else the other agent's work stands."""
+        try:
+            return self._validate(sub)
+        except StateConflict as exc:
+            log.info("submission %s was taken on by another agent while it was checked: %s", sub.id, exc)
+            return self.store.get(sub.id)
+
+    def _validate(self, sub: Submission) -> Submission:
         route = self.config.route(sub.route)
         path = Path(sub.local_path)
+
+        def fail(reason: str) -> Submission:
+            return self._fail(sub, path, reason, expect=State.QUEUED)
+
         reason = valid_remote_name(sub.file_name)
         if reason:
-            return self._fail(sub, path, f"{reason}; the file was not uploaded. Rename it and drop it again.")
+            return fail(f"{reason}; the file was not uploaded. Rename it and drop it again.")
         try:
             st = path.stat()
             if st.st_nlink > 1:
@@ -118,21 +149,21 @@ class Submitter:
                 _private_copy(path)
                 st = path.stat()
             if st.st_size == 0:
-                return self._fail(sub, path, "the file is empty; nothing was uploaded")
+                return fail("the file is empty; nothing was uploaded")
             limit = route.max_size_mb * 1024 * 1024
             if st.st_size > limit:
-                return self._fail(sub, path, f"the file is {st.st_size} bytes, over the route's limit of "
-                                             f"{route.max_size_mb} MB (max_size_mb); not uploaded")
+                return fail(f"the file is {st.st_size} bytes, over the route's limit of "
+                            f"{route.max_size_mb} MB (max_size_mb); not uploaded")
             digest = sha256_file(path)
         except PermissionError:
-            return self._fail(sub, path, "the file cannot be read by the agent (permission denied); not uploaded")
+            return fail("the file cannot be read by the agent (permission denied); not uploaded")
         except OSError as exc:
-            return self._fail(sub, path, f"the file cannot be read: {exc.strerror}; not uploaded")
+            return fail(f"the file cannot be read: {exc.strerror}; not uploaded")
         sub = self.store.update(sub.id, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
         earlier = self.store.find_same_content(sub.org, sub.application, digest, exclude_id=sub.id)
         if earlier is not None:
             sub = self.store.transition(
-                sub.id, State.HELD, "duplicate", held_by=earlier.id,
+                sub.id, State.HELD, "duplicate", expect={State.QUEUED}, held_by=earlier.id,
                 reason=(f"same content (sha256 {digest[:12]}…) as submission {earlier.id} ({earlier.file_name}, "
                         f"{earlier.state}); held, not sent. Run `filex-agent release {sub.id}` to send it anyway."))
             self.hooks.submission_changed(sub, "HELD")
@@ -316,12 +347,13 @@ class Submitter:
         self.hooks.submission_changed(sub, "retry")
         return sub
 
-    def _fail(self, sub: Submission, path: Path, reason: str, epoch: int | None = None) -> Submission:
+    def _fail(self, sub: Submission, path: Path, reason: str, epoch: int | None = None,
+              expect: State | None = None) -> Submission:
         """Move the file aside to ``failed`` with a reason file; never delete it."""
         route = self.config.route(sub.route)
         failed_dir = route.folder("failed", self.config.agent.data_dir)
         sub = self.store.transition(sub.id, State.FAILED, "failed", epoch=epoch, reason=reason, final_at=utcnow(),
-                                    move_to=str(failed_dir), **_RELEASE)
+                                    move_to=str(failed_dir), expect=None if expect is None else {expect}, **_RELEASE)
         if os.path.lexists(path):
             dest = move_no_clobber(path, failed_dir)
             apply_perms(dest, self.config.file_perms)

@@ -75,3 +75,66 @@ def rest_daemon(sandbox_config):
         yield d
     finally:
         d.stop(grace=5)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server for the session (skipped, with the reason, where there is none)."""
+    from tests.pg_fixture import PgServer, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    server = PgServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(pg_server, request):
+    """A fresh database on the session's server, for one test; its URL (no password in it)."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    return pg_server.database(name)
+
+
+def open_test_store(request, kind: str, sqlite_path):
+    """A Store of ``kind``: the SQLite file ``sqlite_path``, or the test's PostgreSQL database."""
+    if kind == "sqlite":
+        from filex_agent.store.sqlite import SQLiteStore
+
+        return SQLiteStore(sqlite_path)
+    from filex_agent.store.postgres import PostgresStore
+
+    server = request.getfixturevalue("pg_server")
+    return PostgresStore(request.getfixturevalue("pg_url"), password=server.password)
+
+
+@pytest.fixture
+def store_of_kind(request):
+    """``open_test_store`` for fixtures of other modules (a test module cannot import conftest)."""
+    return lambda kind, sqlite_path: open_test_store(request, kind, sqlite_path)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def journal(request, tmp_path):
+    """Opens the test's journal, SQLite or PostgreSQL (the Store conformance suite runs on both);
+    each call is a new handle on the same journal (a reopen, or another node)."""
+    opened = []
+
+    def open_journal():
+        store = open_test_store(request, request.param, tmp_path / "j.sqlite3")
+        opened.append(store)
+        return store
+
+    open_journal.kind = request.param
+    yield open_journal
+    for store in opened:
+        try:
+            store.close()
+        except Exception:
+            pass

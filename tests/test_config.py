@@ -129,3 +129,56 @@ def test_example_config_is_valid(monkeypatch):
     assert cfg.routes, "the example documents at least one route"
     assert [e.recurrence for e in cfg.expectations] == ["business_day", "quarter_end", "days_of_month"]
     assert cfg.routes[0].submission_window is not None
+
+
+@pytest.mark.parametrize("journal,key,words", [
+    ({"url": "postgresql://filex:hunter2@db.example.com/filex"}, "journal.url", "contains a password"),
+    ({"url": "postgresql://filex@db.example.com/filex?password=hunter2"}, "journal.url", "contains a password"),
+    ({"url": "mysql://filex@db/filex"}, "journal.url", "postgresql://"),
+    ({"url": "postgresql://filex@db.example.com"}, "journal.url", "database name"),
+    ({"url": "sqlite:/j.db"}, "journal.url", "sqlite:///PATH"),
+    ({"url": "postgresql://filex@db/filex", "password": "hunter2"}, "journal.password", "reference"),
+    ({"password": "env:X"}, "journal.password", "only for a postgresql"),
+    ({"url": "postgresql://filex@db/filex", "sslrootcert": "/ca.pem"}, "journal.sslmode", "verify-full"),
+    ({"node_name": "a:b"}, "journal.node_name", "letters"),
+    ({"lease_seconds": 0}, "journal.lease_seconds", ""),
+])
+def test_bad_journal_settings_name_the_key_and_never_echo_a_password(journal, key, words):
+    with pytest.raises(ConfigError) as e:
+        parse_config(_with("journal", journal))
+    assert e.value.key == key
+    assert words.lower() in str(e.value).lower()
+    assert "hunter2" not in str(e.value)
+
+
+def test_journal_defaults_and_choices(tmp_path):
+    import socket
+
+    cfg = parse_config(BASE)
+    assert not cfg.journal.is_postgres and cfg.journal_path == Path("/tmp/filex-test/journal.sqlite3")
+    assert cfg.journal.lease_seconds == 30 and cfg.journal.node_name == socket.gethostname().split(".")[0]
+    cfg = parse_config(_with("journal", {"url": "sqlite:///j/journal.db"}), base_dir=tmp_path)
+    assert cfg.journal_path == tmp_path / "j" / "journal.db"
+    cfg = parse_config(_with("journal", {"url": "postgresql://filex@db.example.com:5433/filex",
+                                         "password": "systemd:journal-password", "sslmode": "verify-full",
+                                         "sslrootcert": "ca.pem", "node_name": "node-b", "lease_seconds": 12}),
+                       base_dir=tmp_path)
+    assert cfg.journal.is_postgres and cfg.journal.sslrootcert == tmp_path / "ca.pem"
+    assert cfg.journal.node_name == "node-b" and cfg.journal.lease_seconds == 12
+
+
+def test_open_store_chooses_the_configured_journal(tmp_path, pg_server, pg_url, monkeypatch):
+    from filex_agent.store import open_store
+    from filex_agent.store.postgres import PostgresStore
+    from filex_agent.store.sqlite import SQLiteStore
+
+    st = open_store(tmp_path / "x.db", journal=parse_config(BASE).journal)
+    assert isinstance(st, SQLiteStore) and st.path == tmp_path / "x.db"
+    st.close()
+    monkeypatch.setenv("FILEX_JOURNAL_PW", pg_server.password)
+    cfg = parse_config(_with("journal", {"url": pg_url, "password": "env:FILEX_JOURNAL_PW", "sslmode": "disable"}))
+    st = open_store(cfg.journal_path, journal=cfg.journal)
+    try:
+        assert isinstance(st, PostgresStore) and st.schema_version() >= 3
+    finally:
+        st.close()

@@ -29,14 +29,18 @@ from filex_agent.sandbox import Sandbox, UploadLogEntry
 TIMEOUT = httpx.Timeout(10.0)
 
 
-@pytest.fixture(scope="module")
-def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    box = Sandbox(tmp_path_factory.mktemp("sandbox"), processing_delay=0.3)
+def running_sandbox(data_dir: Path, **kw: Any) -> Iterator[Sandbox]:
+    box = Sandbox(data_dir, **kw)
     box.start()
     try:
         yield box
     finally:
         box.stop()
+
+
+@pytest.fixture(scope="module")
+def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    yield from running_sandbox(tmp_path_factory.mktemp("sandbox"), processing_delay=0.3)
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +108,8 @@ def temp_s3(sb: Sandbox, tok: S3TransferTokens) -> Any:
                         aws_access_key_id=c.accessKeyId, aws_secret_access_key=c.secretAccessKey,
                         aws_session_token=c.sessionToken,
                         config=BotoConfig(signature_version="s3v4", request_checksum_calculation="when_required",
-                                          retries={"max_attempts": 1}))
+                                          # one attempt: a retry would hide the fault under test
+                                          retries={"total_max_attempts": 1}))
 
 
 # ---------------------------------------------------------------------- FIP tokens
@@ -189,6 +194,9 @@ def test_put_rules(api: httpx.Client) -> None:
     assert api.put("/files/0001/app1/in/bad%23name.txt").status_code == 400
     assert api.put("/files/0001/app1/in/with space.txt").status_code == 400
     assert api.put("/files/0001/app1/in/ok:!@,&-='_.txt").status_code == 200
+    # Temporary names are never taken from in/, so fileX-as-documented-here refuses them up front.
+    assert api.put("/files/0001/app1/in/.hidden.txt").status_code == 400
+    assert api.put("/files/0001/app1/in/report.csv.filepart").status_code == 400
 
 
 # ---------------------------------------------------------------------- REST lifecycle
@@ -497,3 +505,220 @@ def test_processor_retries_an_object_it_could_not_read(api: httpx.Client, sb: Sa
     rec = wait_final(api, tid)
     assert len(failed) == 2 and rec.fileSize == 5
     assert len([u for u in sb.uploads() if u.tracking_id == tid]) == 1
+
+
+# ---------------------------------------------------------------------- strict like fileX's documents
+def s3_code(exc: pytest.ExceptionInfo[ClientError]) -> str:
+    return str(exc.value.response["Error"]["Code"])
+
+
+def test_transfer_token_cannot_read_in(api: httpx.Client, sb: Sandbox) -> None:
+    tok = S3TransferTokens.model_validate(api.get("/S3TransferTokens/0001/app1").json())
+    s3 = temp_s3(sb, tok)
+    # A lagging fileX keeps the object in in/, so refusal is not "it is gone already".
+    sb.receive_lag = 30
+    try:
+        s3.put_object(Bucket=sb.bucket, Key="0001/app1/in/secret.txt", Body=b"filed")
+        assert sb.admin_s3.head_object(Bucket=sb.bucket, Key="0001/app1/in/secret.txt")["ContentLength"] == 5
+        with pytest.raises(ClientError) as exc:
+            s3.head_object(Bucket=sb.bucket, Key="0001/app1/in/secret.txt")
+        assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+        with pytest.raises(ClientError) as exc:
+            s3.get_object(Bucket=sb.bucket, Key="0001/app1/in/secret.txt")
+        assert s3_code(exc) == "AccessDenied"
+        for prefix in ("0001/app1/in/", "0001/app1/in/secret", "0001/app1/", "0001/app1/in"):
+            with pytest.raises(ClientError) as exc:
+                s3.list_objects_v2(Bucket=sb.bucket, Prefix=prefix)
+            assert s3_code(exc) == "AccessDenied", prefix
+        # Only writing: no delete, no copy, no multipart listing, no reading parts.
+        with pytest.raises(ClientError) as exc:
+            s3.delete_object(Bucket=sb.bucket, Key="0001/app1/in/secret.txt")
+        assert s3_code(exc) == "AccessDenied"
+        with pytest.raises(ClientError) as exc:
+            s3.copy_object(Bucket=sb.bucket, Key="0001/app1/in/copy.txt",
+                           CopySource={"Bucket": sb.bucket, "Key": "0001/app1/in/secret.txt"})
+        assert s3_code(exc) == "AccessDenied"
+        with pytest.raises(ClientError) as exc:
+            s3.list_multipart_uploads(Bucket=sb.bucket, Prefix="0001/app1/in/")
+        assert s3_code(exc) == "AccessDenied"
+        up = s3.create_multipart_upload(Bucket=sb.bucket, Key="0001/app1/in/mp.bin")["UploadId"]
+        s3.upload_part(Bucket=sb.bucket, Key="0001/app1/in/mp.bin", UploadId=up, PartNumber=1, Body=b"p")
+        with pytest.raises(ClientError) as exc:
+            s3.list_parts(Bucket=sb.bucket, Key="0001/app1/in/mp.bin", UploadId=up)
+        assert s3_code(exc) == "AccessDenied"
+        s3.abort_multipart_upload(Bucket=sb.bucket, Key="0001/app1/in/mp.bin", UploadId=up)
+    finally:
+        sb.receive_lag = 0
+    entry = wait_for(lambda: next((u for u in sb.uploads() if u.key == "0001/app1/in/secret.txt"), None))
+    rec = wait_final(api, entry.tracking_id)
+    # out/ and in_arcv/ are readable and listable with the same token.
+    sb.admin_s3.put_object(Bucket=sb.bucket, Key="0001/app1/out/readable.txt", Body=b"out")
+    assert s3.get_object(Bucket=sb.bucket, Key="0001/app1/out/readable.txt")["Body"].read() == b"out"
+    assert s3.head_object(Bucket=sb.bucket, Key=f"0001/app1/in_arcv/{rec.arcvFileName}")["ContentLength"] == 5
+    for prefix in ("0001/app1/out/", "0001/app1/in_arcv/"):
+        assert s3.list_objects_v2(Bucket=sb.bucket, Prefix=prefix)["KeyCount"] >= 1
+    # The sandbox's own admin calls are not bound by any grant.
+    assert "Contents" in sb.admin_s3.list_objects_v2(Bucket=sb.bucket, Prefix="0001/app1/")
+
+
+def test_presigned_put_url_cannot_read_or_write_elsewhere(api: httpx.Client, sb: Sandbox) -> None:
+    sb.receive_lag = 30
+    try:
+        p = PresignedUrl.model_validate(api.put("/files/0001/app2/in/only-put.txt").json())
+        assert httpx.put(p.url, content=b"bytes", timeout=TIMEOUT).status_code == 200
+        for method in ("GET", "HEAD", "DELETE"):
+            r = httpx.request(method, p.url, timeout=TIMEOUT)
+            assert r.status_code == 403, method
+        other = p.url.replace("/only-put.txt", "/elsewhere.txt")
+        assert httpx.put(other, content=b"x", timeout=TIMEOUT).status_code == 403
+        # A GET URL for out/ cannot write there either.
+        sb.admin_s3.put_object(Bucket=sb.bucket, Key="0001/app2/out/fb.txt", Body=b"fb")
+        g = PresignedUrl.model_validate(api.get("/files/0001/app2/out/fb.txt").json())
+        assert httpx.get(g.url, timeout=TIMEOUT).content == b"fb"
+        assert httpx.put(g.url, content=b"overwrite", timeout=TIMEOUT).status_code == 403
+    finally:
+        sb.receive_lag = 0
+    assert wait_final(api, p.trackingId or "").fileSize == 5
+    assert not any(u.key.endswith("/elsewhere.txt") for u in sb.uploads())
+
+
+# ---------------------------------------------------------------------- faults after the side effect
+def test_s3_status_after_stores_the_object_and_answers_5xx(api: httpx.Client, sb: Sandbox) -> None:
+    tok = S3TransferTokens.model_validate(api.get("/S3TransferTokens/0001/app1").json())
+    s3 = temp_s3(sb, tok)
+    data = os.urandom(20_000)
+    sb.inject_fault("status", target="s3", after=True, status=500, operation="PutObject",
+                    path_prefix=f"/{sb.bucket}/0001/app1/in/after-")
+    with pytest.raises(ClientError) as exc:
+        s3.put_object(Bucket=sb.bucket, Key="0001/app1/in/after-status.bin", Body=data)
+    assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+    entry = wait_for(lambda: next((u for u in sb.uploads() if u.key == "0001/app1/in/after-status.bin"), None))
+    assert entry.sha256 == hashlib.sha256(data).hexdigest() and entry.size == len(data)
+    assert [a.operation for a in sb.arrivals() if a.key == "0001/app1/in/after-status.bin"] == ["PutObject"]
+
+
+def test_s3_drop_after_stores_the_object_and_closes_the_connection(api: httpx.Client, sb: Sandbox) -> None:
+    data = b"dropped answer"
+    r = httpx.post(sb.api_base_url + "/_sandbox/faults", timeout=TIMEOUT,
+                   json={"kind": "drop", "target": "s3", "after": True, "method": "PUT",
+                         "path_prefix": f"/{sb.bucket}/0001/app1/in/drop-after"})
+    assert r.status_code == 200
+    p = PresignedUrl.model_validate(api.put("/files/0001/app1/in/drop-after.txt").json())
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        httpx.put(p.url, content=data, timeout=TIMEOUT)
+    rec = wait_final(api, p.trackingId or "")
+    assert rec.fileSize == len(data)
+    assert upload_entry(sb, p.trackingId or "").sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_s3_drop_before_stores_nothing(api: httpx.Client, sb: Sandbox) -> None:
+    sb.inject_fault("drop", target="s3", path_prefix=f"/{sb.bucket}/0001/app1/in/drop-before")
+    p = PresignedUrl.model_validate(api.put("/files/0001/app1/in/drop-before.txt").json())
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        httpx.put(p.url, content=b"never", timeout=TIMEOUT)
+    time.sleep(0.6)  # a few processor cycles
+    assert track(api, p.trackingId or "").status == "Request Received"
+    assert not any(a.key.endswith("/drop-before.txt") for a in sb.arrivals())
+
+
+def test_s3_fault_on_complete_multipart_only(api: httpx.Client, sb: Sandbox) -> None:
+    """The operation filter picks CompleteMultipartUpload (POST ?uploadId=) and not the parts;
+    the upload completes and is filed whole, and the client sees a 503."""
+    tok = S3TransferTokens.model_validate(api.get("/S3TransferTokens/0001/app1").json())
+    s3 = temp_s3(sb, tok)
+    key = "0001/app1/in/mp-after.bin"
+    parts = [os.urandom(5 * 1024 * 1024), b"tail"]
+    sb.inject_fault("status", target="s3", after=True, operation="CompleteMultipartUpload")
+    up = s3.create_multipart_upload(Bucket=sb.bucket, Key=key)["UploadId"]
+    etags = [s3.upload_part(Bucket=sb.bucket, Key=key, UploadId=up, PartNumber=i + 1, Body=b)["ETag"]
+             for i, b in enumerate(parts)]
+    done = {"Parts": [{"ETag": e, "PartNumber": i + 1} for i, e in enumerate(etags)]}
+    with pytest.raises(ClientError) as exc:
+        s3.complete_multipart_upload(Bucket=sb.bucket, Key=key, UploadId=up, MultipartUpload=done)
+    assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    entry = wait_for(lambda: next((u for u in sb.uploads() if u.key == key), None))
+    assert entry.sha256 == hashlib.sha256(b"".join(parts)).hexdigest()
+    assert [a.operation for a in sb.arrivals() if a.key == key] == ["CompleteMultipartUpload"]
+
+
+def test_s3_fault_after_upload_part_keeps_the_part(api: httpx.Client, sb: Sandbox) -> None:
+    """UploadPart answered 503 after moto stored the part: completing with that part's ETag works."""
+    tok = S3TransferTokens.model_validate(api.get("/S3TransferTokens/0001/app1").json())
+    s3 = temp_s3(sb, tok)
+    key = "0001/app1/in/part-after.bin"
+    body = b"one small last part"
+    md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
+    up = s3.create_multipart_upload(Bucket=sb.bucket, Key=key)["UploadId"]
+    sb.inject_fault("status", target="s3", after=True, operation="UploadPart", method="PUT")
+    with pytest.raises(ClientError) as exc:
+        s3.upload_part(Bucket=sb.bucket, Key=key, UploadId=up, PartNumber=1, Body=body)
+    assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    s3.complete_multipart_upload(Bucket=sb.bucket, Key=key, UploadId=up,
+                                 MultipartUpload={"Parts": [{"ETag": f'"{md5}"', "PartNumber": 1}]})
+    assert wait_for(lambda: next((u for u in sb.uploads() if u.key == key), None)).sha256 == (
+        hashlib.sha256(body).hexdigest())
+
+
+@pytest.mark.parametrize("kind", ["status", "drop"])
+def test_api_after_fault_creates_the_tracking_record(api: httpx.Client, sb: Sandbox, kind: str) -> None:
+    name = f"api-after-{kind}.txt"
+    sb.inject_fault(kind, target="api", after=True, status=502, method="PUT", path_prefix="/files/0001/app1/in/")
+    before = {r["trackingId"] for r in sb.tracking_records()}
+    if kind == "status":
+        r = api.put(f"/files/0001/app1/in/{name}")
+        assert r.status_code == 502 and "trackingId" not in r.json()
+    else:
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            api.put(f"/files/0001/app1/in/{name}")
+    new = [r for r in sb.tracking_records() if r["trackingId"] not in before]
+    assert [(r["fileName"], r["status"]) for r in new] == [(name, "Request Received")]
+    # The record is visible to the client, who never learnt its id.
+    assert any(r["trackingId"] == new[0]["trackingId"] for r in api.get("/tracking").json())
+    # One fault, one request: the next works.
+    assert api.put(f"/files/0001/app1/in/{name}").status_code == 200
+
+
+def test_api_drop_before_does_nothing(api: httpx.Client, sb: Sandbox) -> None:
+    sb.inject_fault("drop", target="api", method="PUT")
+    before = len(sb.tracking_records())
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        api.put("/files/0001/app1/in/api-drop-before.txt")
+    assert len(sb.tracking_records()) == before
+
+
+def test_fault_validation(sb: Sandbox) -> None:
+    for kind, kw in (("slow", {"after": True}), ("garbage", {"target": "s3"}), ("status", {"target": "sftp"}),
+                     ("drop", {"target": "sftp", "operation": "chmod"}), ("drop", {"target": "ftp"}),
+                     ("receive_lag", {"seconds": -1})):
+        with pytest.raises(ValueError):
+            sb.inject_fault(kind, **kw)
+
+
+# ---------------------------------------------------------------------- receive lag
+def test_receive_lag_delays_every_arrival(api: httpx.Client, sb: Sandbox) -> None:
+    r = httpx.post(sb.api_base_url + "/_sandbox/faults", json={"kind": "receive_lag", "seconds": 1.5},
+                   timeout=TIMEOUT)
+    assert r.status_code == 200 and sb.receive_lag == 1.5
+    try:
+        p = PresignedUrl.model_validate(api.put("/files/0001/app2/in/lagged-rest.txt").json())
+        tok = S3TransferTokens.model_validate(api.get("/S3TransferTokens/0001/app2").json())
+        t0 = time.monotonic()
+        assert httpx.put(p.url, content=b"rest", timeout=TIMEOUT).status_code == 200
+        temp_s3(sb, tok).put_object(Bucket=sb.bucket, Key="0001/app2/in/lagged-s3.txt", Body=b"s3")
+        time.sleep(1.0)
+        # Not yet taken: REST still "Request Received", S3 has no record, both still in in/.
+        assert track(api, p.trackingId or "").status == "Request Received"
+        assert not any(r["fileName"] == "lagged-s3.txt" for r in sb.tracking_records())
+        keys = [o["Key"] for o in sb.admin_s3.list_objects_v2(Bucket=sb.bucket, Prefix="0001/app2/in/lagged")
+                .get("Contents", [])]
+        assert sorted(keys) == ["0001/app2/in/lagged-rest.txt", "0001/app2/in/lagged-s3.txt"]
+        rec = wait_for(lambda: (x if (x := track(api, p.trackingId or "")).status == "Received by FINRA" else None))
+        assert time.monotonic() - t0 >= 1.5
+        s3_entry = wait_for(lambda: next((u for u in sb.uploads() if u.key == "0001/app2/in/lagged-s3.txt"), None))
+        raw = [x for x in sb.tracking_records() if x["trackingId"] == s3_entry.tracking_id][0]
+        # submissionTime is when fileX took it; size and location as in the docs' sample.
+        assert raw["submissionTime"] is not None and raw["fileSize"] == 2 and raw["uploadLocation"] == "0001/app2/in"
+        assert rec.fileSize == 4 and rec.submissionTime is not None
+    finally:
+        sb.clear_faults()
+    assert sb.receive_lag == 0  # clearing the faults ends the lag too

@@ -1,46 +1,59 @@
-"""The journal: state changes with events, compare-and-set, durability across reopen."""
+"""The journal's conformance suite: every test runs against SQLite and PostgreSQL (``journal``
+opens the test's journal; calling it again is a reopen, or a second node on the same journal)."""
 
+import sqlite3
 import threading
+import time
 
 import pytest
 
-from filex_agent.store import FeedbackAlreadyFiled, State, StateConflict
+from filex_agent.store import (Duplicate, FeedbackAlreadyFiled, Outcome, SchemaTooNew, StaleEpoch, State,
+                               StateConflict)
 from filex_agent.store.sqlite import SQLiteStore
 
 
 def _new(store, **kw):
-    base = dict(route="r", org="0001", application="app1", transport="rest", file_name="a.csv",
-                source_path="/o/a.csv", local_path="/o/a.csv")
+    name = kw.get("file_name", "a.csv")
+    base = dict(route="r", org="0001", application="app1", transport="rest", file_name=name,
+                source_path=f"/o/{name}", local_path=f"/o/{name}")
     base.update(kw)
     return store.create(**base)
 
 
-def test_transitions_are_journaled_and_survive_reopen(tmp_path):
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+def _begin(store, sub_id, owner="me", lease=5.0):
+    return store.begin_upload(sub_id, owner, lease, transport="rest", remote_name="a.csv",
+                              upload_location="0001/app1/in")
+
+
+def test_transitions_are_journaled_and_survive_reopen(journal):
+    s = journal()
     sub = _new(s)
     assert sub.state is State.CLAIMING and sub.org == "0001"
     s.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING})
     s.transition(sub.id, State.UPLOADING, "upload started")
     s.transition(sub.id, State.SUBMITTED, "uploaded", tracking_id="t-1")
     s.close()
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+    s = journal()
     sub = s.get(sub.id)
     assert sub.state is State.SUBMITTED and sub.tracking_id == "t-1"
     assert [e.state for e in s.events(sub.id)] == ["CLAIMING", "QUEUED", "UPLOADING", "SUBMITTED"]
     assert s.list([State.SUBMITTED])[0].id == sub.id
     assert s.list([State.QUEUED]) == []
+    assert sub.created_at.tzinfo is not None and sub.updated_at >= sub.created_at
 
 
-def test_compare_and_set_refuses_a_stale_transition(tmp_path):
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+def test_compare_and_set_refuses_a_stale_transition(journal):
+    s = journal()
     sub = _new(s, state=State.QUEUED)
     s.transition(sub.id, State.UPLOADING, expect={State.QUEUED})
     with pytest.raises(StateConflict):
         s.transition(sub.id, State.UPLOADING, expect={State.QUEUED})
+    with pytest.raises(KeyError):
+        s.get(sub.id + 1000)
 
 
-def test_only_one_of_many_threads_wins_the_claim(tmp_path):
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+def test_only_one_of_many_threads_wins_the_claim(journal):
+    s = journal()
     sub = _new(s, state=State.QUEUED)
     wins = []
 
@@ -57,8 +70,45 @@ def test_only_one_of_many_threads_wins_the_claim(tmp_path):
     assert len(wins) == 1
 
 
-def test_same_content_lookup(tmp_path):
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+def test_nodes_racing_begin_upload_share_the_rows_each_exactly_once(journal):
+    """Four nodes (own handles: own connections) race for the same due rows: every row is begun
+    exactly once, the losers see StateConflict, and nothing else."""
+    first = journal()
+    ids = [_new(first, file_name=f"f{i}.csv", state=State.QUEUED).id for i in range(30)]
+    nodes = [first] + [journal() for _ in range(3)]
+    won: dict[str, list[int]] = {f"n{i}": [] for i in range(len(nodes))}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(nodes))
+
+    def node(name, store):
+        start.wait()
+        try:
+            while True:
+                due = store.due(store.now(), 10)
+                if not due:
+                    return
+                for sub_id in due:
+                    try:
+                        _begin(store, sub_id, owner=f"{name}:1:x")
+                        won[name].append(sub_id)
+                    except StateConflict:
+                        pass
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(f"n{i}", st)) for i, st in enumerate(nodes)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert not errors
+    claimed = sorted(i for lst in won.values() for i in lst)
+    assert claimed == ids  # each exactly once
+    for sub_id in ids:
+        assert [a.n for a in first.attempts(sub_id)] == [1]
+        assert first.get(sub_id).state is State.UPLOADING
+
+
+def test_same_content_lookup(journal):
+    s = journal()
     a = _new(s, sha256="x", state=State.ACCEPTED)
     b = _new(s, sha256="x", state=State.QUEUED)
     assert s.find_same_content("0001", "app1", "x", exclude_id=b.id).id == a.id
@@ -67,19 +117,20 @@ def test_same_content_lookup(tmp_path):
     assert s.find_same_content("0002", "app1", "x", exclude_id=0) is None
 
 
-def test_tracking_ids_are_unique(tmp_path):
-    import sqlite3
-
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+def test_tracking_ids_are_unique(journal):
+    s = journal()
     _new(s, tracking_id="t")
-    with pytest.raises(sqlite3.IntegrityError):
-        _new(s, tracking_id="t")
+    with pytest.raises(Duplicate):
+        _new(s, file_name="c.csv", tracking_id="t")
+    other = _new(s, file_name="b.csv")
+    with pytest.raises(Duplicate):
+        s.transition(other.id, State.SUBMITTED, tracking_id="t")
+    assert s.get(other.id).state is State.CLAIMING  # the refused transition left nothing behind
+    assert [e.state for e in s.events(other.id)] == ["CLAIMING"]
 
 
-def test_feedback_recorded_once(tmp_path):
-    import sqlite3
-
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+def test_feedback_recorded_once(journal):
+    s = journal()
     sub = _new(s)
     assert not s.feedback_seen("r", "f.txt", 10, "2025-01-01")
     s.record_feedback("r", "f.txt", 10, "2025-01-01", "/fb/f.txt", sub.id)
@@ -91,15 +142,28 @@ def test_feedback_recorded_once(tmp_path):
     assert [f.local_path for f in s.feedback_for(sub.id)] == ["/fb/f.txt"]
 
 
-def test_unknown_field_is_an_error(tmp_path):
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+def test_feedback_write_ahead_and_keys(journal):
+    s = journal()
+    s.begin_feedback("r", "a.txt", None, None)
+    s.begin_feedback("r", "a.txt", None, None)  # again (a retry after a crash): still one row
+    s.begin_feedback("r", "b.txt", 5, "m")
+    s.record_feedback("r", "b.txt", 5, "m", "/fb/b.txt", None)
+    assert s.feedback_keys("r") == ({("b.txt", 5, "m")}, {("a.txt", None, None)})
+    assert not s.feedback_seen("r", "a.txt", None, None)
+    s.record_feedback("r", "a.txt", None, None, "/fb/a.txt", None)
+    assert s.feedback_seen("r", "a.txt", None, None)
+    assert s.feedback_keys("other") == (set(), set())
+
+
+def test_unknown_field_is_an_error(journal):
+    s = journal()
     sub = _new(s)
     with pytest.raises(KeyError):
         s.update(sub.id, nonsense=1)
 
 
-def test_count_per_route_without_listing(tmp_path):
-    s = SQLiteStore(tmp_path / "j.sqlite3")
+def test_count_per_route_without_listing(journal):
+    s = journal()
     for i in range(3):
         _new(s, route="a", file_name=f"a{i}.csv", state=State.QUEUED)
     _new(s, route="a", file_name="up.csv", state=State.UPLOADING)
@@ -108,17 +172,29 @@ def test_count_per_route_without_listing(tmp_path):
     assert s.count([State.QUEUED]) == {"a": 3, "b": 1}
     assert s.count([State.QUEUED, State.UPLOADING], route="a") == {"a": 4}
     assert s.count([State.QUEUED], route="c") == {}
+    assert [x.file_name for x in s.list([State.QUEUED], route="a")] == ["a0.csv", "a1.csv", "a2.csv"]
 
 
-def test_attempts_leases_and_fencing(tmp_path):
-    from filex_agent.store import Outcome, StaleEpoch
+def test_due_is_oldest_first_and_respects_next_attempt(journal):
+    s = journal()
+    now = s.now()
+    a = _new(s, file_name="a.csv", state=State.QUEUED)
+    b = _new(s, file_name="b.csv", state=State.QUEUED)
+    later = _new(s, file_name="c.csv", state=State.QUEUED)
+    s.update(later.id, next_attempt_at=now.replace(year=now.year + 1))
+    _new(s, file_name="d.csv", state=State.HELD)
+    assert s.due(s.now(), 10) == [a.id, b.id]
+    assert s.due(s.now(), 1) == [a.id]
 
-    st = SQLiteStore(tmp_path / "j.db")
+
+def test_attempts_leases_and_fencing(journal):
+    st = journal()
     s = _new(st, state=State.QUEUED)
-    sub, att = st.begin_upload(s.id, "me", 5, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+    sub, att = _begin(st, s.id)
     assert sub.state is State.UPLOADING and sub.epoch == 1 and att.n == 1 and att.outcome is Outcome.PENDING
+    assert sub.lease_until > st.now()
     with pytest.raises(StateConflict):  # owned: nobody else may start it
-        st.begin_upload(s.id, "me", 5, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+        _begin(st, s.id)
     st.set_ticket(att.id, 1, "T1")
     a = st.commit_attempt(att.id, 1)
     assert a.may_have_landed and a.tracking_id == "T1" and st.get(s.id).tracking_id == "T1"
@@ -134,32 +210,122 @@ def test_attempts_leases_and_fencing(tmp_path):
         st.commit_attempt(att.id, 1)
     with pytest.raises(StaleEpoch):
         st.update(s.id, epoch=1, flag="x")
+    with pytest.raises(StaleEpoch):
+        st.end_attempt(att.id, Outcome.SENT, epoch=1)
+    assert st.get(s.id).state is State.UPLOADING and st.get(s.id).flag is None
     st.end_attempt(att.id, Outcome.UNCONFIRMED, "lost")
     assert [x.id for x in st.unconfirmed()] == [att.id]
+    assert st.attempts(s.id)[0].ended_at is None  # unconfirmed is not an end
     st.transition(s.id, State.QUEUED, epoch=2, owner=None, lease_until=None)
     with pytest.raises(StateConflict):  # never sent again while an attempt is unconfirmed
-        st.begin_upload(s.id, "me", 5, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+        _begin(st, s.id)
     st.end_attempt(att.id, Outcome.NOT_SENT, "no evidence")
-    sub, att2 = st.begin_upload(s.id, "me", 5, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+    assert st.unconfirmed() == [] and st.attempts(s.id)[0].ended_at is not None
+    sub, att2 = _begin(st, s.id)
     assert att2.n == 2 and sub.epoch == 3 and sub.attempts == 2
 
 
-def test_expired_lease_is_found_and_taken_over(tmp_path):
-    import time
+def test_a_stale_epoch_is_refused_across_nodes(journal):
+    """Node A's lease expires, node B takes the row over: A's writes, through its own handle, fail."""
+    a, b = journal(), journal()
+    s = _new(a, state=State.QUEUED)
+    sub, att = _begin(a, s.id, owner="A:1:x", lease=0.2)
+    time.sleep(0.4)
+    assert [x.id for x in b.expired_leases()] == [s.id]
+    taken = b.take_over(s.id, "B:1:y")
+    assert taken.epoch == sub.epoch + 1
+    with pytest.raises(StaleEpoch):
+        a.commit_attempt(att.id, sub.epoch)
+    with pytest.raises(StaleEpoch):
+        a.transition(s.id, State.SUBMITTED, epoch=sub.epoch)
+    assert a.attempts(s.id)[0].committed_at is None
 
-    st = SQLiteStore(tmp_path / "j.db")
+
+def test_expired_lease_is_found_and_taken_over(journal):
+    st = journal()
     s = _new(st, state=State.QUEUED)
-    st.begin_upload(s.id, "dead", 0.05, transport="rest", remote_name="a.csv", upload_location="0001/app1/in")
+    _begin(st, s.id, owner="dead", lease=0.05)
     time.sleep(0.1)
     assert [x.id for x in st.expired_leases()] == [s.id]
     assert st.renew_leases("dead", 5) == set()  # an expired lease is not renewed: it is lost
     assert [x.id for x in st.expired_leases()] == [s.id]
     taken = st.take_over(s.id, "rescuer")
     assert taken.owner == "rescuer" and taken.epoch == 2
+    st.transition(s.id, State.QUEUED, "settled by the rescuer", epoch=2, owner=None, lease_until=None)
+    with pytest.raises(StateConflict):  # a second rescuer, late: the row is settled already
+        st.take_over(s.id, "rescuer-2")
+    assert st.get(s.id).epoch == 2
+
+
+def test_one_leader_at_a_time_and_failover_after_the_lease(journal):
+    a, b = journal(), journal()
+    assert a.try_lead("tracking", "A:1:x", 0.3)
+    assert not b.try_lead("tracking", "B:1:y", 0.3)
+    assert a.try_lead("tracking", "A:1:x", 0.3)  # renewal keeps it
+    assert b.try_lead("feedback", "B:1:y", 30)  # another singleton, another leader
+    epoch = a.leaders()["tracking"].epoch
+    time.sleep(0.5)  # A stopped renewing (dead, paused): B takes over once the lease ran out
+    assert b.try_lead("tracking", "B:1:y", 30)
+    assert not a.try_lead("tracking", "A:1:x", 30)
+    lead = a.leaders()["tracking"]
+    assert lead.owner == "B:1:y" and lead.epoch == epoch + 1
+    b.resign("feedback", "B:1:y")  # a clean stop hands over at once
+    assert a.try_lead("feedback", "A:1:x", 30)
+
+
+def test_exactly_one_leader_among_racing_nodes(journal):
+    stores = [journal() for _ in range(4)]
+    results: dict[int, bool] = {}
+    start = threading.Barrier(len(stores))
+
+    def go(i):
+        start.wait()
+        results[i] = stores[i].try_lead("alerts", f"n{i}:1:x", 30)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(stores))]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert sorted(results.values()) == [False, False, False, True]
+
+
+def test_node_registry_shows_holds_and_leads(journal):
+    st = journal()
+    st.heartbeat_node("alpha", {"pid": 1, "version": "0.1.0"})
+    st.heartbeat_node("beta", {"pid": 2})
+    s1 = _new(st, file_name="a.csv", state=State.QUEUED)
+    s2 = _new(st, file_name="b.csv", state=State.QUEUED)
+    _begin(st, s1.id, owner="alpha:1:x")
+    _begin(st, s2.id, owner="alpha_x:9:y")  # another node whose name merely starts alike
+    assert st.try_lead("tracking", "alpha:1:x", 30)
+    first = {n.node: n for n in st.nodes()}
+    time.sleep(0.02)
+    st.heartbeat_node("alpha", {"pid": 3})
+    nodes = {n.node: n for n in st.nodes()}
+    assert set(nodes) == {"alpha", "beta"}
+    assert nodes["alpha"].holds == 1 and nodes["alpha"].leads == ["tracking"] and nodes["alpha"].info == {"pid": 3}
+    assert nodes["beta"].holds == 0 and nodes["beta"].leads == []
+    assert nodes["alpha"].heartbeat_at > first["alpha"].heartbeat_at
+    assert nodes["alpha"].started_at == first["alpha"].started_at
+
+
+def test_a_newer_journal_refuses_an_older_agent(journal, monkeypatch):
+    import filex_agent.store as store_pkg
+
+    st = journal()
+    assert st.schema_version() == store_pkg.SCHEMA_VERSION
+    st.close()
+    # This "build" knows one version less than the journal has.
+    older = store_pkg.SCHEMA_VERSION - 1
+    monkeypatch.setattr("filex_agent.store.sqlite.SCHEMA_VERSION", older)
+    monkeypatch.setattr("filex_agent.store.postgres.SCHEMA_VERSION", older)
+    with pytest.raises(SchemaTooNew, match=f"schema version {older + 1}.*up to {older}"):
+        journal()
 
 
 def test_old_journal_gains_the_new_columns(tmp_path):
     import sqlite3
+
+    from filex_agent.store.sqlite import SQLiteStore
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
@@ -182,6 +348,59 @@ def test_old_journal_gains_the_new_columns(tmp_path):
     (att,) = st.attempts(1)
     assert att.remote_name == "a.csv" and att.upload_location == "0001/app1/in" and not att.may_have_landed
     assert SQLiteStore(path).attempts(1) == [att]  # once
+
+
+def test_one_claim_per_outbox_file_and_the_loser_lets_go(journal):
+    a, b = journal(), journal()
+    mine = _new(a, source_path="/o/x.csv", local_path="/o/x.csv")
+    with pytest.raises(Duplicate):  # another agent claiming the same file at the same time
+        _new(b, source_path="/o/x.csv", local_path="/o/x.csv")
+    a.transition(mine.id, State.QUEUED, "claimed", local_path="/spool/1/x.csv")
+    # A slower agent saw the file before it left and claims it after: its rename finds nothing.
+    late = _new(b, source_path="/o/x.csv", local_path="/o/x.csv")
+    assert b.discard_claim(late.id)
+    with pytest.raises(KeyError):
+        b.get(late.id)
+    assert [s.id for s in b.list()] == [mine.id]
+    # A file that vanished with no other claim is not discarded (the caller records why).
+    alone = _new(b, source_path="/o/gone.csv", local_path="/o/gone.csv")
+    assert not b.discard_claim(alone.id)
+    assert not b.discard_claim(mine.id)  # not CLAIMING
+    assert b.get(alone.id).state is State.CLAIMING
+
+
+def test_calendar_occurrences_and_alerts(journal):
+    from datetime import datetime, timedelta, timezone
+
+    from filex_agent.store import Occurrence
+
+    s = journal()
+    d1 = datetime(2026, 12, 1, 21, 0, tzinfo=timezone.utc)
+    d2 = d1 + timedelta(days=1)
+
+    def occ(deadline, **kw):
+        return Occurrence(expectation="daily", deadline=deadline, opens_at=deadline - timedelta(hours=8),
+                          closes_at=deadline + timedelta(hours=1), route="r", pattern="*.csv",
+                          label=deadline.date().isoformat(), **{"state": "EXPECTED", **kw})
+
+    s.save_occurrence(occ(d1))
+    s.save_occurrence(occ(d2))
+    s.save_occurrence(occ(d1, on_time=True, submission_id=7, verdict="ACCEPTED", closed=True, state="ACCEPTED"))
+    got = s.occurrences("daily")
+    assert [(o.deadline, o.state, o.closed, o.on_time) for o in got] == [(d1, "ACCEPTED", True, True),
+                                                                          (d2, "EXPECTED", False, None)]
+    assert [o.deadline for o in s.occurrences(open_only=True)] == [d2]
+    assert [o.deadline for o in s.occurrences(since=d2)] == [d2] and s.occurrences(until=d1) == []
+    assert s.last_occurrence("daily").deadline == d2 and s.last_occurrence("other") is None
+    s.record_calendar_alert("daily", d2, "LATE", d2)
+    s.record_calendar_alert("daily", d2, "LATE", d2 + timedelta(minutes=5))
+    s.clear_calendar_alert("daily", d2, "LATE", d2 + timedelta(minutes=6))
+    (alert,) = s.calendar_alerts("daily", d2).values()
+    assert (alert.kind, alert.sent_count, alert.first_sent_at, alert.last_sent_at, alert.cleared_at) == (
+        "LATE", 2, d2, d2 + timedelta(minutes=5), d2 + timedelta(minutes=6))
+    sub = _new(s, route="r")
+    assert [x.id for x in s.list_created("r", sub.created_at, sub.created_at + timedelta(seconds=1))] == [sub.id]
+    assert s.list_created("r", sub.created_at + timedelta(seconds=1), sub.created_at + timedelta(seconds=2)) == []
 
 
 def test_feedback_key_time_is_the_utc_second_whatever_the_transport_wrote():
@@ -209,3 +428,40 @@ def test_older_feedback_rows_are_normalised_when_the_journal_is_opened(tmp_path)
     assert s.feedback_keys("r") == ({("a.txt", 5, "2025-08-22T21:29:58Z")}, set())
     assert s.feedback_seen("r", "a.txt", 5, "2025-08-22T21:29:58.000+00:00")
     s.close()
+
+
+def test_feedback_times_are_one_key_whatever_the_transport_wrote(journal):
+    s = journal()
+    s.begin_feedback("r", "a.txt", 5, "2025-08-22T17:29:58.000-04:00")  # REST's spelling
+    assert s.feedback_keys("r") == (set(), {("a.txt", 5, "2025-08-22T21:29:58Z")})
+    s.record_feedback("r", "a.txt", 5, "2025-08-22 21:29:58+00:00", "/fb/a.txt", None)  # S3's
+    assert s.feedback_seen("r", "a.txt", 5, "2025-08-22T21:29:58Z")
+    with pytest.raises(FeedbackAlreadyFiled):
+        s.record_feedback("r", "a.txt", 5, "2025-08-22T21:29:58.9Z", "/fb/a~1.txt", None)
+    assert s.feedback_keys("r") == ({("a.txt", 5, "2025-08-22T21:29:58Z")}, set())
+
+
+def test_feedback_candidates_by_tracking_id_or_stem(journal):
+    s = journal()
+    a = _new(s, file_name="REPORT.csv", state=State.SUBMITTED, tracking_id="t-a")
+    b = _new(s, file_name="arch.tar.gz", state=State.ACCEPTED, tracking_id="t-b")
+    _new(s, file_name="REPORT.txt", state=State.QUEUED)  # fileX has not got it: never a candidate
+    c = _new(s, file_name=".rc", state=State.REJECTED)
+    _new(s, route="other", file_name="REPORT.csv", state=State.SUBMITTED, tracking_id="t-x")
+    assert [x.id for x in s.feedback_candidates("r", ["REPORT", "zzz"])] == [a.id]
+    assert [x.id for x in s.feedback_candidates("r", ["arch.tar", "t-a"])] == [a.id, b.id]
+    assert [x.id for x in s.feedback_candidates("r", [".rc"])] == [c.id]
+    assert s.feedback_candidates("r", []) == []
+    # Its owner died after the PUT; fileX's feedback may come before the reconciler decides.
+    u = _new(s, file_name="LATE.csv", state=State.UNCONFIRMED)
+    assert [x.id for x in s.feedback_candidates("r", ["LATE"])] == [u.id]
+
+
+def test_each_alert_is_journaled_once(journal):
+    s = journal()
+    rej = _new(s, file_name="a.csv", state=State.REJECTED)
+    part = _new(s, file_name="b.csv", state=State.PARTIALLY_REJECTED)
+    assert [x.id for x in s.unalerted([State.REJECTED, State.PARTIALLY_REJECTED])] == [rej.id, part.id]
+    assert s.mark_alerted(rej.id, "REJECTED")
+    assert not s.mark_alerted(rej.id, "REJECTED")  # a second sender (restart, another agent) stands down
+    assert [x.id for x in s.unalerted([State.REJECTED, State.PARTIALLY_REJECTED])] == [part.id]

@@ -38,6 +38,13 @@ class StandInSandbox:
             aws_access_key_id="testing", aws_secret_access_key="testing",
         )
 
+    def take_faults(self, path: str, target: str = "api", method: str = "GET",
+                    operation: str | None = None) -> list[Any]:
+        return []  # no faults armed here; the real Sandbox's faults are tested in test_sandbox_sftp.py
+
+    def record_arrival(self, key: str, operation: str) -> None:
+        pass
+
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandInSandbox]:

@@ -15,7 +15,6 @@ import pytest
 
 from filex_agent.errors import ConfigError
 from filex_agent.store import PageKey, State, SubmissionQuery
-from filex_agent.store.sqlite import SQLiteStore
 from filex_agent.web.auth import Authenticator, hash_password
 from tests.test_notify import _self_signed  # one self-signed certificate maker for the tests
 from tests.web_helpers import ROUTES, add, finish, serve, web_config
@@ -24,10 +23,14 @@ NOW = datetime.now(timezone.utc)
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteStore(tmp_path / "journal.sqlite3")
+def store(tmp_path, request, store_of_kind):
+    """SQLite; PostgreSQL too for the tests marked ``BOTH`` (those of the read-only views)."""
+    s = store_of_kind(getattr(request, "param", "sqlite"), tmp_path / "journal.sqlite3")
     yield s
     s.close()
+
+
+BOTH = pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
 
 
 @pytest.fixture
@@ -184,6 +187,7 @@ def test_submission_page_shows_fields_timeline_and_feedback(site, store, tmp_pat
     assert [m for m in re.findall(r'data-state="([A-Z_]+)"', html)] == ["REJECTED"]
 
 
+@BOTH
 def test_feedback_is_downloaded_by_ids_only(site, store, tmp_path):
     sub, fb, fb_path = _with_feedback(store, tmp_path)
     other = add(store, "other.csv")
@@ -243,6 +247,7 @@ def test_bad_query_parameters_are_400(site):
 
 # -- overview ----------------------------------------------------------------------------------
 
+@BOTH
 def test_overview_counts_per_route_and_problems(site, store):
     add(store, "wait1.csv")
     add(store, "wait2.csv", state=State.CLAIMING)
@@ -277,6 +282,7 @@ def test_overview_counts_per_route_and_problems(site, store):
     assert stuck.id and html.index("wait1.csv")  # latest submissions listed
 
 
+@BOTH
 def test_overview_shows_the_charts_as_inline_svg(site, store):
     for i, state in enumerate([State.ACCEPTED, State.ACCEPTED, State.REJECTED]):
         sub = add(store, f"c{i}.csv", created_at=NOW - timedelta(seconds=30), uploaded_at=NOW)
@@ -290,6 +296,7 @@ def test_overview_shows_the_charts_as_inline_svg(site, store):
 
 # -- search and paging -------------------------------------------------------------------------
 
+@BOTH
 def test_search_filters_and_keyset_paging(site, store):
     t0 = NOW - timedelta(days=3)
     for i in range(130):
@@ -322,6 +329,7 @@ def test_search_filters_and_keyset_paging(site, store):
     assert ids(site.get("/submissions?q=nothing-like-it").text) == []
 
 
+@BOTH
 def test_store_search_pages_both_ways_and_prefixes(store):
     for i in range(30):
         add(store, f"N{i:02d}.csv", created_at=NOW - timedelta(minutes=60 - i), tracking_id=f"t{i}")
@@ -333,7 +341,7 @@ def test_store_search_pages_both_ways_and_prefixes(store):
     assert [s.id for s in back.rows] == [s.id for s in p1.rows] and back.newer is None
     assert [s.id for s in store.search(SubmissionQuery(text="t7"), 10).rows] == [8]
     assert [s.id for s in store.search(SubmissionQuery(text="N1"), 50).rows] == list(range(20, 10, -1))
-    # A dense prefix takes the other plan: same answer.
+    # A dense prefix takes the other plan (SQLite; PostgreSQL's planner chooses by itself): same answer.
     import filex_agent.store.sqlite as sq
     dense = sq.DENSE_PREFIX
     sq.DENSE_PREFIX = 5
@@ -345,6 +353,7 @@ def test_store_search_pages_both_ways_and_prefixes(store):
         sq.DENSE_PREFIX = dense
 
 
+@BOTH
 def test_store_histograms(store):
     day = datetime(2026, 3, 1, tzinfo=timezone.utc)
     edges = [day + timedelta(days=i) for i in range(4)]
@@ -359,6 +368,97 @@ def test_store_histograms(store):
     assert store.latency_histogram(edges, bounds) == {(0, 0): 1, (0, 1): 1, (1, 3): 1}
     assert store.final_counts(edges[0], edges[2]) == {("rest-a", "ACCEPTED"): 2, ("rest-a", "REJECTED"): 1,
                                                       ("rest-a", "FAILED"): 1}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_store_prefixes_are_byte_prefixes_not_patterns(kind, tmp_path, request, store_of_kind):
+    # PostgreSQL compares text in the database's collation unless told otherwise: in en-US, "A.csv"
+    # and "ä.csv" sort inside ["a", "a\U0010ffff"). LIKE would take % and _ for wildcards.
+    if kind == "postgresql":
+        from filex_agent.store.postgres import PostgresStore
+
+        server = request.getfixturevalue("pg_server")
+        store = PostgresStore(server.database("t_prefix_icu", icu_locale="en-US"), password=server.password)
+    else:
+        store = store_of_kind(kind, tmp_path / "journal.sqlite3")
+    request.addfinalizer(store.close)
+    names = ["a-b.csv", "ab.csv", "A.csv", "a%b.csv", "a_b.csv", "ä.csv", "b.csv"]
+    ids = {name: add(store, name, created_at=NOW - timedelta(minutes=len(names) - i)).id
+           for i, name in enumerate(names)}
+
+    def found(text):
+        return {s.file_name for s in store.search(SubmissionQuery(text=text), 50).rows}
+
+    assert found("a") == {"a-b.csv", "ab.csv", "a%b.csv", "a_b.csv"}
+    assert found("a-") == {"a-b.csv"} and found("a%") == {"a%b.csv"} and found("a_") == {"a_b.csv"}
+    assert found("ä") == {"ä.csv"} and found("A") == {"A.csv"} and found("c") == set()
+    assert [s.id for s in store.search(SubmissionQuery(text="a", states=("QUEUED",), route="rest-a"), 2).rows] == [
+        ids["a_b.csv"], ids["a%b.csv"]]
+
+
+@BOTH
+def test_store_problems_open_counts_and_feedback_file(store, tmp_path):
+    old = NOW - timedelta(hours=50)
+    flagged = add(store, "flagged.csv", flag="no tracking match")
+    finish(store, flagged.id, State.ACCEPTED, NOW)
+    lost = add(store, "lost.csv", route="s3-b", state=State.UNCONFIRMED, uploaded_at=NOW)
+    stuck = add(store, "stuck.csv", state=State.SUBMITTED, created_at=old, uploaded_at=old)
+    add(store, "recent-upload.csv", state=State.SUBMITTED, created_at=old, uploaded_at=NOW)  # waits since NOW
+    waiting = add(store, "waiting.csv", created_at=old)
+    done = add(store, "done.csv", created_at=old, uploaded_at=old)
+    finish(store, done.id, State.REJECTED, old)
+
+    found = store.problems(("UNCONFIRMED",), NOW - timedelta(hours=24), 100)
+    assert [s.id for s in found] == [waiting.id, stuck.id, lost.id, flagged.id]  # newest first
+    assert found[-1].flag == "no tracking match" and found[-2].state is State.UNCONFIRMED
+    assert [s.id for s in store.problems(("UNCONFIRMED",), NOW - timedelta(hours=24), 2)] == [waiting.id, stuck.id]
+    assert [s.id for s in store.problems((), NOW - timedelta(hours=24), 100)] == [waiting.id, stuck.id, flagged.id]
+
+    assert store.open_counts() == {("rest-a", "SUBMITTED"): 2, ("rest-a", "QUEUED"): 1, ("s3-b", "UNCONFIRMED"): 1}
+    assert store.final_counts(NOW - timedelta(hours=1), NOW + timedelta(hours=1)) == {("rest-a", "ACCEPTED"): 1}
+
+    fb = store.record_feedback("rest-a", "done.csv_fb.txt", 3, "2026-01-01T00:00:00Z", str(tmp_path / "fb"), done.id)
+    store.begin_feedback("rest-a", "other_fb.txt", 1, None)  # begun, never filed
+    got = store.feedback_file(done.id, fb.id)
+    assert (got.id, got.remote_name, got.local_path) == (fb.id, "done.csv_fb.txt", str(tmp_path / "fb"))
+    assert store.feedback_file(waiting.id, fb.id) is None and store.feedback_file(done.id, fb.id + 1) is None
+
+
+def test_status_page_reads_a_postgresql_journal(tmp_path, pg_server, pg_url, monkeypatch):
+    """The agent's own wiring (``Service``, which opens the configured journal): the overview and a
+    search served from a PostgreSQL journal, and its charts warmed from it."""
+    from filex_agent.config import parse_config
+    from filex_agent.service import Service
+    from filex_agent.store.postgres import PostgresStore
+
+    monkeypatch.setenv("FILEX_TEST_WEB_PG_PASSWORD", pg_server.password)
+    raw = web_config(tmp_path).model_dump(mode="json", exclude_none=True)
+    cfg = parse_config({**raw, "journal": {"url": pg_url, "password": "env:FILEX_TEST_WEB_PG_PASSWORD"}})
+    service = Service(cfg, None)
+    try:
+        assert isinstance(service.store, PostgresStore)
+        for i in range(3):
+            sub = add(service.store, f"PG{i}.csv", created_at=NOW - timedelta(seconds=40), uploaded_at=NOW,
+                      tracking_id=f"pg-trk-{i}")
+            finish(service.store, sub.id, State.ACCEPTED if i else State.REJECTED, NOW)
+        add(service.store, "PGwaiting.csv")
+        url = service.start_web()
+        with httpx.Client(base_url=url.rstrip("/"), timeout=10) as client:
+            html = client.get("/").text
+            row = re.search(r'<tr data-route="rest-a">(.*?)</tr>', html, re.S).group(1)
+            assert re.search(r'data-col="waiting">1<', row) and re.search(r'data-col="ACCEPTED">2<', row)
+            assert f"{datetime.now().date().isoformat()} REJECTED: 1" in html
+            assert re.search(r"median \d+ s, p95 \d+ s, 3 upload\(s\)", html)
+            found = client.get("/submissions?q=PG").text
+            assert re.findall(r'<tr data-id="(\d+)">', found) == ["4", "3", "2", "1"]
+            assert re.findall(r'<tr data-id="(\d+)">', client.get("/submissions?q=pg-trk-1").text) == ["2"]
+            assert client.get("/submissions/2").status_code == 200
+    finally:
+        if service.web is not None:
+            service.web.stop()
+        service.store.close()
+        service.audit.close()
+        service.notifier.stop(timeout=5)
 
 
 def test_latency_quantiles_from_the_histogram():

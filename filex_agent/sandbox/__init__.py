@@ -6,6 +6,33 @@ Everything binds 127.0.0.1 on free ports. Nothing here needs FINRA credentials::
         httpx.post(sb.fip_token_url, auth=(sb.client_id, sb.client_secret), ...)
 
 State lives in memory and in the moto bucket; ``data_dir`` only receives ``uploads.jsonl`` and logs.
+
+As strict as fileX's documents, never more lenient: a transfer token from ``/S3TransferTokens``
+may write (PutObject, multipart, abort) under ``in/`` but not read, head or list it; it reads and
+lists ``out/`` and ``in_arcv/`` only. A pre-signed URL does only the method and key it was signed
+for. A name starting with ``.`` or ending in ``.filepart`` is never taken as a filing (the SFTP
+temporary-name convention the agent relies on; the reference is silent). ``uploads()`` has one
+entry per object fileX took from ``in/`` (size, sha256); the object is then archived to
+``in_arcv/{stem}_{trackingId}{suffix}`` and its record gets ``submissionTime`` (when it was taken),
+``fileSize`` and ``uploadLocation``.
+
+Faults (``inject_fault(kind, **kw)`` or ``POST /_sandbox/faults`` with ``{"kind": ..., ...}``;
+``count`` uses, ``path_prefix``, ``method`` (HTTP) and ``operation`` narrow which requests):
+
+* target ``api`` (FIP + fileX REST): ``status`` (``status``, ``retry_after``), ``slow``
+  (``seconds``), ``garbage`` (a 200 with ``body``), ``drop`` (connection closed, no answer);
+* target ``s3`` (S3 direct and pre-signed URLs): ``status``, ``slow``, ``drop``, ``corrupt`` (one
+  flipped byte in a PUT body); ``operation`` is the S3 name (``PutObject``, ``UploadPart``,
+  ``CompleteMultipartUpload``, ``GetObject``, ...; see ``server.s3_operation``);
+* target ``sftp``: ``drop`` kills the SSH session, ``slow``; ``operation`` is one of ``open``,
+  ``write``, ``close``, ``rename``, ``remove``, ``stat``, ``list``;
+* ``after=True`` (``status``/``drop``): the request takes effect first (the object is stored, the
+  tracking record and URL are created, the SFTP close/rename is done) and then the answer is lost:
+  a 5xx, or the connection closed without one. Without it, nothing happens;
+* ``receive_lag`` (``seconds``, also ``Sandbox(receive_lag=)``): fileX takes an object only that
+  long after it first appeared in ``in/``; until then it stays there, a REST record stays
+  "Request Received" and S3/SFTP uploads have no record;
+* ``revoke_tokens``, ``presign_expire_now``, ``s3_creds_expire_now`` (``count``).
 """
 
 from __future__ import annotations
@@ -58,7 +85,8 @@ def iso(dt: datetime | None) -> str | None:
 
 @dataclass(frozen=True)
 class UploadLogEntry:
-    """One object that arrived in some ``{org}/{app}/in/``."""
+    """One filing: an object fileX took from some ``{org}/{app}/in/`` (``time``: when it took it,
+    which is also the record's ``submissionTime``). Two entries for one name are a double filing."""
 
     key: str
     org: str
@@ -84,17 +112,36 @@ class Fault:
     retry_after: float | None = None
     seconds: float = 0.0
     path_prefix: str | None = None
-    # "api" (FIP + fileX REST) or "s3" (the S3 endpoint: pre-signed URLs and S3 direct).
+    # "api" (FIP + fileX REST), "s3" (the S3 endpoint: pre-signed URLs and S3 direct) or "sftp".
     target: str = "api"
     # kind "garbage": the 200 body sent instead of the real answer.
     body: str | None = None
+    # status/drop: let the request take effect first, then lose the answer.
+    after: bool = False
+    # Only requests with this HTTP method (api, s3).
+    method: str | None = None
+    # Only this operation: an S3 operation name (see server.s3_operation) or an SFTP one
+    # (open, write, close, rename, remove, stat, list).
+    operation: str | None = None
+
+
+# Which kinds each target knows; "status"/"garbage"/"drop" end a request (at most one per request).
+_FAULT_KINDS = {
+    "api": {"status", "slow", "garbage", "drop"},
+    "s3": {"status", "slow", "corrupt", "drop"},
+    "sftp": {"drop", "slow"},
+}
+_TERMINAL = ("status", "garbage", "drop")
+SFTP_OPERATIONS = ("open", "write", "close", "rename", "remove", "stat", "list")
 
 
 @dataclass(frozen=True)
 class Arrival:
-    """An object written into some ``{org}/{app}/in/`` through the S3 endpoint, as S3 confirmed it
-    (PutObject or CompleteMultipartUpload answered 200) — before the processor moves it on, so two
-    uploads of one name in quick succession are two arrivals even if the processor sees one."""
+    """An object written into some ``{org}/{app}/in/`` by a client, as the server stored it: through
+    the S3 endpoint (PutObject or CompleteMultipartUpload answered 200, or would have but for an
+    ``after`` fault) or SFTP (a close or a rename onto a name that is not temporary) — before the
+    processor moves it on, so two uploads of one name in quick succession are two arrivals even if
+    the processor sees one."""
 
     key: str
     operation: str
@@ -112,9 +159,13 @@ class Sandbox:
         token_seconds: int = 3600,
         s3_credential_seconds: int = 3600,
         sftp: bool = False,
+        receive_lag: float = 0.0,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.processing_delay = processing_delay
+        # fileX takes an object from in/ only this many seconds after it was stored (changeable at
+        # run time with the "receive_lag" fault); until then it stays in in/ with no (final) record.
+        self.receive_lag = self._initial_receive_lag = float(receive_lag)
         self.token_seconds = token_seconds
         self.s3_credential_seconds = s3_credential_seconds
         self.presign_seconds = 900
@@ -146,6 +197,9 @@ class Sandbox:
         self._s3_creds_expire_count = 0
         # Signature of an issued pre-signed PUT URL -> tracking id; the S3 guard reports which URL was used.
         self._presigned_puts: dict[str, str] = {}
+        # Signature of every issued pre-signed URL -> (method, key): moto checks no signatures, so
+        # the guard refuses a URL used for another method or key, as S3 would (SignatureDoesNotMatch).
+        self._presigned: dict[str, tuple[str, str]] = {}
         self._expired_signatures: set[str] = set()
         self._put_via_url: dict[str, str] = {}
         self._s3_grants: dict[str, S3Grant] = {}
@@ -428,6 +482,7 @@ class Sandbox:
         )
         sig = _query_param(url, "X-Amz-Signature") or ""
         with self._lock:
+            self._presigned[sig] = (method, key)
             if expire_now:
                 # A 1 s URL could still work for a moment; the guard refuses this one at once.
                 self._expired_signatures.add(sig)
@@ -435,6 +490,11 @@ class Sandbox:
                 self._presigned_puts[sig] = tracking_id
         expires = now() - timedelta(seconds=1) if expire_now else now() + timedelta(seconds=seconds)
         return url, expires
+
+    def presigned_for(self, sig: str) -> tuple[str, str] | None:
+        """(method, key) a pre-signed URL was issued for; None if the sandbox never issued it."""
+        with self._lock:
+            return self._presigned.get(sig)
 
     def signature_expired(self, sig: str) -> bool:
         with self._lock:
@@ -517,7 +577,7 @@ class Sandbox:
 
     # ------------------------------------------------------------------ faults
     def inject_fault(self, kind: str, **kw: Any) -> None:
-        """Same as ``POST /_sandbox/faults`` with ``{"kind": kind, **kw}``."""
+        """Same as ``POST /_sandbox/faults`` with ``{"kind": kind, **kw}``. See the module docstring."""
         if kind == "revoke_tokens":
             with self._lock:
                 self._tokens.clear()
@@ -531,8 +591,21 @@ class Sandbox:
             with self._lock:
                 self._s3_creds_expire_count += int(kw.get("count", 1))
             return
-        if kind not in ("status", "slow", "garbage", "corrupt"):
+        if kind == "receive_lag":
+            seconds = float(kw.get("seconds", 0.0))
+            if seconds < 0:
+                raise ValueError("seconds must be >= 0")
+            self.receive_lag = seconds
+            log.info("fault: receive lag now %.1f s", seconds)
+            return
+        target = str(kw.get("target", "api"))
+        if target not in _FAULT_KINDS:
+            raise ValueError("target must be 'api', 's3' or 'sftp'")
+        if kind not in set().union(*_FAULT_KINDS.values()):
             raise ValueError(f"unknown fault kind {kind!r}")
+        if kind not in _FAULT_KINDS[target]:
+            fits = sorted(t for t, kinds in _FAULT_KINDS.items() if kind in kinds)
+            raise ValueError(f"fault kind {kind!r} is for target {' or '.join(fits)}, not {target!r}")
         fault = Fault(
             kind=kind,
             count=int(kw.get("count", 1)),
@@ -540,45 +613,55 @@ class Sandbox:
             retry_after=None if kw.get("retry_after") is None else float(kw["retry_after"]),
             seconds=float(kw.get("seconds", 0.0)),
             path_prefix=kw.get("path_prefix"),
-            target=str(kw.get("target", "api")),
+            target=target,
             body=None if kw.get("body") is None else str(kw["body"]),
+            after=bool(kw.get("after", False)),
+            method=None if kw.get("method") is None else str(kw["method"]).upper(),
+            operation=None if kw.get("operation") is None else str(kw["operation"]),
         )
         if fault.count < 1:
             raise ValueError("count must be >= 1")
-        if fault.target not in ("api", "s3"):
-            raise ValueError("target must be 'api' or 's3'")
-        if fault.target == "s3" and kind == "garbage":
-            raise ValueError("garbage bodies are for the API only")
-        if fault.target != "s3" and kind == "corrupt":
-            raise ValueError("corrupt (one flipped byte in a PUT body) is for target 's3' only")
+        if fault.after and kind not in ("status", "drop"):
+            raise ValueError("after=True is for kinds 'status' and 'drop' only")
+        if target == "sftp" and fault.operation is not None and fault.operation not in SFTP_OPERATIONS:
+            raise ValueError(f"sftp operation must be one of {', '.join(SFTP_OPERATIONS)}")
         with self._lock:
             self._faults.append(fault)
-        log.info("fault armed: %s x%d on %s", kind, fault.count, fault.path_prefix or "every path")
+        log.info("fault armed: %s%s x%d on %s %s", kind, " after" if fault.after else "", fault.count, target,
+                 fault.path_prefix or "every path")
 
     def clear_faults(self) -> None:
+        """Disarm every fault; a receive lag set by a fault goes back to the constructor's."""
         with self._lock:
             self._faults.clear()
             self._presign_expire_count = 0
             self._s3_creds_expire_count = 0
+            self.receive_lag = self._initial_receive_lag
 
-    def take_faults(self, path: str, target: str = "api", method: str = "GET") -> list[Fault]:
-        """Consume one use of each armed fault matching ``path`` (first status/garbage fault wins).
+    def take_faults(self, path: str, target: str = "api", method: str = "GET",
+                    operation: str | None = None) -> list[Fault]:
+        """Consume one use of each armed fault matching the request (the first status/garbage/drop
+        fault wins, before or after alike: one request ends at most one way).
 
         A ``corrupt`` fault is only taken by a PUT (it flips a byte of the body)."""
         taken: list[Fault] = []
         with self._lock:
-            have_status = False
+            have_terminal = False
             for f in list(self._faults):
                 if f.target != target:
                     continue
                 if f.path_prefix and not path.startswith(f.path_prefix):
                     continue
+                if f.method and f.method != method:
+                    continue
+                if f.operation and f.operation != operation:
+                    continue
                 if f.kind == "corrupt" and method != "PUT":
                     continue
-                if f.kind in ("status", "garbage"):
-                    if have_status:
+                if f.kind in _TERMINAL:
+                    if have_terminal:
                         continue
-                    have_status = True
+                    have_terminal = True
                 taken.append(f)
                 f.count -= 1
                 if f.count <= 0:

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--token-seconds", type=int, default=3600)
     ap.add_argument("--s3-credential-seconds", type=int, default=3600)
     ap.add_argument("--sftp", action="store_true", help="also start the SFTP server")
+    ap.add_argument("--receive-lag", type=float, default=0.0,
+                    help="seconds before fileX takes an upload from in/ (default 0)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     sb = Sandbox(args.data_dir, processing_delay=args.processing_delay, token_seconds=args.token_seconds,
-                 s3_credential_seconds=args.s3_credential_seconds, sftp=args.sftp)
+                 s3_credential_seconds=args.s3_credential_seconds, sftp=args.sftp,
+                 receive_lag=args.receive_lag)
     with sb:
         info: dict[str, Any] = {
             "fip_token_url": sb.fip_token_url,

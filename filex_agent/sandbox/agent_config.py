@@ -14,7 +14,7 @@ def _toml_str(value: str) -> str:
 def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stable_seconds: float = 1.0,
                          transports: tuple[str, ...] = ("rest", "s3", "sftp"),
                          s3: dict[str, int] | None = None, tracking: dict[str, float] | None = None,
-                         journal: dict[str, float] | None = None, web_listen: str | None = "127.0.0.1:0") -> Path:
+                         journal: dict[str, float | str] | None = None, web_listen: str | None = "127.0.0.1:0") -> Path:
     """Routes: REST and S3 on the prime org 0001, SFTP on behalf of org 0002; ``s3``, ``tracking``,
     ``journal``: more keys of those sections; ``web_listen``: the status page's address (port 0: any
     free port; None: no page)."""
@@ -56,7 +56,7 @@ def write_sandbox_config(sb, data_dir: Path, *, poll_seconds: float = 2.0, stabl
     lines += ["", "[network]", "max_attempts = 3", "backoff_initial = 0.2", "backoff_max = 2", "",
               "[tracking]", *(f"{k} = {v}" for k, v in tracking.items()), ""]
     if journal:
-        lines += ["[journal]", *(f"{k} = {v}" for k, v in journal.items()), ""]
+        lines += ["[journal]", *(f"{k} = {_toml_str(v) if isinstance(v, str) else v}" for k, v in journal.items()), ""]
     if s3:
         lines += ["[s3]", *(f"{k} = {int(v)}" for k, v in s3.items()), ""]
     if web_listen is not None:

@@ -42,6 +42,14 @@ class _Pending:
     name: str
 
 
+def is_temporary(name: str) -> bool:
+    """A name fileX never takes as a filing: ``.NAME.filepart`` is where the agent's SFTP transport
+    writes before it renames the finished, verified file into place. The reference is silent on
+    temporary names; this (a leading dot, or a ``.filepart`` suffix) is the assumption the agent
+    relies on, and the sandbox holds fileX to it."""
+    return name.startswith(".") or name.endswith(".filepart")
+
+
 def outcome_for(name: str) -> str:
     """The sandbox's verdict, from the file name (tests choose the outcome by naming files)."""
     if "PARTIAL" in name:
@@ -63,6 +71,8 @@ class Processor:
         self._thread: threading.Thread | None = None
         self._pending: list[_Pending] = []
         self._failures: dict[str, int] = {}
+        # (key, ETag) -> when this version was first seen in in/; the receive lag counts from then.
+        self._first_seen: dict[tuple[str, str], float] = {}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="sandbox-processor", daemon=True)
@@ -106,17 +116,23 @@ class Processor:
 
     def _cycle(self) -> None:
         s3 = self.sb.admin_s3
+        listed: set[tuple[str, str]] = set()
         for prefix in self._in_prefixes():
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.sb.bucket, Prefix=prefix,
                                                                      Delimiter="/"):
                 for obj in page.get("Contents", []):
-                    if obj["Key"] == prefix:  # folder marker
-                        continue
+                    if obj["Key"] == prefix or is_temporary(obj["Key"][len(prefix):]):
+                        continue  # the folder marker, or an upload still under its temporary name
+                    listed.add((obj["Key"], obj["ETag"]))
+                    seen = self._first_seen.setdefault((obj["Key"], obj["ETag"]), time.monotonic())
+                    if time.monotonic() - seen < self.sb.receive_lag:
+                        continue  # fileX has not noticed it yet
                     if self._stop.is_set():
                         raise _Stopped()
                     try:
                         self._process(obj)
                         self._failures.pop(obj["Key"], None)
+                        self._first_seen.pop((obj["Key"], obj["ETag"]), None)
                     except _Stopped:
                         raise
                     except (ClientError, BotoCoreError, OSError) as exc:
@@ -124,6 +140,8 @@ class Processor:
                         n = self._failures[obj["Key"]] = self._failures.get(obj["Key"], 0) + 1
                         level = logging.WARNING if n in (1, 10, 100) else logging.DEBUG
                         log.log(level, "cannot process %s yet (attempt %d): %s", obj["Key"], n, exc)
+        # Versions no longer in in/ (taken, overwritten, removed) need no first sighting.
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in listed}
 
     # ------------------------------------------------------------------ one object
     def _process(self, obj: dict[str, Any]) -> None:
@@ -174,18 +192,18 @@ class Processor:
             return
         s3.delete_object(Bucket=bucket, Key=key)
 
-        # Bucket work done: commit to memory in one go.
-        arrived = obj["LastModified"].astimezone(now().tzinfo)
+        # Bucket work done: commit to memory in one go. submissionTime is when fileX took the file.
+        taken = now()
         if transport == "rest":
             sb.pop_put_tracking(key)
         else:
             user = sb.sftp_username if transport == "sftp" else sb.client_id
             sb.new_tracking(org, app, name, transport=transport, user=user, tracking_id=tid)
         sb.update_tracking(tid, status="Received by FINRA", downstreamStatus="RECEIVED",
-                           submissionTime=iso(arrived), fileSize=size, uploadLocation=f"{org}/{app}/in",
+                           submissionTime=iso(taken), fileSize=size, uploadLocation=f"{org}/{app}/in",
                            arcvFileName=arcv_name, downloadable=True)
         sb.record_upload(UploadLogEntry(key=key, org=org, application=app, name=name, size=size,
-                                        sha256=digest.hexdigest(), transport=transport, time=arrived,
+                                        sha256=digest.hexdigest(), transport=transport, time=taken,
                                         tracking_id=tid))
         self._pending.append(_Pending(time.monotonic() + sb.processing_delay, tid, org, app, name))
         log.info("received %s (%d bytes, %s, tracking %s)", key, size, transport, tid)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
@@ -29,9 +31,10 @@ from moto.server import ThreadedMotoServer
 from werkzeug.serving import make_server
 
 from filex_agent.config import valid_remote_name
+from filex_agent.sandbox.processor import is_temporary
 
 if TYPE_CHECKING:
-    from filex_agent.sandbox import Sandbox
+    from filex_agent.sandbox import Fault, Sandbox
 
 log = logging.getLogger("filex_agent.sandbox.server")
 
@@ -78,6 +81,56 @@ def _credential(environ: dict[str, Any], qs: dict[str, list[str]]) -> tuple[str 
     return parts[0], (parts[3] if len(parts) > 3 else None)
 
 
+def s3_operation(method: str, bucket: str, key: str, qs: dict[str, list[str]], environ: dict[str, Any]) -> str:
+    """The S3 API operation a request is (as named in AWS's API reference and IAM docs)."""
+    if not bucket:
+        return "STS" if method == "POST" else "ListBuckets"
+    if not key:
+        if method == "GET":
+            if "uploads" in qs:
+                return "ListMultipartUploads"
+            return "ListObjectsV2" if (qs.get("list-type") or [""])[0] == "2" else "ListObjects"
+        if method == "HEAD":
+            return "HeadBucket"
+        if method == "POST" and "delete" in qs:
+            return "DeleteObjects"
+        return f"Bucket{method.title()}"
+    copy = bool(environ.get("HTTP_X_AMZ_COPY_SOURCE"))
+    if method == "PUT":
+        if "partNumber" in qs and "uploadId" in qs:
+            return "UploadPartCopy" if copy else "UploadPart"
+        return "CopyObject" if copy else "PutObject"
+    if method == "POST":
+        if "uploads" in qs:
+            return "CreateMultipartUpload"
+        if "uploadId" in qs:
+            return "CompleteMultipartUpload"
+        return "PostObject"
+    if method == "DELETE":
+        return "AbortMultipartUpload" if "uploadId" in qs else "DeleteObject"
+    if method == "GET":
+        return "ListParts" if "uploadId" in qs else "GetObject"
+    if method == "HEAD":
+        return "HeadObject"
+    return method
+
+
+# What a transfer token may do, as the IAM actions a fileX bucket policy would grant. The reference's
+# sample gives readPaths (in_arcv/, out/) and writePaths (in/) only, so:
+# * read paths: s3:GetObject (GetObject, HeadObject) on the objects and s3:ListBucket with a prefix
+#   inside them;
+# * write paths: s3:PutObject (PutObject and the multipart trio Create/UploadPart/Complete, which
+#   IAM authorises as PutObject) and s3:AbortMultipartUpload, so a client can clean up a failed
+#   multipart upload. Nothing under in/ is readable: not GetObject/HeadObject, not a listing, and
+#   not s3:ListMultipartUploadParts (ListParts) either — the reference never grants it and a
+#   client must not learn from in/ what fileX has or has not taken (be strict where unsure);
+# * everything else (DeleteObject, CopyObject, UploadPartCopy, ListMultipartUploads, other
+#   buckets) is refused. HeadBucket stays allowed: SDKs probe the bucket and it reveals nothing.
+_READ_OPS = ("GetObject", "HeadObject")
+_WRITE_OPS = ("PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "AbortMultipartUpload")
+_LIST_OPS = ("ListObjects", "ListObjectsV2")
+
+
 class S3Guard:
     def __init__(self, sandbox: "Sandbox", app: Callable[..., Any]):
         self.sb = sandbox
@@ -97,25 +150,34 @@ class S3Guard:
         except UnicodeError:
             pass
         bucket, _, key = path.lstrip("/").partition("/")
+        operation = s3_operation(method, bucket, key, qs, environ)
+        if sig is not None and self.sb.presigned_for(sig) != (method, key):
+            # The signature covers method and key: a PUT URL cannot GET, HEAD or write elsewhere.
+            return _s3_error(start_response, "403 Forbidden", "SignatureDoesNotMatch",
+                             "The request signature we calculated does not match the signature you provided.",
+                             method)
         # Pre-signed URLs are signed with the admin key but used by clients; the sandbox's own
         # calls (processor, STS) never get faults and are no arrivals.
         client = sig is not None or akid != self.sb.admin_access_key
         corrupt = False
+        after: Fault | None = None
         if client:
-            for fault in self.sb.take_faults(path, target="s3", method=method):
-                if fault.kind == "corrupt":
+            for fault in self.sb.take_faults(path, target="s3", method=method, operation=operation):
+                if fault.after:
+                    after = fault
+                elif fault.kind == "corrupt":
                     corrupt = True
                 elif fault.kind == "slow":
                     time.sleep(fault.seconds)
+                elif fault.kind == "drop":
+                    _drop(environ)
                 elif fault.kind == "status":
-                    code = {500: "InternalError", 503: "SlowDown"}.get(fault.status, "ServiceUnavailable")
-                    return _s3_error(start_response, f"{fault.status} {HTTPStatus(fault.status).phrase}", code,
-                                     "injected fault", method)
+                    return _fault_error(start_response, fault, method)
         if grant is not None and service in (None, "s3"):
             if datetime.now(timezone.utc) >= grant.expires:
                 return _s3_error(start_response, "400 Bad Request", "ExpiredToken",
                                  "The provided token has expired.", method)
-            if not self._allowed(grant, method, bucket, key, qs):
+            if not self._allowed(grant, operation, bucket, key, qs):
                 return _s3_error(start_response, "403 Forbidden", "AccessDenied", "Access Denied", method)
         if method == "PUT" and (corrupt or environ.get("HTTP_CONTENT_MD5")):
             refused = _check_body(environ, corrupt)
@@ -126,17 +188,31 @@ class S3Guard:
 
         def _start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             status_box.append(status)
+            if after is not None:  # the answer is lost: moto's status and headers never leave
+                return lambda data: None
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         result = self.app(environ, _start)
+        if after is not None:
+            # Let moto finish the request (the object is stored) before the answer is lost.
+            try:
+                for _ in result:
+                    pass
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
         ok = bool(status_box) and status_box[0].startswith("200")
         if sig is not None and method == "PUT" and key and ok:
             self.sb.note_presigned_put(key, sig)
-        if client and ok and _is_in_key(key):
-            if method == "PUT" and "partNumber" not in qs and not environ.get("HTTP_X_AMZ_COPY_SOURCE"):
-                self.sb.record_arrival(key, "PutObject")
-            elif method == "POST" and "uploadId" in qs:
-                self.sb.record_arrival(key, "CompleteMultipartUpload")
+        if client and ok and _is_in_key(key) and operation in ("PutObject", "CompleteMultipartUpload"):
+            self.sb.record_arrival(key, operation)
+        if after is not None:
+            log.info("fault: %s %s took effect (%s), answer lost (%s)", operation, key,
+                     status_box[0] if status_box else "?", after.kind)
+            if after.kind == "drop":
+                _drop(environ)
+            return _fault_error(start_response, after, method)
         return result
 
     def _presign_expired(self, sig: str, qs: dict[str, list[str]]) -> bool:
@@ -149,24 +225,34 @@ class S3Guard:
             return False
         return datetime.now(timezone.utc) > signed + timedelta(seconds=seconds)
 
-    def _allowed(self, grant: S3Grant, method: str, bucket: str, key: str, qs: dict[str, list[str]]) -> bool:
+    def _allowed(self, grant: S3Grant, operation: str, bucket: str, key: str, qs: dict[str, list[str]]) -> bool:
+        """Whether a transfer token may do this (see the policy above _READ_OPS)."""
         if bucket != self.sb.bucket:
             return False
-        readable = grant.read_prefixes + grant.write_prefixes
-        if not key:  # bucket-level: listing inside the granted paths only
-            if method == "HEAD":
-                return True
-            if method == "GET":
-                prefix = (qs.get("prefix") or [""])[0]
-                return any(prefix.startswith(p) for p in readable)
-            return False
-        if method in ("GET", "HEAD"):
-            return key.startswith(readable)
-        if method in ("PUT", "POST"):
+        if operation == "HeadBucket":
+            return True
+        if operation in _LIST_OPS:
+            return (qs.get("prefix") or [""])[0].startswith(grant.read_prefixes)
+        if operation in _READ_OPS:
+            return key.startswith(grant.read_prefixes)
+        if operation in _WRITE_OPS:
             return key.startswith(grant.write_prefixes)
-        if method == "DELETE":  # aborting a multipart upload, never deleting an object
-            return "uploadId" in qs and key.startswith(grant.write_prefixes)
         return False
+
+
+def _fault_error(start_response: Callable[..., Any], fault: "Fault", method: str) -> Iterable[bytes]:
+    code = {500: "InternalError", 503: "SlowDown"}.get(fault.status, "ServiceUnavailable")
+    return _s3_error(start_response, f"{fault.status} {HTTPStatus(fault.status).phrase}", code,
+                     "injected fault", method)
+
+
+def _drop(environ: dict[str, Any]) -> NoReturn:
+    """Close the client's connection without an answer; werkzeug takes ConnectionError as a drop."""
+    sock = environ.get("werkzeug.socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    raise ConnectionAbortedError("injected fault: connection dropped")
 
 
 def _check_body(environ: dict[str, Any], corrupt: bool) -> tuple[str, str] | None:
@@ -254,6 +340,13 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+def _retry_after(fault: "Fault") -> dict[str, str]:
+    if fault.retry_after is None:
+        return {}
+    ra = fault.retry_after
+    return {"Retry-After": str(int(ra) if ra == int(ra) else ra)}
+
+
 class ApiServer:
     def __init__(self, sandbox: "Sandbox"):
         self.sb = sandbox
@@ -282,6 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for httpx clients
     server_version = "filex-sandbox/1"
     timeout = 60  # an idle keep-alive connection must not hold a thread forever
+    _swallow = False  # set while an "after" fault lets a request run without answering it
 
     def log_message(self, format: str, *args: Any) -> None:
         # Never the query string or headers (tokens); path only.
@@ -313,6 +407,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        if self._swallow:  # an "after" fault: this answer is lost
+            return
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -341,24 +437,41 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         path = split.path
         query = parse_qs(split.query, keep_blank_values=True)
+        after: Fault | None = None
         try:
             body = self._read_body()
             if path.startswith("/_sandbox/"):
                 self._admin(path, body)
                 return
-            for fault in self.sb.take_faults(path):
-                if fault.kind == "slow":
+            for fault in self.sb.take_faults(path, target="api", method=self.command):
+                if fault.after:
+                    after = fault
+                elif fault.kind == "slow":
                     time.sleep(fault.seconds)
                 elif fault.kind == "garbage":
                     self._garbage(fault.body)
                     return
+                elif fault.kind == "drop":
+                    self._drop()
+                    return
                 elif fault.kind == "status":
-                    hdrs = {}
-                    if fault.retry_after is not None:
-                        hdrs["Retry-After"] = str(int(fault.retry_after) if fault.retry_after == int(
-                            fault.retry_after) else fault.retry_after)
-                    raise _HttpError(fault.status, "injected fault", hdrs)
-            self._route(path, query)
+                    raise _HttpError(fault.status, "injected fault", _retry_after(fault))
+            # An "after" fault: the request takes effect (tracking record, URL...), its answer is lost.
+            self._swallow = after is not None
+            try:
+                self._route(path, query)
+            except _HttpError as err:
+                if after is None:
+                    raise
+                self._error(err)
+            finally:
+                self._swallow = False
+            if after is not None:
+                log.info("fault: %s %s took effect, answer lost (%s)", self.command, path, after.kind)
+                if after.kind == "drop":
+                    self._drop()
+                    return
+                raise _HttpError(after.status, "injected fault", _retry_after(after))
         except _HttpError as err:
             self._error(err)
         except (BrokenPipeError, ConnectionResetError):
@@ -367,6 +480,12 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in the sandbox must show as 500, not a dropped connection
             log.exception("sandbox API error on %s %s", self.command, path)
             self._error(_HttpError(500, f"sandbox error: {type(exc).__name__}"))
+
+    def _drop(self) -> None:
+        """Close the connection without an answer."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _garbage(self, body: str | None) -> None:
         """A 200 whose body is not what the reference describes (JSON of the wrong shape by default)."""
@@ -548,6 +667,10 @@ class _Handler(BaseHTTPRequestHandler):
         reason = valid_remote_name(name)
         if reason:
             raise _HttpError(400, reason)
+        if is_temporary(name):
+            # Never taken from in/ (see processor.is_temporary): say so now rather than leave a
+            # record in "Request Received" for ever.
+            raise _HttpError(400, "a name starting with '.' or ending in '.filepart' is never taken as a filing")
         rec = self.sb.new_tracking(org, app, name, transport="rest")
         url, expires = self.sb.presign("PUT", f"{org}/{app}/in/{name}", tracking_id=rec["trackingId"])
         self._send(200, {"url": url, "expirationTime": iso(expires), "trackingId": rec["trackingId"]})

@@ -6,10 +6,20 @@ backed by the sandbox bucket (keys ``{org}/{app}/{sub}/{name}``):
 
 * reads (``out``, ``in_arcv``) stream from the bucket;
 * writes go to ``in`` only; bytes land in a local temp file and are published with
-  ``put_object`` (Metadata ``filex-transport: sftp``) when the client closes the handle. A
-  handle left open by a dropped connection is discarded, never published (a half file must
-  never become a submission);
+  ``put_object`` (Metadata ``filex-transport: sftp``) when the client closes the handle. Like an
+  S3-backed SFTP gateway, a handle left open by a dropped session is published too, with what
+  arrived (``publish_on_drop``): a client that dies after creating ``in/NAME`` files a 0-byte or
+  truncated file. A client must therefore write to a temporary name and rename it into place;
+* the processor never takes ``.NAME.filepart`` (or any name starting with ``.``) as a filing;
+  ``rename`` inside one ``in`` folder is a copy then delete in the bucket, and is refused when
+  the target exists (SFTPv3 rename, as OpenSSH without posix-rename; ``posix-rename`` is not
+  offered);
 * ``remove`` works in ``in`` (so a client can clean up), nothing else may be changed.
+
+Faults (``Sandbox.inject_fault(kind, target="sftp", operation=..., after=...)``): ``drop`` kills
+the session before the operation runs, ``drop`` with ``after=True`` lets it complete on the server
+(file published, rename done) and kills the session before the reply is sent. ``path_prefix``
+matches the SFTP path (``/0001/app1/in/NAME``; for a rename, the new path).
 
 The server offers only the algorithms fileX accepts, so a client that works here negotiates
 with fileX too. The host key is an ed25519 key kept in ``data_dir`` (stable across restarts,
@@ -28,7 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import paramiko
 from paramiko.sftp import SFTP_FAILURE, SFTP_NO_SUCH_FILE, SFTP_OK, SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED
@@ -124,6 +134,7 @@ class _WriteHandle(paramiko.SFTPHandle):
         super().__init__(os.O_WRONLY)
         self.si = si
         self.key = key
+        self.path = "/" + key
         self.writefile = spool
         self._done = False
 
@@ -137,23 +148,37 @@ class _WriteHandle(paramiko.SFTPHandle):
         limit = self.si.server.max_write
         if limit is not None and len(data) > limit:
             return SFTP_FAILURE
-        return super().write(offset, data)
+        return self.si.faulted("write", self.path, lambda: super(_WriteHandle, self).write(offset, data))
 
     def close(self) -> None:
         if self._done:
             return
+        if self.si.ended:
+            self._publish()
+            return
+        self.si.faulted("close", self.path, self._publish)
+        if not self._done:  # the session was killed before this close: a teardown, as above
+            self._publish()
+
+    def _publish(self) -> int:
+        if self._done:
+            return SFTP_OK
         self._done = True
         try:
-            if self.si.ended:
-                # Session torn down with the handle open: the client never closed the file.
-                log.warning("sandbox sftp: discarding unfinished upload %s (connection dropped)", self.key)
-                return
+            if self.si.ended or self.si.killed:
+                # Session torn down with the handle open: an S3-backed gateway stores what it got.
+                if not self.si.server.publish_on_drop:
+                    log.warning("sandbox sftp: discarding unfinished upload %s (connection dropped)", self.key)
+                    return SFTP_OK
+                log.warning("sandbox sftp: session dropped with %s open; storing what arrived", self.key)
             self.writefile.flush()
             self.writefile.seek(0)
             self.si.server.s3.put_object(
                 Bucket=self.si.server.sandbox.bucket, Key=self.key, Body=self.writefile, Metadata=dict(METADATA)
             )
             log.info("sandbox sftp: received %s", self.key)
+            self.si.server.arrived(self.key, "SftpClose")
+            return SFTP_OK
         finally:
             self.writefile.close()
 
@@ -165,9 +190,36 @@ class _SftpFs(paramiko.SFTPServerInterface):
         super().__init__(ssh_server, *args, **kwargs)
         self.server: SandboxSftpServer = ssh_server.server
         self.ended = False
+        self.killed = False  # by a fault, before paramiko's teardown sets ``ended``
+        self.channel: paramiko.Channel | None = None  # set by _SftpSubsystem
 
     def session_ended(self) -> None:
         self.ended = True
+
+    def kill_session(self) -> None:
+        """Close the whole SSH connection now: no reply to the current request leaves."""
+        self.killed = True
+        transport = self.channel.get_transport() if self.channel is not None else None
+        if transport is not None:
+            transport.close()
+
+    def faulted(self, operation: str, path: str, run: Callable[[], Any]) -> Any:
+        """Run one SFTP operation under the armed sftp faults (see the module docstring)."""
+        after = None
+        for fault in self.server.sandbox.take_faults(path, target="sftp", method="SFTP", operation=operation):
+            if fault.kind == "slow":
+                time.sleep(fault.seconds)
+            elif fault.after:
+                after = fault
+            else:
+                log.info("sandbox sftp fault: session killed before %s %s", operation, path)
+                self.kill_session()
+                return SFTP_FAILURE
+        result = run()
+        if after is not None:
+            log.info("sandbox sftp fault: %s %s done, session killed before the reply", operation, path)
+            self.kill_session()
+        return result
 
     # path → (org, app, sub, name) with entitlement checks; raises OSError(ENOENT)
     def _parse(self, path: str) -> tuple[str | None, str | None, str | None, str | None]:
@@ -205,6 +257,9 @@ class _SftpFs(paramiko.SFTPServerInterface):
         return out
 
     def list_folder(self, path: str) -> list[paramiko.SFTPAttributes] | int:
+        return self.faulted("list", self.canonicalize(path), lambda: self._list_folder(path))
+
+    def _list_folder(self, path: str) -> list[paramiko.SFTPAttributes] | int:
         try:
             org, app, sub, name = self._parse(path)
             ent = self.server.sandbox.entitlements
@@ -224,6 +279,9 @@ class _SftpFs(paramiko.SFTPServerInterface):
             return SFTP_FAILURE
 
     def stat(self, path: str) -> paramiko.SFTPAttributes | int:
+        return self.faulted("stat", self.canonicalize(path), lambda: self._stat(path))
+
+    def _stat(self, path: str) -> paramiko.SFTPAttributes | int:
         try:
             org, app, sub, name = self._parse(path)
             if name is None:
@@ -241,6 +299,9 @@ class _SftpFs(paramiko.SFTPServerInterface):
     lstat = stat
 
     def open(self, path: str, flags: int, attr: paramiko.SFTPAttributes) -> paramiko.SFTPHandle | int:
+        return self.faulted("open", self.canonicalize(path), lambda: self._open(path, flags))
+
+    def _open(self, path: str, flags: int) -> paramiko.SFTPHandle | int:
         try:
             org, app, sub, name = self._parse(path)
         except FileNotFoundError:
@@ -269,6 +330,9 @@ class _SftpFs(paramiko.SFTPServerInterface):
             return SFTP_FAILURE
 
     def remove(self, path: str) -> int:
+        return self.faulted("remove", self.canonicalize(path), lambda: self._remove(path))
+
+    def _remove(self, path: str) -> int:
         try:
             org, app, sub, name = self._parse(path)
             if name is None or sub != "in":
@@ -285,10 +349,38 @@ class _SftpFs(paramiko.SFTPServerInterface):
             return SFTP_FAILURE
 
     def rename(self, oldpath: str, newpath: str) -> int:
-        return SFTP_OP_UNSUPPORTED  # fileX documents no rename
+        return self.faulted("rename", self.canonicalize(newpath), lambda: self._rename(oldpath, newpath))
+
+    def _rename(self, oldpath: str, newpath: str) -> int:
+        """Within one ``in`` folder only; copy then delete, as an S3-backed gateway does. The
+        target is created whole (one CopyObject), so the processor never sees half of it."""
+        try:
+            src = self._parse(oldpath)
+            dst = self._parse(newpath)
+        except FileNotFoundError:
+            return SFTP_NO_SUCH_FILE
+        if src[3] is None or dst[3] is None or src[2] != "in" or src[:3] != dst[:3]:
+            return SFTP_PERMISSION_DENIED
+        bucket = self.server.sandbox.bucket
+        src_key, dst_key = "/".join(src), "/".join(dst)  # type: ignore[arg-type]
+        try:
+            with self.server.rename_lock:
+                if self._head(src_key) is None:
+                    return SFTP_NO_SUCH_FILE
+                if src_key == dst_key or self._head(dst_key) is not None:
+                    return SFTP_FAILURE  # SFTPv3: never onto an existing file
+                self.server.s3.copy_object(Bucket=bucket, Key=dst_key, CopySource={"Bucket": bucket, "Key": src_key},
+                                           MetadataDirective="COPY")
+                self.server.s3.delete_object(Bucket=bucket, Key=src_key)
+            log.info("sandbox sftp: renamed %s to %s", src_key, dst_key)
+            self.server.arrived(dst_key, "SftpRename")
+            return SFTP_OK
+        except Exception:
+            log.exception("sandbox sftp: rename %s %s", oldpath, newpath)
+            return SFTP_FAILURE
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
-        return SFTP_OP_UNSUPPORTED
+        return SFTP_OP_UNSUPPORTED  # no overwriting rename: a filing is never replaced
 
     def mkdir(self, path: str, attr: paramiko.SFTPAttributes) -> int:
         return SFTP_PERMISSION_DENIED
@@ -304,7 +396,13 @@ class _SftpFs(paramiko.SFTPServerInterface):
 
 
 class _SftpSubsystem(paramiko.SFTPServer):
-    """paramiko's SFTP server; our handles learn from ``session_ended`` that a close is a teardown."""
+    """paramiko's SFTP server; our handles learn from ``session_ended`` that a close is a teardown,
+    and the file system gets the channel so a fault can kill the session."""
+
+    def __init__(self, channel: paramiko.Channel, name: str, server: Any, sftp_si: Any, *args: Any,
+                 **kwargs: Any) -> None:
+        super().__init__(channel, name, server, sftp_si, *args, **kwargs)
+        self.server.channel = channel
 
 
 class SandboxSftpServer:
@@ -325,6 +423,9 @@ class SandboxSftpServer:
         self.authorized_keys: list[paramiko.PKey | str] = list(getattr(sandbox, "sftp_authorized_keys", []) or [])
         # Refuse write requests bigger than this (to mimic servers with a small limit).
         self.max_write: int | None = None
+        # A write handle left open by a dropped session is stored with what arrived (gateway-like).
+        self.publish_on_drop = True
+        self.rename_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._transports: set[paramiko.Transport] = set()
@@ -337,6 +438,13 @@ class SandboxSftpServer:
         if self._s3 is None:
             self._s3 = self.sandbox.s3_client()
         return self._s3
+
+    def arrived(self, key: str, operation: str) -> None:
+        """An object now stands under a name fileX takes (not a temporary one): an arrival."""
+        from filex_agent.sandbox.processor import is_temporary
+
+        if not is_temporary(key.rsplit("/", 1)[-1]):
+            self.sandbox.record_arrival(key, operation)
 
     @property
     def known_hosts_line(self) -> str:

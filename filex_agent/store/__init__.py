@@ -1,8 +1,9 @@
 """The journal: the single source of truth for every submission's state.
 
-``Store`` is the small interface the daemon talks to; ``SQLiteStore`` is the embedded default.
-Every state change is written (and fsynced by SQLite, synchronous=FULL) before the action it
-allows, with an event row, so that recovery can rebuild everything else from it.
+``Store`` is the small interface the daemon talks to; ``SQLiteStore`` is the embedded default,
+``PostgresStore`` the shared journal of several agents (high availability). Every state change is
+written (and made durable) before the action it allows, with an event row, so that recovery can
+rebuild everything else from it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from filex_agent.errors import FilexError, TransientError
+
+# The journal's schema version, the same number for every backend (SQLite: ``PRAGMA user_version``;
+# PostgreSQL: the ``schema_version`` table). A journal newer than this build refuses to open.
+SCHEMA_VERSION = 3
+
+# SQL (named parameter ``:node``): the row's ``owner`` is ``node`` itself or one of its workers'
+# owner strings "node:pid:nonce" (the daemon's).
+OWNED_BY = "(owner = :node OR substr(owner, 1, length(CAST(:node AS TEXT)) + 1) = :node || ':')"
 
 
 class State(str, enum.Enum):
@@ -33,8 +44,11 @@ class State(str, enum.Enum):
 
 FINAL_STATES = frozenset({State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED, State.FAILED})
 PENDING_STATES = frozenset({State.CLAIMING, State.QUEUED, State.UPLOADING, State.UNCONFIRMED, State.SUBMITTED})
-# fileX has the bytes: the only submissions a feedback file can belong to.
-REACHED_STATES = frozenset({State.SUBMITTED, State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED})
+# fileX has (UNCONFIRMED: may have) the bytes: the only submissions a feedback file can belong
+# to. UNCONFIRMED too: fileX's feedback can come before the reconciler has seen the upload in
+# tracking (an owner killed or paused after its PUT), and the feedback then proves it landed.
+REACHED_STATES = frozenset({State.UNCONFIRMED, State.SUBMITTED, State.ACCEPTED, State.REJECTED,
+                            State.PARTIALLY_REJECTED})
 
 
 class Outcome(str, enum.Enum):
@@ -148,6 +162,28 @@ class FeedbackFile:
 
 
 @dataclass
+class Lead:
+    """Who runs a singleton (tracking polls, feedback collection, alert sweeps...) until when."""
+
+    name: str
+    owner: str
+    lease_until: datetime
+    epoch: int  # raised whenever the lead passes to another owner
+
+
+@dataclass
+class NodeInfo:
+    """One agent of the cluster, as its heartbeats left it in the journal."""
+
+    node: str
+    started_at: datetime
+    heartbeat_at: datetime
+    info: dict[str, Any]
+    holds: int = 0  # UPLOADING submissions leased by one of this node's owners ("node:pid:nonce")
+    leads: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Occurrence:
     """One due filing of a calendar expectation (filex_agent/filing_calendar.py).
 
@@ -187,6 +223,9 @@ class CalendarAlert:
 class Store(abc.ABC):
     """What the daemon needs from a journal. Implementations must be thread-safe."""
 
+    # Several agents (processes, machines) may use this journal at once: singletons need a leader.
+    shared = False
+
     @abc.abstractmethod
     def create(self, **fields: Any) -> Submission: ...
 
@@ -222,6 +261,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def by_tracking_id(self, tracking_id: str) -> Submission | None:
         """The submission that owns ``tracking_id`` (unique), if any."""
+
+    @abc.abstractmethod
+    def discard_claim(self, sub_id: int) -> bool:
+        """A claim race lost to another agent: delete this CLAIMING row (and its event) when
+        another submission of the same ``source_path``, not FAILED, was created in the hour
+        before it — the file left the outbox in the other agent's claim, so this row never held
+        anything. False (nothing deleted) otherwise: the file really vanished."""
 
     @abc.abstractmethod
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
@@ -354,9 +400,34 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def take_over(self, sub_id: int, owner: str, *, force: bool = False) -> Submission:
-        """Rescuer: take a row whose lease expired: epoch raised, owner set, lease cleared, so the
-        old owner's later writes are refused. ``StateConflict`` if another owner's lease is still
-        live, unless ``force`` (the caller knows that owner is dead: it held the instance lock)."""
+        """Rescuer: take an UPLOADING row whose lease expired: epoch raised, owner set, lease
+        cleared, so the old owner's later writes are refused. ``StateConflict`` if another
+        owner's lease is still live, unless ``force`` (the caller knows that owner is dead: it
+        held the instance lock), and always when the row is no longer UPLOADING (another
+        rescuer settled it first: taking it again would settle it twice)."""
+
+    # -- cluster: singletons and the node registry --------------------------------------
+    @abc.abstractmethod
+    def try_lead(self, name: str, owner: str, lease_seconds: float) -> bool:
+        """Take or keep the lead of singleton ``name`` for ``lease_seconds`` (journal clock). True
+        while ``owner`` holds it; call again well within the lease to keep it. The lead passes to
+        another caller only once the lease has run out (or was resigned)."""
+
+    @abc.abstractmethod
+    def resign(self, name: str, owner: str) -> None:
+        """Give up the lead of ``name`` now (clean stop: another node takes it without waiting)."""
+
+    @abc.abstractmethod
+    def leaders(self) -> dict[str, Lead]:
+        """Every singleton's current lead (expired ones included: ``lease_until`` tells)."""
+
+    @abc.abstractmethod
+    def heartbeat_node(self, node: str, info: dict[str, Any]) -> None:
+        """Register or refresh ``node`` (``info``: pid, version, routes... JSON-able)."""
+
+    @abc.abstractmethod
+    def nodes(self) -> list[NodeInfo]:
+        """Every node that has sent a heartbeat, with what it holds and leads, by name."""
 
     # -- read-only views: the status web page (any node can serve it from the journal) ----------
     @abc.abstractmethod
@@ -488,7 +559,35 @@ class StaleEpoch(StateConflict):
     the writer must abandon what it was doing (upload nothing more, move nothing)."""
 
 
-def open_store(path: Path) -> Store:
+class Duplicate(ValueError):
+    """A unique key already exists (a tracking id on two submissions, a feedback file filed twice)."""
+
+
+class JournalUnavailable(TransientError):
+    """The journal database cannot be reached (or stopped answering) after bounded retries. Work
+    pauses: the caller waits and tries again; nothing was written that it does not know of,
+    except where the message says the outcome of the last write is unknown (the connection was
+    lost during its COMMIT): the caller re-reads before acting."""
+
+
+class SchemaTooNew(FilexError):
+    """The journal was migrated by a newer filex-agent than this one: refusing to start (an older
+    node would not understand rows the newer schema allows)."""
+
+    def __init__(self, found: int, supported: int, where: str):
+        super().__init__(f"the journal at {where} has schema version {found}; this filex-agent supports "
+                         f"up to {supported}: upgrade this node (never run an older agent on a newer journal)")
+        self.found = found
+        self.supported = supported
+
+
+def open_store(path: Path | str, *, journal: Any = None) -> Store:
+    """The configured journal: PostgreSQL when ``journal`` (a ``JournalSettings``) has a
+    ``postgresql://`` URL, else the SQLite file at ``path``."""
+    if journal is not None and journal.is_postgres:
+        from filex_agent.store.postgres import open_postgres
+
+        return open_postgres(journal)
     from filex_agent.store.sqlite import SQLiteStore
 
     return SQLiteStore(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -14,12 +15,18 @@ from typing import Any, Iterable, Sequence
 from filex_agent.errors import FilexError
 from filex_agent.logging_setup import redact
 from filex_agent.store import (
+    OWNED_BY,
+    SCHEMA_VERSION,
     Attempt,
     CalendarAlert,
+    Duplicate,
     Event,
     FeedbackAlreadyFiled,
     JournalLocked,
+    Lead,
+    NodeInfo,
     Occurrence,
+    SchemaTooNew,
     Outcome,
     StaleEpoch,
     FeedbackFile,
@@ -52,6 +59,8 @@ CREATE INDEX IF NOT EXISTS submissions_state ON submissions(state);
 CREATE INDEX IF NOT EXISTS submissions_route_state ON submissions(route, state);
 CREATE INDEX IF NOT EXISTS submissions_sha ON submissions(org, application, sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS submissions_tracking ON submissions(tracking_id) WHERE tracking_id IS NOT NULL;
+-- One claim per outbox file at a time: a second agent's claim of the same file is refused (Duplicate).
+CREATE UNIQUE INDEX IF NOT EXISTS submissions_claiming ON submissions(source_path) WHERE state = 'CLAIMING';
 CREATE INDEX IF NOT EXISTS submissions_route_stem ON submissions(route, {stem});
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -102,6 +111,12 @@ CREATE INDEX IF NOT EXISTS submissions_name ON submissions(file_name);
 CREATE INDEX IF NOT EXISTS submissions_final ON submissions(final_at, state, route);
 CREATE INDEX IF NOT EXISTS submissions_uploaded_created ON submissions(uploaded_at, created_at);
 CREATE INDEX IF NOT EXISTS submissions_flag ON submissions(id) WHERE flag IS NOT NULL;
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT PRIMARY KEY, started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL, info TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS leaders (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, lease_until TEXT NOT NULL, epoch INTEGER NOT NULL DEFAULT 1
+);
 """
 # States whose alert waits (for the feedback file) and so must survive a restart.
 _ALERTED_STATES = ("REJECTED", "PARTIALLY_REJECTED")
@@ -115,8 +130,8 @@ STEM_SQL = (f"(CASE WHEN instr(file_name, '.') <= 1 THEN file_name "
 SCHEMA = SCHEMA.replace("{stem}", STEM_SQL)
 
 # Columns added after the first release: (table, column, declaration). Added to an older journal
-# at open; ``user_version`` records the schema version reached.
-SCHEMA_VERSION = 2
+# at open; ``user_version`` records the schema version reached (SCHEMA_VERSION, shared with
+# PostgreSQL: 2 added leases and attempts, 3 the nodes and leaders tables).
 _ADDED_COLUMNS = [
     ("submissions", "owner", "TEXT"),
     ("submissions", "lease_until", "TEXT"),
@@ -279,6 +294,9 @@ class SQLiteStore(Store):
         self._reader_lock = threading.Lock()
 
     def _migrate(self) -> None:
+        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(found, SCHEMA_VERSION, str(self.path))
         have = {r[1] for r in self._db.execute("PRAGMA table_info(submissions)")}
         if have:  # an older journal: add what later versions added before the indexes use it
             for table, col, decl in _ADDED_COLUMNS:
@@ -423,6 +441,19 @@ class SQLiteStore(Store):
         with self._lock:
             row = self._db.execute("SELECT * FROM submissions WHERE tracking_id = ?", (tracking_id,)).fetchone()
         return None if row is None else _row_to_sub(row)
+
+    def discard_claim(self, sub_id: int) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT state, source_path, created_at FROM submissions WHERE id = ?", (sub_id,)).fetchone()
+            if row is None or row["state"] != State.CLAIMING.value:
+                return False
+            since = (datetime.fromisoformat(row["created_at"]) - timedelta(hours=1)).isoformat()
+            if not db.execute("SELECT 1 FROM submissions WHERE source_path = ? AND id != ? AND state != 'FAILED' "
+                              "AND created_at >= ?", (row["source_path"], sub_id, since)).fetchone():
+                return False
+            db.execute("DELETE FROM events WHERE submission_id = ?", (sub_id,))
+            db.execute("DELETE FROM submissions WHERE id = ?", (sub_id,))
+            return True
 
     def find_same_content(self, org: str, application: str, sha256: str, exclude_id: int) -> Submission | None:
         states = ("CLAIMING", "QUEUED", "UPLOADING", "SUBMITTED", "ACCEPTED")
@@ -857,12 +888,66 @@ class SQLiteStore(Store):
                              (sub_id,)).fetchone()
             if row is None:
                 raise KeyError(f"no submission {sub_id}")
+            if row["state"] != State.UPLOADING.value:  # another rescuer settled it first
+                raise StateConflict(f"submission {sub_id} is {row['state']}, not UPLOADING")
             live = row["lease_until"] and datetime.fromisoformat(row["lease_until"]) > now
             if live and not force and row["owner"] != owner:
                 raise StateConflict(f"submission {sub_id} is leased by {row['owner']} until {row['lease_until']}")
             db.execute("UPDATE submissions SET owner = ?, lease_until = NULL, epoch = ?, updated_at = ? WHERE id = ?",
                        (owner, row["epoch"] + 1, now.isoformat(), sub_id))
         return self.get(sub_id)
+
+    # -- cluster: one node, but the same bookkeeping (``filex-agent nodes`` shows it) ---------
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def try_lead(self, name: str, owner: str, lease_seconds: float) -> bool:
+        now = utcnow()
+        until = (now + timedelta(seconds=lease_seconds)).isoformat()
+        with self._tx() as db:
+            row = db.execute("SELECT owner, lease_until FROM leaders WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO leaders (name, owner, lease_until) VALUES (?, ?, ?)", (name, owner, until))
+                return True
+            if row["owner"] != owner and datetime.fromisoformat(row["lease_until"]) > now:
+                return False
+            db.execute("UPDATE leaders SET owner = ?, lease_until = ?, epoch = epoch + ? WHERE name = ?",
+                       (owner, until, 0 if row["owner"] == owner else 1, name))
+            return True
+
+    def resign(self, name: str, owner: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE leaders SET lease_until = ? WHERE name = ? AND owner = ?",
+                       (utcnow().isoformat(), name, owner))
+
+    def leaders(self) -> dict[str, Lead]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM leaders ORDER BY name").fetchall()
+        return {r["name"]: Lead(r["name"], r["owner"], datetime.fromisoformat(r["lease_until"]), r["epoch"])
+                for r in rows}
+
+    def heartbeat_node(self, node: str, info: dict[str, Any]) -> None:
+        now = utcnow().isoformat()
+        with self._tx() as db:
+            db.execute("INSERT INTO nodes (node, started_at, heartbeat_at, info) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (node) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, info = excluded.info",
+                       (node, now, now, json.dumps(info)))
+
+    def nodes(self) -> list[NodeInfo]:
+        now = utcnow().isoformat()
+        out = []
+        with self._lock:
+            for r in self._db.execute("SELECT * FROM nodes ORDER BY node").fetchall():
+                mine = {"node": r["node"], "now": now}
+                holds = self._db.execute(f"SELECT COUNT(*) FROM submissions WHERE state = 'UPLOADING' AND {OWNED_BY}",
+                                         mine).fetchone()[0]
+                leads = self._db.execute(f"SELECT name FROM leaders WHERE lease_until > :now AND {OWNED_BY} "
+                                         "ORDER BY name", mine).fetchall()
+                out.append(NodeInfo(r["node"], datetime.fromisoformat(r["started_at"]),
+                                    datetime.fromisoformat(r["heartbeat_at"]), json.loads(r["info"]), holds,
+                                    [x[0] for x in leads]))
+        return out
 
     def close(self) -> None:
         with self._reader_lock:
@@ -899,3 +984,5 @@ class _Tx:
             self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.store._lock.release()
+        if exc_type is sqlite3.IntegrityError and "UNIQUE" in str(exc):
+            raise Duplicate(str(exc)) from exc
