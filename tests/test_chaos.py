@@ -563,7 +563,6 @@ def test_s3_upload_completed_before_crash_is_not_sent_again(sandbox, sandbox_con
     assert next(u for u in sandbox.uploads() if u.name == name).tracking_id == sub.tracking_id
 
 
-@pytest.mark.xfail(reason="agent relies on reading in/; fixed by issue 11 agent work", strict=False)
 def test_interrupted_upload_checked_again_while_running_when_filex_was_down(sandbox, sandbox_config):
     """fileX cannot be asked: the upload stays UNCONFIRMED, past its settle period too (not
     checked is not "absent"), and is decided once fileX answers again."""
