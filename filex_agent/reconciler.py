@@ -32,6 +32,10 @@ from filex_agent.store import Attempt, Outcome, State, StateConflict, Store, Sub
 
 log = logging.getLogger(__name__)
 
+# A row whose attempt is UNCONFIRMED: normally UNCONFIRMED itself; QUEUED only if a crash fell
+# between the attempt's write and the row's (it is never sent while the attempt is open).
+_DECIDABLE = frozenset({State.UNCONFIRMED, State.QUEUED})
+
 # How far fileX's clock may be behind ours when its times are compared with an attempt's start.
 CLOCK_SKEW = timedelta(minutes=2)
 
@@ -114,7 +118,7 @@ class Reconciler:
                f"(tracking.unconfirmed_settle_seconds = {self.config.tracking.unconfirmed_settle_seconds:g}); "
                "sending it again")
         self.store.end_attempt(att.id, Outcome.NOT_SENT, why)
-        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect={State.UNCONFIRMED},
+        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect=_DECIDABLE,
                                     flag=None, tracking_id=None, next_attempt_at=None, owner=None, lease_until=None)
         log.warning("submission %s (%s): %s", sub.id, sub.file_name, why)
         self.hooks.submission_changed(sub, "requeued")
@@ -201,7 +205,7 @@ class Reconciler:
         self.store.end_attempt(att.id, Outcome.SENT, f"reconciled: fileX has it ({ev.what})")
         fields = {"tracking_id": ev.tracking_id} if ev.tracking_id else {}
         sub = self.store.transition(
-            sub.id, State.SUBMITTED, f"reconciled: fileX has it ({ev.what})", expect={State.UNCONFIRMED},
+            sub.id, State.SUBMITTED, f"reconciled: fileX has it ({ev.what})", expect=_DECIDABLE,
             uploaded_at=self.store.now(), upload_location=att.upload_location, flag=None, next_attempt_at=None,
             owner=None, lease_until=None, move_to=self.submitter.archive_dir(sub, "sent"), **fields)
         log.info("submission %s (%s): fileX has attempt %d (%s)", sub.id, sub.file_name, att.n, ev.what)
@@ -212,7 +216,7 @@ class Reconciler:
         why = (f"a wrong copy reached fileX: {ev.what}. FINRA may answer on it; the right file is sent again now"
                + (f" (the wrong copy's tracking id is {ev.tracking_id})" if ev.tracking_id else ""))
         self.store.end_attempt(att.id, Outcome.NOT_SENT, why)
-        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect={State.UNCONFIRMED},
+        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect=_DECIDABLE,
                                     flag=why, tracking_id=None, next_attempt_at=None, owner=None, lease_until=None)
         log.error("submission %s (%s): %s", sub.id, sub.file_name, why)
         self.hooks.submission_changed(sub, "wrong_copy")

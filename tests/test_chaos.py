@@ -191,7 +191,6 @@ def _out_objects(sb: Sandbox, org: str, app: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.xfail(reason="agent relies on reading in/; fixed by issue 11 agent work", strict=False)
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_chaos_sigkill_and_faults(tmp_path):

@@ -155,3 +155,25 @@ def test_move_interrupted_is_finished(cfg):
     assert sub.move_to is None and Path(sub.local_path).parent == sent and Path(sub.local_path).exists()
     assert not src.exists()
     d.stop(grace=0)
+
+
+@pytest.mark.parametrize("outcome", ["UNCONFIRMED", "SENT"])
+def test_crash_between_the_attempt_outcome_and_the_row_state_never_frees_a_resend(cfg, sandbox, outcome):
+    """The attempt's outcome and the row's state are two writes: a SIGKILL between them leaves
+    the row UPLOADING beside an attempt that may have landed. It becomes UNCONFIRMED (decided on
+    evidence), never QUEUED (which would send it again, or wedge it beside its open attempt)."""
+    from filex_agent.store import Outcome
+
+    d = Daemon(cfg)
+    route = cfg.routes[0]
+    target = spool_dir(route) / "1004" / f"REC_two_writes_{outcome}.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"two writes\n")
+    sub = _interrupted(d, route, target, committed=True)
+    (att,) = d.store.attempts(sub.id)
+    d.store.end_attempt(att.id, Outcome(outcome), "the last write before the SIGKILL", epoch=sub.epoch)
+    d.recover()
+    sub = d.store.get(sub.id)
+    assert sub.state is State.UNCONFIRMED
+    assert [a.outcome for a in d.store.attempts(sub.id)] == [Outcome.UNCONFIRMED]
+    d.stop(grace=0)
