@@ -28,7 +28,7 @@ from filex_agent.config import Config, RouteSettings
 from filex_agent.errors import FilexError, PermanentError
 from filex_agent.hooks import Hooks
 from filex_agent.models import TrackingRecord
-from filex_agent.store import Attempt, Outcome, State, StateConflict, Store, Submission
+from filex_agent.store import Attempt, Outcome, State, StateConflict, Store, Submission, integrity_note
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ class Reconciler:
         sub = self.store.transition(
             sub.id, State.SUBMITTED, f"reconciled: fileX has it ({ev.what})", expect=_DECIDABLE,
             uploaded_at=self.store.now(), upload_location=att.upload_location, flag=None, next_attempt_at=None,
+            reason=integrity_note(sub.reason),
             owner=None, lease_until=None, move_to=self.submitter.archive_dir(sub, "sent"), **fields)
         self.store.end_attempt(att.id, Outcome.SENT, f"reconciled: fileX has it ({ev.what})")
         log.info("submission %s (%s): fileX has attempt %d (%s)", sub.id, sub.file_name, att.n, ev.what)
@@ -222,8 +223,8 @@ class Reconciler:
     def _wrong_copy(self, att: Attempt, sub: Submission, ev: Evidence) -> None:
         why = (f"a wrong copy reached fileX: {ev.what}. FINRA may answer on it; the right file is sent again now"
                + (f" (the wrong copy's tracking id is {ev.tracking_id})" if ev.tracking_id else ""))
-        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect=_DECIDABLE,
-                                    flag=why, tracking_id=None, next_attempt_at=None, owner=None, lease_until=None)
+        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect=_DECIDABLE, reason=why,
+                                    flag=None, tracking_id=None, next_attempt_at=None, owner=None, lease_until=None)
         self.store.end_attempt(att.id, Outcome.NOT_SENT, why)  # second: a crash between is re-decided
         log.error("submission %s (%s): %s", sub.id, sub.file_name, why)
         self.hooks.submission_changed(sub, "wrong_copy")

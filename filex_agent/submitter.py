@@ -19,6 +19,7 @@ from pathlib import Path
 from filex_agent.config import Config, RouteSettings, valid_remote_name
 from filex_agent.errors import (
     AuthError,
+    CorruptFiling,
     CredentialsRefused,
     PermanentError,
     RemoteChangedError,
@@ -32,7 +33,7 @@ from filex_agent.leases import new_owner
 from filex_agent.reconciler import unconfirmed_flag
 from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
 from filex_agent.store import (Attempt, Duplicate, Outcome, StaleEpoch, State, StateConflict, Store, Submission,
-                               utcnow)
+                               integrity_note, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,19 @@ class Submitter:
             raise
         except UploadUnconfirmed as exc:
             return self._unconfirmed(sub, att, str(exc))
+        except CorruptFiling as exc:
+            # fileX has bytes that are not the file, as a filing: follow it to FINRA's verdict,
+            # and say on the submission that a corrected file must be sent.
+            note = (f"a corrupt copy reached fileX and could not be removed ({exc}); FINRA's verdict below is on "
+                    "those bytes, not on this file: send a corrected file (drop the file again)")
+            log.error("submission %s (%s): %s", sub.id, sub.file_name, note)
+            sub = self.store.transition(
+                sub.id, State.SUBMITTED, "corrupt copy filed", expect={State.UPLOADING}, epoch=epoch, **_RELEASE,
+                upload_location=f"{sub.org}/{sub.application}/in", uploaded_at=utcnow(), reason=note, flag=note,
+                tracking_id=None, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
+            self.store.end_attempt(att.id, Outcome.SENT, f"a corrupt copy was filed: {exc}", epoch=epoch)
+            self.hooks.submission_changed(sub, "uploaded")
+            return self.finish_move(sub)
         except _Changed:
             self._not_sent(att, epoch, "changed after claim")
             sub = self.store.transition(sub.id, State.QUEUED, "changed after claim", epoch=epoch, **_RELEASE,
@@ -311,7 +325,7 @@ class Submitter:
         sub = self.store.transition(
             sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, epoch=epoch, **_RELEASE,
             tracking_id=result.tracking_id, upload_location=result.upload_location, uploaded_at=result.finished_at,
-            reason=None, flag=late_change, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
+            reason=integrity_note(sub.reason), flag=late_change, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
         self.hooks.submission_changed(sub, "uploaded")
         return self.finish_move(sub)
 

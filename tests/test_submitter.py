@@ -134,3 +134,14 @@ def test_a_symlink_swapped_into_the_spool_is_never_followed(make, tmp_path):
     local.symlink_to(secret)
     s = sub.upload(s.id)
     assert s.state is State.FAILED and "symbolic link" in s.reason and conns.uploads == 0
+
+
+def test_a_corrupt_copy_that_could_not_be_removed_is_followed_and_said(make):
+    from filex_agent.errors import CorruptFiling
+
+    sub, s, conns = make([CorruptFiling("s3://b/0001/app1/in/F.csv failed its integrity check and could not "
+                                        "be deleted")])
+    s = sub.upload(s.id)
+    assert s.state is State.SUBMITTED and conns.uploads == 0
+    assert s.reason.startswith("a corrupt copy reached fileX") and "send a corrected file" in s.reason
+    assert [a.outcome.value for a in sub.store.attempts(s.id)] == ["SENT"]

@@ -46,6 +46,7 @@ from s3transfer.utils import OSUtils
 
 from filex_agent.config import S3Settings, valid_remote_name
 from filex_agent.errors import (
+    CorruptFiling,
     AuthError,
     FilexError,
     NotEntitledError,
@@ -803,8 +804,8 @@ class S3Transport(Transport):
         try:
             self._with_credential_retry("delete", lambda: self._s3().delete_object(Bucket=bucket, Key=key))
         except FilexError as exc:
-            # A bad object we cannot remove may be taken as a filing: a person must look at it.
-            raise PermanentError(
+            # A bad object we cannot remove will be taken as a filing: it is followed, and said.
+            raise CorruptFiling(
                 f"s3://{bucket}/{key} for {self._who()} failed its integrity check ({problem}) and could not "
                 f"be deleted ({exc}): fileX may have received a corrupt file"
             ) from exc
