@@ -18,6 +18,10 @@ from bench.common import ROOT, fast_tmp
 from bench.report import Results, render
 from bench.servers import S3Server, SandboxServer, SshServer
 from bench.tools import ensure_tools, machine, versions
+from bench.ha import END as HA_END
+from bench.ha import START as HA_START
+from bench.web import END as WEB_END
+from bench.web import START as WEB_START
 from bench.web import read_section, write_section
 
 log = logging.getLogger("bench")
@@ -162,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         res.settings["load average (1 min) at start → end"] = (f"{load0} → {_loadavg()} (other work on the "
                                                                 "machine adds noise)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        web_section = read_section(args.out)
+        # `python -m bench.web`'s and `python -m bench.ha`'s own sections are kept.
+        kept = [(read_section(args.out, *marks), marks) for marks in ((WEB_START, WEB_END), (HA_START, HA_END))]
         args.out.write_text(render(res) + "\n")
-        if web_section:
-            write_section(args.out, web_section)  # `python -m bench.web`'s own section is kept
+        for section, marks in kept:
+            if section:
+                write_section(args.out, section, *marks)
         log.info("wrote %s", args.out)
         if args.keep:
             log.info("work folders kept: %s %s", work, shm)

@@ -178,19 +178,19 @@ def render(rows: int, results: dict[str, list[float]], build_s: float | None, db
     return "\n".join(lines)
 
 
-def read_section(out: Path) -> str | None:
-    """This benchmark's section of ``out`` (markers included), if it has one."""
+def read_section(out: Path, start: str = START, end: str = END) -> str | None:
+    """A benchmark's own section of ``out`` (markers included), if it has one (bench.ha's too)."""
     text = out.read_text() if out.exists() else ""
-    if START in text and END in text:
-        return START + text.split(START, 1)[1].split(END, 1)[0] + END
+    if start in text and end in text:
+        return start + text.split(start, 1)[1].split(end, 1)[0] + end
     return None
 
 
-def write_section(out: Path, section: str) -> None:
+def write_section(out: Path, section: str, start: str = START, end: str = END) -> None:
     text = out.read_text() if out.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     out.write_text(text)
