@@ -433,17 +433,7 @@ from filex_agent.daemon import Daemon  # noqa: E402
 from filex_agent.fsutil import sha256_file  # noqa: E402
 from filex_agent.store import State, utcnow  # noqa: E402
 from filex_agent.submitter import spool_dir  # noqa: E402
-from tests.conftest import run_until, wait_for  # noqa: E402
-
-
-def _dead_owner() -> str:
-    """The owner string of a process of this node that has exited (its pid is gone)."""
-    import socket
-    import subprocess
-
-    p = subprocess.Popen(["true"])
-    p.wait()
-    return f"{socket.gethostname()}:{p.pid}:dead:run"
+from tests.conftest import dead_owner, run_until, wait_for  # noqa: E402
 
 
 def _spooled(d: Daemon, route, name: str, data: bytes, *, committed: bool = True, ticket: str | None = None):
@@ -459,7 +449,7 @@ def _spooled(d: Daemon, route, name: str, data: bytes, *, committed: bool = True
     st = target.stat()
     sub = d.store.transition(sub.id, State.QUEUED, "test", local_path=str(target), size=st.st_size,
                              mtime_ns=st.st_mtime_ns, sha256=sha256_file(target))
-    sub, att = d.store.begin_upload(sub.id, _dead_owner(), 600, transport=sub.transport, remote_name=name,
+    sub, att = d.store.begin_upload(sub.id, dead_owner(), 600, transport=sub.transport, remote_name=name,
                                     upload_location=f"{route.org}/{route.application}/in")
     if ticket:
         d.store.set_ticket(att.id, sub.epoch, ticket)

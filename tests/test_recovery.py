@@ -9,7 +9,7 @@ import pytest
 from filex_agent.daemon import Daemon
 from filex_agent.store import State, open_store
 from filex_agent.submitter import spool_dir
-from tests.conftest import run_until, wait_for
+from tests.conftest import dead_owner, run_until, wait_for
 
 
 @pytest.fixture
@@ -54,16 +54,6 @@ def test_claim_interrupted_after_rename_is_confirmed(cfg):
     d.stop(grace=0)
 
 
-def _dead_owner() -> str:
-    """The owner string of a process of this node that has exited (its pid is gone)."""
-    import socket
-    import subprocess
-
-    p = subprocess.Popen(["true"])
-    p.wait()
-    return f"{socket.gethostname()}:{p.pid}:dead:run"
-
-
 def _interrupted(d: Daemon, route, target: Path, *, committed: bool, started_ago: float = 5.0):
     """A row as a process killed during its upload attempt leaves it: UPLOADING, owned by a dead
     process, its attempt PENDING (committed: the request that can make it a filing went out)."""
@@ -74,7 +64,7 @@ def _interrupted(d: Daemon, route, target: Path, *, committed: bool, started_ago
     st = target.stat()
     sub = _row(d, Path(route.outbox) / target.name, State.QUEUED, local=target, size=st.st_size,
                mtime_ns=st.st_mtime_ns, sha256=sha256_file(target))
-    sub, att = d.store.begin_upload(sub.id, _dead_owner(), 600, transport="rest", remote_name=target.name,
+    sub, att = d.store.begin_upload(sub.id, dead_owner(), 600, transport="rest", remote_name=target.name,
                                     upload_location=f"{route.org}/{route.application}/in")
     with d.store._tx() as db:  # the attempt began a few seconds ago
         db.execute("UPDATE attempts SET started_at = ? WHERE id = ?",
