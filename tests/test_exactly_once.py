@@ -153,7 +153,7 @@ def test_wrong_size_record_of_the_attempt_is_a_wrong_copy_and_the_right_file_is_
     d.recover()
     d.reconciler.run()
     sub = d.store.get(sub.id)
-    assert sub.state is State.QUEUED and "a wrong copy reached fileX" in sub.flag and "0 bytes" in sub.flag
+    assert sub.state is State.QUEUED and sub.reason.startswith("a wrong copy reached fileX") and "0 bytes" in sub.reason
     (att,) = d.store.attempts(sub.id)
     assert att.outcome is Outcome.NOT_SENT
     d.start()
