@@ -12,12 +12,16 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import journal_scale, parts, web
+from bench import journal_scale, parts
 from bench.agent import Daemon, Journal, write_config
 from bench.common import ROOT, fast_tmp
 from bench.report import Results, render
 from bench.servers import S3Server, SandboxServer, SshServer
 from bench.tools import ensure_tools, machine, versions
+from bench.ha import END as HA_END
+from bench.ha import START as HA_START
+from bench.web import END as WEB_END
+from bench.web import START as WEB_START
 from bench.web import read_section, write_section
 
 log = logging.getLogger("bench")
@@ -162,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         res.settings["load average (1 min) at start → end"] = (f"{load0} → {_loadavg()} (other work on the "
                                                                 "machine adds noise)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        # The sections of `python -m bench.web` and `python -m bench.journal_scale` are kept.
-        own = [(read_section(args.out, *marks), marks) for marks in ((web.START, web.END),
-                                                                    (journal_scale.START, journal_scale.END))]
+        # The own sections of `python -m bench.web`, `python -m bench.ha` and `python -m bench.journal_scale` are kept.
+        kept = [(read_section(args.out, *marks), marks) for marks in (
+            (WEB_START, WEB_END), (HA_START, HA_END), (journal_scale.START, journal_scale.END))]
         args.out.write_text(render(res) + "\n")
-        for section, marks in own:
+        for section, marks in kept:
             if section:
                 write_section(args.out, section, *marks)
         log.info("wrote %s", args.out)

@@ -31,11 +31,8 @@ ROUTES = [f"route-{i}" for i in range(5)]
 OUTCOMES = [("ACCEPTED", 0.925), ("REJECTED", 0.04), ("PARTIALLY_REJECTED", 0.02), ("FAILED", 0.015)]
 
 
-def build_journal(path: Path, rows: int, seed: int = 13, *, recent_pending: bool = True) -> None:
-    """``rows`` submissions over the last 365 days, oldest first (as the agent writes them).
-
-    With ``recent_pending`` the last hour's rows are still under way (the web bench); without,
-    every row is history (final), as ``bench.journal_scale`` adds its own fixed pending set."""
+def build_journal(path: Path, rows: int, seed: int = 13) -> None:
+    """``rows`` submissions over the last 365 days, oldest first (as the agent writes them)."""
     from filex_agent.store.sqlite import SQLiteStore
 
     SQLiteStore(path).close()  # the schema and its indexes, exactly as the agent makes them
@@ -45,11 +42,6 @@ def build_journal(path: Path, rows: int, seed: int = 13, *, recent_pending: bool
     step = (now - start) / rows
     db = sqlite3.connect(path)
     db.execute("PRAGMA synchronous=OFF")
-    # Filled without the indexes of submissions, which are built once at the end (reopening the
-    # store creates them): a million rows in seconds, not minutes.
-    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'submissions' "
-                              "AND sql IS NOT NULL").fetchall():
-        db.execute(f'DROP INDEX "{name}"')
     cols = ("route, org, application, transport, file_name, source_path, local_path, state, size, sha256, "
             "reason, tracking_id, upload_location, created_at, updated_at, uploaded_at, final_at, flag, attempts")
 
@@ -65,7 +57,7 @@ def build_journal(path: Path, rows: int, seed: int = 13, *, recent_pending: bool
             if r < acc:
                 state = s
                 break
-        if recent and recent_pending:
+        if recent:
             state = rnd.choice(["QUEUED", "UPLOADING", "SUBMITTED", "SUBMITTED", "ACCEPTED"])
         uploaded = None if state in ("FAILED", "QUEUED") else created + timedelta(seconds=rnd.uniform(2, 120))
         final = None if state in ("QUEUED", "UPLOADING", "SUBMITTED") else (uploaded or created) + timedelta(minutes=rnd.uniform(1, 30))
@@ -90,9 +82,6 @@ def build_journal(path: Path, rows: int, seed: int = 13, *, recent_pending: bool
         db.executemany("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
                        [(i, now.isoformat(), s, d) for i in ids for s, d in
                         (("CLAIMING", "created"), ("QUEUED", "claimed"), ("SUBMITTED", "uploaded"))])
-    db.close()
-    SQLiteStore(path).close()  # the indexes dropped above
-    db = sqlite3.connect(path)
     db.execute("PRAGMA optimize")
     db.close()
     print(file=sys.stderr)
@@ -190,7 +179,7 @@ def render(rows: int, results: dict[str, list[float]], build_s: float | None, db
 
 
 def read_section(out: Path, start: str = START, end: str = END) -> str | None:
-    """A benchmark's own section of ``out`` (markers included), if it has one."""
+    """A benchmark's own section of ``out`` (markers included), if it has one (bench.ha's too)."""
     text = out.read_text() if out.exists() else ""
     if start in text and end in text:
         return start + text.split(start, 1)[1].split(end, 1)[0] + end
@@ -198,7 +187,6 @@ def read_section(out: Path, start: str = START, end: str = END) -> str | None:
 
 
 def write_section(out: Path, section: str, start: str = START, end: str = END) -> None:
-    """Put ``section`` (which begins with ``start`` and ends with ``end``) in place of the old one, or at the end."""
     text = out.read_text() if out.exists() else "# Benchmark results\n"
     if start in text and end in text:
         head, rest = text.split(start, 1)

@@ -243,6 +243,13 @@ class _Borrowed:
         # Per-operation hooks (on_ticket) stay on the loan, never on the shared transport.
         object.__setattr__(self, name, value)
 
+    def upload(self, local, remote_name, progress=None, **hooks):  # type: ignore[no-untyped-def]
+        # The loan's hooks go with the call: the shared transport serves other workers meanwhile.
+        for name in ("on_commit", "on_ticket"):
+            if name in self.__dict__:
+                hooks.setdefault(name, self.__dict__[name])
+        return self._inner.upload(local, remote_name, progress, **hooks)
+
     def __enter__(self) -> "_Borrowed":
         return self
 

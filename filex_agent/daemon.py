@@ -322,14 +322,18 @@ class Daemon:
 
     def _rescue(self, sub: Submission, why: str, force: bool = False) -> None:
         sub = self.store.take_over(sub.id, self.owner, force=force)
-        # SENT too: its owner died between recording the attempt SENT and the row SUBMITTED (two
-        # writes); fileX has it, so it must never be taken for "nothing can have landed".
-        pending = [a for a in self.store.attempts(sub.id) if a.outcome in (Outcome.PENDING, Outcome.SENT)]
-        att = pending[-1] if pending else None
+        # SENT and UNCONFIRMED too: its owner died between recording the attempt's outcome and
+        # the row's state (two writes); such an attempt may have landed, so it is never taken
+        # for "nothing can have landed".
+        open_ = [a for a in self.store.attempts(sub.id)
+                 if a.outcome in (Outcome.PENDING, Outcome.SENT, Outcome.UNCONFIRMED)]
+        att = open_[-1] if open_ else None
         if att is not None and att.may_have_landed:
-            decide_by = self.store.now() + timedelta(seconds=self.config.tracking.unconfirmed_settle_seconds)
-            self.store.end_attempt(att.id, Outcome.UNCONFIRMED, f"interrupted: {why}", epoch=sub.epoch,
-                                   decide_by=decide_by)
+            decide_by = att.decide_by or (
+                self.store.now() + timedelta(seconds=self.config.tracking.unconfirmed_settle_seconds))
+            if att.outcome is not Outcome.UNCONFIRMED or att.decide_by is None:
+                self.store.end_attempt(att.id, Outcome.UNCONFIRMED, f"interrupted: {why}", epoch=sub.epoch,
+                                       decide_by=decide_by)
             sub = self.store.transition(sub.id, State.UNCONFIRMED, f"interrupted after it may have reached "
                                         f"fileX ({why})", epoch=sub.epoch, owner=None, lease_until=None,
                                         flag=unconfirmed_flag(decide_by))

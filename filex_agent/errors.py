@@ -45,6 +45,12 @@ class RemoteChangedError(TransientError):
     """The local file changed while it was being uploaded; the upload was discarded."""
 
 
+class CorruptFiling(FilexError):
+    """fileX stored bytes that are not the file's (an integrity check failed after the object
+    existed) and the object could not be removed: fileX will take it as a filing. The submission
+    follows it to FINRA's verdict and says plainly that a corrected file must be sent."""
+
+
 class UploadUnconfirmed(TransientError):
     """Bytes may have reached fileX and the answer was lost (timeout or dropped connection after
     the body went out, a 5xx after S3 may have stored it, a stop past its grace). A transport

@@ -22,10 +22,14 @@ from typing import TYPE_CHECKING, BinaryIO, Iterator
 if TYPE_CHECKING:
     from filex_agent.config import FilePerms
 
+from filex_agent.localfile import LocalFile
+
 CHUNK = 1 << 20
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: "Path | LocalFile") -> str:
+    if isinstance(path, LocalFile):
+        return path.sha256()  # the claimed descriptor, not whatever the path names now
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):

@@ -20,7 +20,7 @@ import httpx
 import tenacity
 
 from filex_agent.config import NetworkSettings
-from filex_agent.errors import AuthError, NotEntitledError, PermanentError, TransientError
+from filex_agent.errors import AuthError, NotEntitledError, PermanentError, TransientError, UploadUnconfirmed
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,9 @@ class RetryPolicy:
         return wait
 
     def _should_retry(self, exc: BaseException) -> bool:
-        return isinstance(exc, TransientError) and not getattr(exc, "retries_exhausted", False)
+        # UploadUnconfirmed: the bytes may have landed; only the reconciler may send them again.
+        return (isinstance(exc, TransientError) and not isinstance(exc, UploadUnconfirmed)
+                and not getattr(exc, "retries_exhausted", False))
 
     def _stop(self, state: tenacity.RetryCallState) -> bool:
         if state.attempt_number >= self.max_attempts:

@@ -28,9 +28,13 @@ from filex_agent.config import Config, RouteSettings
 from filex_agent.errors import FilexError, PermanentError
 from filex_agent.hooks import Hooks
 from filex_agent.models import TrackingRecord
-from filex_agent.store import Attempt, Outcome, State, StateConflict, Store, Submission
+from filex_agent.store import Attempt, Outcome, State, StateConflict, Store, Submission, integrity_note
 
 log = logging.getLogger(__name__)
+
+# A row whose attempt is UNCONFIRMED: normally UNCONFIRMED itself; QUEUED only if a crash fell
+# between the attempt's write and the row's (it is never sent while the attempt is open).
+_DECIDABLE = frozenset({State.UNCONFIRMED, State.QUEUED})
 
 # How far fileX's clock may be behind ours when its times are compared with an attempt's start.
 CLOCK_SKEW = timedelta(minutes=2)
@@ -86,6 +90,13 @@ class Reconciler:
 
     def _decide(self, att: Attempt, records: dict) -> int:
         sub = self.store.get(att.submission_id)
+        if sub.state not in _DECIDABLE:
+            # The row's state is written before the attempt's outcome: a crash between them leaves
+            # the attempt open beside a row that has moved on. Finish the second write.
+            if sub.state in (State.SUBMITTED, State.ACCEPTED, State.REJECTED, State.PARTIALLY_REJECTED):
+                self.store.end_attempt(att.id, Outcome.SENT, "reconciled: the submission had reached fileX")
+                return 1
+            return 0  # UPLOADING: its owner (or the rescuer) settles it
         try:
             route = self.config.route(sub.route)
         except FilexError:
@@ -113,9 +124,9 @@ class Reconciler:
         why = (f"fileX showed no trace of attempt {att.n} in {self._age(att, now)} "
                f"(tracking.unconfirmed_settle_seconds = {self.config.tracking.unconfirmed_settle_seconds:g}); "
                "sending it again")
-        self.store.end_attempt(att.id, Outcome.NOT_SENT, why)
-        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect={State.UNCONFIRMED},
+        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect=_DECIDABLE,
                                     flag=None, tracking_id=None, next_attempt_at=None, owner=None, lease_until=None)
+        self.store.end_attempt(att.id, Outcome.NOT_SENT, why)  # second: a crash between is re-decided
         log.warning("submission %s (%s): %s", sub.id, sub.file_name, why)
         self.hooks.submission_changed(sub, "requeued")
         return 1
@@ -198,12 +209,13 @@ class Reconciler:
 
     # -- decisions -------------------------------------------------------------------------
     def _sent(self, att: Attempt, sub: Submission, ev: Evidence) -> None:
-        self.store.end_attempt(att.id, Outcome.SENT, f"reconciled: fileX has it ({ev.what})")
         fields = {"tracking_id": ev.tracking_id} if ev.tracking_id else {}
         sub = self.store.transition(
-            sub.id, State.SUBMITTED, f"reconciled: fileX has it ({ev.what})", expect={State.UNCONFIRMED},
+            sub.id, State.SUBMITTED, f"reconciled: fileX has it ({ev.what})", expect=_DECIDABLE,
             uploaded_at=self.store.now(), upload_location=att.upload_location, flag=None, next_attempt_at=None,
+            reason=integrity_note(sub.reason),
             owner=None, lease_until=None, move_to=self.submitter.archive_dir(sub, "sent"), **fields)
+        self.store.end_attempt(att.id, Outcome.SENT, f"reconciled: fileX has it ({ev.what})")
         log.info("submission %s (%s): fileX has attempt %d (%s)", sub.id, sub.file_name, att.n, ev.what)
         self.submitter.finish_move(sub)
         self.hooks.submission_changed(sub, "recovered")
@@ -211,9 +223,9 @@ class Reconciler:
     def _wrong_copy(self, att: Attempt, sub: Submission, ev: Evidence) -> None:
         why = (f"a wrong copy reached fileX: {ev.what}. FINRA may answer on it; the right file is sent again now"
                + (f" (the wrong copy's tracking id is {ev.tracking_id})" if ev.tracking_id else ""))
-        self.store.end_attempt(att.id, Outcome.NOT_SENT, why)
-        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect={State.UNCONFIRMED},
-                                    flag=why, tracking_id=None, next_attempt_at=None, owner=None, lease_until=None)
+        sub = self.store.transition(sub.id, State.QUEUED, f"reconciled: {why}", expect=_DECIDABLE, reason=why,
+                                    flag=None, tracking_id=None, next_attempt_at=None, owner=None, lease_until=None)
+        self.store.end_attempt(att.id, Outcome.NOT_SENT, why)  # second: a crash between is re-decided
         log.error("submission %s (%s): %s", sub.id, sub.file_name, why)
         self.hooks.submission_changed(sub, "wrong_copy")
 

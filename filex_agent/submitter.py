@@ -7,6 +7,7 @@ after, so recovery (``recover()``) can finish or undo any step a crash interrupt
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 from filex_agent.config import Config, RouteSettings, valid_remote_name
 from filex_agent.errors import (
     AuthError,
+    CorruptFiling,
     CredentialsRefused,
     PermanentError,
     RemoteChangedError,
@@ -25,12 +27,13 @@ from filex_agent.errors import (
     UploadUnconfirmed,
 )
 from filex_agent.fsutil import apply_perms, forget_move_marker, move_no_clobber, sha256_file, write_reason
+from filex_agent.localfile import LocalFile
 from filex_agent.hooks import Hooks
 from filex_agent.leases import new_owner
 from filex_agent.reconciler import unconfirmed_flag
 from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
 from filex_agent.store import (Attempt, Duplicate, Outcome, StaleEpoch, State, StateConflict, Store, Submission,
-                               utcnow)
+                               integrity_note, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +222,11 @@ class Submitter:
             return any(a.id == att.id and a.may_have_landed for a in self.store.attempts(sub.id))
 
         try:
-            before = path.stat()
-            if (before.st_size, before.st_mtime_ns) != (sub.size, sub.mtime_ns):
-                raise _Changed()
-            with self.connections.transport(route, sub.transport) as transport:
-                transport.on_ticket = on_ticket
-                transport.on_commit = on_commit
+            # One descriptor, O_NOFOLLOW: a symlink swapped in after the claim is never followed,
+            # and every byte sent (and hashed) is read through it.
+            with LocalFile.open(path) as local, self.connections.transport(route, sub.transport) as transport:
+                if (local.size, local.mtime_ns) != (sub.size, sub.mtime_ns):
+                    raise _Changed()
                 if not transport.reports_commit:
                     on_commit()  # no finer point of no return known: anything may land from here
 
@@ -232,18 +234,26 @@ class Submitter:
                     sent[0] += n
                     self.hooks.bytes_sent(sub.route, sub.transport, n)
 
-                result = transport.upload(path, sub.file_name, progress=progress)
-            after = path.stat()
-            late_change = None
-            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                # The bytes are already with fileX; say so loudly rather than pretend otherwise.
-                late_change = ("the local file changed after its last byte was sent: fileX has the version "
-                               "checked before the upload; the archived copy may differ from it")
-                log.error("submission %s: %s: %s", sub.id, path, late_change)
+                result = transport.upload(local, sub.file_name, progress=progress, on_commit=on_commit,
+                                          on_ticket=on_ticket)
+                late_change = self._check_sent(sub, local, result)
         except StaleEpoch:
             raise
         except UploadUnconfirmed as exc:
             return self._unconfirmed(sub, att, str(exc))
+        except CorruptFiling as exc:
+            # fileX has bytes that are not the file, as a filing: follow it to FINRA's verdict,
+            # and say on the submission that a corrected file must be sent.
+            note = (f"a corrupt copy reached fileX and could not be removed ({exc}); FINRA's verdict below is on "
+                    "those bytes, not on this file: send a corrected file (drop the file again)")
+            log.error("submission %s (%s): %s", sub.id, sub.file_name, note)
+            sub = self.store.transition(
+                sub.id, State.SUBMITTED, "corrupt copy filed", expect={State.UPLOADING}, epoch=epoch, **_RELEASE,
+                upload_location=f"{sub.org}/{sub.application}/in", uploaded_at=utcnow(), reason=note, flag=note,
+                tracking_id=None, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
+            self.store.end_attempt(att.id, Outcome.SENT, f"a corrupt copy was filed: {exc}", epoch=epoch)
+            self.hooks.submission_changed(sub, "uploaded")
+            return self.finish_move(sub)
         except _Changed:
             self._not_sent(att, epoch, "changed after claim")
             sub = self.store.transition(sub.id, State.QUEUED, "changed after claim", epoch=epoch, **_RELEASE,
@@ -293,6 +303,12 @@ class Submitter:
             self._not_sent(att, epoch, "the claimed file disappeared")
             return self.store.transition(sub.id, State.FAILED, "lost", epoch=epoch, final_at=utcnow(), **_RELEASE,
                                          reason=f"the claimed file {path} disappeared before upload; nothing was sent")
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            self._not_sent(att, epoch, "the claimed file was replaced by a symbolic link")
+            return self._fail(sub, path, "refused: the claimed file was replaced by a symbolic link in the spool; "
+                                         "links are never followed or filed; nothing was sent", epoch=epoch)
         except Exception as exc:  # noqa: BLE001 - unknown: retry a few times, then fail, never forever
             log.exception("submission %s: unexpected error during upload", sub.id)
             if committed():
@@ -309,9 +325,24 @@ class Submitter:
         sub = self.store.transition(
             sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, epoch=epoch, **_RELEASE,
             tracking_id=result.tracking_id, upload_location=result.upload_location, uploaded_at=result.finished_at,
-            reason=None, flag=late_change, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
+            reason=integrity_note(sub.reason), flag=late_change, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
         self.hooks.submission_changed(sub, "uploaded")
         return self.finish_move(sub)
+
+    @staticmethod
+    def _check_sent(sub: Submission, local: LocalFile, result) -> str | None:
+        """What fileX got must be what was hashed at claim: say so loudly when it is not."""
+        problems = []
+        if result.sent_sha256 and sub.sha256 and result.sent_sha256 != sub.sha256:
+            problems.append(f"the bytes sent (sha256 {result.sent_sha256[:12]}…) differ from the bytes checked at "
+                            f"claim (sha256 {sub.sha256[:12]}…): the file was changed behind its size and time; "
+                            "fileX has what was sent")
+        elif local.changed():
+            problems.append("the local file changed after its last byte was sent: fileX has the version checked "
+                            "before the upload; the archived copy may differ from it")
+        if problems:
+            log.error("submission %s: %s: %s", sub.id, local.path, "; ".join(problems))
+        return "; ".join(problems) or None
 
     def _not_sent(self, att: Attempt, epoch: int, detail: str) -> None:
         self.store.end_attempt(att.id, Outcome.NOT_SENT, detail, epoch=epoch)

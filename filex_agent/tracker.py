@@ -16,7 +16,7 @@ from filex_agent.errors import AuthError, FilexError, PermanentError
 from filex_agent.hooks import Hooks
 from filex_agent.models import TrackingRecord
 from filex_agent.reconciler import after, norm_location, received
-from filex_agent.store import State, Store, Submission, utcnow
+from filex_agent.store import State, Store, Submission, integrity_note, utcnow
 from filex_agent.submitter import Submitter
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,9 @@ class Tracker:
             reason = "FINRA rejected the file: correct it and resubmit the whole file (see feedback)"
         elif final is State.PARTIALLY_REJECTED:
             reason = "FINRA partially rejected the file: submit a new file with only the corrected data (see feedback)"
+        note = integrity_note(sub.reason)
+        if note:  # FINRA's verdict is on what reached it; the note says what that was
+            reason = f"{note}; {reason}" if reason else note
         # The move is journaled with the final state (write-ahead): a crash between the two
         # cannot leave the original in the spool of a finished submission.
         sub = self.store.transition(sub.id, final, f"final: {downstream}", expect={State.SUBMITTED},

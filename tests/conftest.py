@@ -29,6 +29,16 @@ def run_until(daemon, sub_id: int, state, timeout: float = 20.0) -> None:
         daemon.stop(grace=5)
 
 
+def dead_owner() -> str:
+    """The lease owner string of a process of this node that has exited (its pid is gone)."""
+    import socket
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return f"{socket.gethostname()}:{p.pid}:dead:run"
+
+
 def sftp_supported() -> bool:
     try:
         import filex_agent.sandbox.sftp_server  # noqa: F401

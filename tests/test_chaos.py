@@ -191,7 +191,6 @@ def _out_objects(sb: Sandbox, org: str, app: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.xfail(reason="agent relies on reading in/; fixed by issue 11 agent work", strict=False)
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_chaos_sigkill_and_faults(tmp_path):
@@ -434,17 +433,7 @@ from filex_agent.daemon import Daemon  # noqa: E402
 from filex_agent.fsutil import sha256_file  # noqa: E402
 from filex_agent.store import State, utcnow  # noqa: E402
 from filex_agent.submitter import spool_dir  # noqa: E402
-from tests.conftest import run_until, wait_for  # noqa: E402
-
-
-def _dead_owner() -> str:
-    """The owner string of a process of this node that has exited (its pid is gone)."""
-    import socket
-    import subprocess
-
-    p = subprocess.Popen(["true"])
-    p.wait()
-    return f"{socket.gethostname()}:{p.pid}:dead:run"
+from tests.conftest import dead_owner, run_until, wait_for  # noqa: E402
 
 
 def _spooled(d: Daemon, route, name: str, data: bytes, *, committed: bool = True, ticket: str | None = None):
@@ -460,7 +449,7 @@ def _spooled(d: Daemon, route, name: str, data: bytes, *, committed: bool = True
     st = target.stat()
     sub = d.store.transition(sub.id, State.QUEUED, "test", local_path=str(target), size=st.st_size,
                              mtime_ns=st.st_mtime_ns, sha256=sha256_file(target))
-    sub, att = d.store.begin_upload(sub.id, _dead_owner(), 600, transport=sub.transport, remote_name=name,
+    sub, att = d.store.begin_upload(sub.id, dead_owner(), 600, transport=sub.transport, remote_name=name,
                                     upload_location=f"{route.org}/{route.application}/in")
     if ticket:
         d.store.set_ticket(att.id, sub.epoch, ticket)
@@ -563,7 +552,6 @@ def test_s3_upload_completed_before_crash_is_not_sent_again(sandbox, sandbox_con
     assert next(u for u in sandbox.uploads() if u.name == name).tracking_id == sub.tracking_id
 
 
-@pytest.mark.xfail(reason="agent relies on reading in/; fixed by issue 11 agent work", strict=False)
 def test_interrupted_upload_checked_again_while_running_when_filex_was_down(sandbox, sandbox_config):
     """fileX cannot be asked: the upload stays UNCONFIRMED, past its settle period too (not
     checked is not "absent"), and is decided once fileX answers again."""

@@ -153,7 +153,7 @@ def test_wrong_size_record_of_the_attempt_is_a_wrong_copy_and_the_right_file_is_
     d.recover()
     d.reconciler.run()
     sub = d.store.get(sub.id)
-    assert sub.state is State.QUEUED and "a wrong copy reached fileX" in sub.flag and "0 bytes" in sub.flag
+    assert sub.state is State.QUEUED and sub.reason.startswith("a wrong copy reached fileX") and "0 bytes" in sub.reason
     (att,) = d.store.attempts(sub.id)
     assert att.outcome is Outcome.NOT_SENT
     d.start()
@@ -199,13 +199,7 @@ def _lose_the_answer(sandbox, route, name: str) -> None:
         sandbox.inject_fault("drop", target="sftp", after=True, operation="rename")
 
 
-@pytest.mark.parametrize("lag", [
-    # With no lag fileX can take the first PUT before the REST transport's retry of the 503
-    # (filex_agent/http.py) lands: filed twice, about 1 run in 3 on the sandbox branch.
-    pytest.param(0, marks=pytest.mark.xfail(
-        reason="agent retries a pre-signed PUT after its answer was lost; fixed by issue 11 agent work",
-        strict=False)),
-    5, 30])
+@pytest.mark.parametrize("lag", [0, 5, 30])
 def test_lost_answer_is_filed_exactly_once_whatever_fileX_s_lag(sandbox, sandbox_config, lag):
     """Every transport: stored, then the answer lost, with fileX taking the upload 0, 5 or 30 s
     after it was stored. The reconciler waits for the evidence (settle > lag): filed once, whole."""

@@ -209,7 +209,7 @@ class _FakeTransport(Transport):
         self.listing: list[RemoteFile] | None = None
         self.downloads = 0
 
-    def upload(self, local, remote_name, progress=None):  # pragma: no cover - not used here
+    def upload(self, local, remote_name, progress=None, *, on_commit=None, on_ticket=None):  # pragma: no cover - not used here
         raise NotImplementedError
 
     def list_feedback(self) -> list[RemoteFile]:

@@ -9,7 +9,7 @@ import pytest
 from filex_agent.daemon import Daemon
 from filex_agent.store import State, open_store
 from filex_agent.submitter import spool_dir
-from tests.conftest import run_until, wait_for
+from tests.conftest import dead_owner, run_until, wait_for
 
 
 @pytest.fixture
@@ -54,16 +54,6 @@ def test_claim_interrupted_after_rename_is_confirmed(cfg):
     d.stop(grace=0)
 
 
-def _dead_owner() -> str:
-    """The owner string of a process of this node that has exited (its pid is gone)."""
-    import socket
-    import subprocess
-
-    p = subprocess.Popen(["true"])
-    p.wait()
-    return f"{socket.gethostname()}:{p.pid}:dead:run"
-
-
 def _interrupted(d: Daemon, route, target: Path, *, committed: bool, started_ago: float = 5.0):
     """A row as a process killed during its upload attempt leaves it: UPLOADING, owned by a dead
     process, its attempt PENDING (committed: the request that can make it a filing went out)."""
@@ -74,7 +64,7 @@ def _interrupted(d: Daemon, route, target: Path, *, committed: bool, started_ago
     st = target.stat()
     sub = _row(d, Path(route.outbox) / target.name, State.QUEUED, local=target, size=st.st_size,
                mtime_ns=st.st_mtime_ns, sha256=sha256_file(target))
-    sub, att = d.store.begin_upload(sub.id, _dead_owner(), 600, transport="rest", remote_name=target.name,
+    sub, att = d.store.begin_upload(sub.id, dead_owner(), 600, transport="rest", remote_name=target.name,
                                     upload_location=f"{route.org}/{route.application}/in")
     with d.store._tx() as db:  # the attempt began a few seconds ago
         db.execute("UPDATE attempts SET started_at = ? WHERE id = ?",
@@ -154,4 +144,26 @@ def test_move_interrupted_is_finished(cfg):
     sub = d.store.get(sub.id)
     assert sub.move_to is None and Path(sub.local_path).parent == sent and Path(sub.local_path).exists()
     assert not src.exists()
+    d.stop(grace=0)
+
+
+@pytest.mark.parametrize("outcome", ["UNCONFIRMED", "SENT"])
+def test_crash_between_the_attempt_outcome_and_the_row_state_never_frees_a_resend(cfg, sandbox, outcome):
+    """The attempt's outcome and the row's state are two writes: a SIGKILL between them leaves
+    the row UPLOADING beside an attempt that may have landed. It becomes UNCONFIRMED (decided on
+    evidence), never QUEUED (which would send it again, or wedge it beside its open attempt)."""
+    from filex_agent.store import Outcome
+
+    d = Daemon(cfg)
+    route = cfg.routes[0]
+    target = spool_dir(route) / "1004" / f"REC_two_writes_{outcome}.csv"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"two writes\n")
+    sub = _interrupted(d, route, target, committed=True)
+    (att,) = d.store.attempts(sub.id)
+    d.store.end_attempt(att.id, Outcome(outcome), "the last write before the SIGKILL", epoch=sub.epoch)
+    d.recover()
+    sub = d.store.get(sub.id)
+    assert sub.state is State.UNCONFIRMED
+    assert [a.outcome for a in d.store.attempts(sub.id)] == [Outcome.UNCONFIRMED]
     d.stop(grace=0)

@@ -630,8 +630,10 @@ def test_feedback_reason_and_archived_files_get_the_configured_mode_and_group(sa
     d = Daemon(cfg, dispatch_interval=0.2)
     d.start()
     try:
+        # ACCEPTED is journaled with its move (move_to); the original is in accepted/ once it is done.
         s = wait_for(lambda: next((x for x in d.store.list() if x.file_name == good.name
-                                   and x.state is State.ACCEPTED), None), timeout=30, what="accepted")
+                                   and x.state is State.ACCEPTED and not x.move_to), None), timeout=30,
+                     what="accepted and filed")
         fb = wait_for(lambda: d.store.feedback_for(s.id), timeout=30, what="feedback")
         failed = wait_for(lambda: next((x for x in d.store.list() if x.file_name == bad.name
                                         and x.state is State.FAILED), None), what="failed")

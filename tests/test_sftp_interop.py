@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+import paramiko
 import pytest
 
-from filex_agent.errors import AuthError, PermanentError, TransientError
+from filex_agent.errors import AuthError, PermanentError, TransientError, UploadUnconfirmed
 from filex_agent.transports.sftp import SftpSession, SftpTransport, list_profiles
 from tests.sshd_fixture import PasswordUser, Sshd, keygen, skip_reason
 
@@ -154,34 +157,44 @@ def test_drop_mid_upload_recovers_without_partial_or_duplicate(
     before = set(os.listdir(in_dir))
     killed: list[int] = []
     partial_seen: list[int] = []
+    named_seen: list[bool] = []
     sent = [0]
+    commits: list[int] = []
 
     def progress(n: int) -> None:
         sent[0] += n
         if sent[0] >= 8 * 1024 * 1024 and not killed:
             killed.append(sshd.kill_sessions())
-            # The server wrote part of the file before it died: that is the half file to clean up.
-            partial_seen.append((in_dir / local.name).stat().st_size)
+            # The server wrote part of the temp file before it died: that is the half file to clean up.
+            partial_seen.append((in_dir / f".{local.name}.filepart").stat().st_size)
+            named_seen.append((in_dir / local.name).exists())
 
     with _session(sshd, keys["ed25519"]) as s:
-        r = _transport(sshd, s).upload(local, local.name, progress=progress)
+        t = _transport(sshd, s)
+        t.on_commit = lambda: commits.append(sent[0])
+        r = t.upload(local, local.name, progress=progress)
         assert s.connects == 2
     assert killed and killed[0] >= 1
     assert 0 < partial_seen[0] < local.stat().st_size
+    assert named_seen == [False]  # the half file never had the name fileX files
+    # Once, after every byte of the retry was acknowledged (the cut-off attempt committed nothing).
+    assert len(commits) == 1 and commits[0] >= local.stat().st_size + 8 * 1024 * 1024
     assert r.detail.get("reconnected") == "yes"
     assert set(os.listdir(in_dir)) - before == {local.name}
     assert (in_dir / local.name).read_bytes() == local.read_bytes()
     # The half file was removed before the retry, not merely overwritten by it.
-    assert any("removed partial upload" in r.getMessage() for r in caplog.records)
+    assert any("left by an earlier failed upload" in r.getMessage() for r in caplog.records)
 
 
-def test_gave_up_mid_upload_half_file_removed_on_next_connection(
+def test_gave_up_mid_upload_leaves_no_filing_and_the_temp_goes_at_the_next_upload(
     sshd: Sshd, keys: dict[str, Path], tmp_path: Path
 ) -> None:
     local = tmp_path / "half_1.bin"
     local.write_bytes(os.urandom(24 * 1024 * 1024))
-    half = sshd.root / "0001/app1/in" / local.name
+    in_dir = sshd.root / "0001/app1/in"
+    half = in_dir / f".{local.name}.filepart"
     sent = [0]
+    commits: list[str] = []
 
     def progress(n: int) -> None:
         sent[0] += n
@@ -191,12 +204,118 @@ def test_gave_up_mid_upload_half_file_removed_on_next_connection(
     try:
         with _session(sshd, keys["ed25519"], max_attempts=2, connect_timeout=2) as s:
             t = _transport(sshd, s)
-            with pytest.raises(TransientError, match="partial .* may remain"):
+            t.on_commit = lambda: commits.append("commit")
+            with pytest.raises(TransientError) as ei:
                 t.upload(local, local.name, progress=progress)
+            assert not isinstance(ei.value, UploadUnconfirmed) and commits == []  # nothing was committed
             assert half.exists() and half.stat().st_size < local.stat().st_size
+            assert not (in_dir / local.name).exists()  # a killed upload is never a (truncated) filing
             sshd.start()
-            assert [f.name for f in t.list_feedback()] == ["ack_1.csv"]  # next operation reconnects...
-            assert not half.exists()  # ...and removes the half file first
+            t.upload(local, local.name)  # the next upload of that name removes the temp first
+            assert not half.exists() and commits == ["commit"]
+            assert (in_dir / local.name).read_bytes() == local.read_bytes()
     finally:
         if sshd.proc is None:
             sshd.start()
+
+
+def test_commit_comes_after_the_whole_temp_file_and_before_the_rename(
+        sshd: Sshd, keys: dict[str, Path], tmp_path: Path) -> None:
+    local = tmp_path / "order_1.csv"
+    local.write_bytes(os.urandom(700_001))
+    in_dir = sshd.root / "0001/app1/in"
+    seen: list[tuple[int, bool]] = []
+    with _session(sshd, keys["ed25519"]) as s:
+        t = _transport(sshd, s)
+        t.on_commit = lambda: seen.append(((in_dir / f".{local.name}.filepart").stat().st_size,
+                                           (in_dir / local.name).exists()))
+        r = t.upload(local, local.name)
+    assert seen == [(700_001, False)]
+    assert (in_dir / local.name).read_bytes() == local.read_bytes()
+    assert not (in_dir / f".{local.name}.filepart").exists()
+    assert r.sent_sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+
+
+def test_rename_never_replaces_an_earlier_filing(sshd: Sshd, keys: dict[str, Path], tmp_path: Path) -> None:
+    in_dir = sshd.root / "0001/app1/in"
+    (in_dir / "dup_1.csv").write_bytes(b"the earlier filing\n")
+    local = tmp_path / "dup_1.csv"
+    local.write_bytes(b"a later file of the same name\n")
+    with _session(sshd, keys["ed25519"]) as s:
+        t = _transport(sshd, s)
+        with pytest.raises(TransientError, match="earlier .* still waiting") as ei:
+            t.upload(local, "dup_1.csv")
+        assert not isinstance(ei.value, UploadUnconfirmed)
+        # OpenSSH's own answer to a plain SSH_FXP_RENAME onto an existing file (link() + unlink()):
+        # refused, even when the client skips the check the transport makes first.
+        with s.channel() as sftp:
+            with sftp.open(f"{in_dir}/.probe", "wb") as f:
+                f.write(b"x")
+            with pytest.raises(OSError):
+                sftp.rename(f"{in_dir}/.probe", f"{in_dir}/dup_1.csv")
+            sftp.remove(f"{in_dir}/.probe")
+        # And through the transport's own rename path (the earlier file appears after the check).
+        real_stat = sftp.__class__.stat
+        armed = [True]
+
+        def appears_late(self, path):  # type: ignore[no-untyped-def]
+            if armed[0] and path.endswith("/in/late_1.csv"):
+                armed[0] = False
+                (in_dir / "late_1.csv").write_bytes(b"filed meanwhile\n")
+                raise FileNotFoundError(2, "No such file")
+            return real_stat(self, path)
+
+        late = tmp_path / "late_1.csv"
+        late.write_bytes(b"mine\n")
+        sftp.__class__.stat = appears_late
+        try:
+            with pytest.raises(TransientError, match="rename was refused"):
+                t.upload(late, "late_1.csv")
+        finally:
+            sftp.__class__.stat = real_stat
+    assert (in_dir / "dup_1.csv").read_bytes() == b"the earlier filing\n"
+    assert (in_dir / "late_1.csv").read_bytes() == b"filed meanwhile\n"
+    assert not (in_dir / ".dup_1.csv.filepart").exists() and not (in_dir / ".late_1.csv.filepart").exists()
+
+
+def test_session_killed_after_the_rename_is_unconfirmed_and_not_resent(
+        sshd: Sshd, keys: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    in_dir = sshd.root / "0001/app1/in"
+    local = tmp_path / "renamed_1.csv"
+    local.write_bytes(os.urandom(300_000))
+    real_rename = paramiko.SFTPClient.rename
+    renames: list[str] = []
+
+    def rename_then_killed(self, oldpath, newpath):  # type: ignore[no-untyped-def]
+        renames.append(newpath)
+        real_rename(self, oldpath, newpath)  # the server did it...
+        sshd.kill_sessions()  # ...and the session died before its answer was used
+        raise EOFError("Server connection dropped")
+
+    monkeypatch.setattr(paramiko.SFTPClient, "rename", rename_then_killed)
+    commits: list[str] = []
+    with _session(sshd, keys["ed25519"]) as s:
+        t = _transport(sshd, s)
+        t.on_commit = lambda: commits.append("commit")
+        with pytest.raises(UploadUnconfirmed):
+            t.upload(local, local.name)
+        assert s.connects == 1  # not reconnected to send it again
+    assert renames == [f"{in_dir}/{local.name}"] and commits == ["commit"]
+    assert (in_dir / local.name).read_bytes() == local.read_bytes()
+
+
+def test_find_uploaded_gives_the_remote_modification_time(sshd: Sshd, keys: dict[str, Path], tmp_path: Path) -> None:
+    local = tmp_path / "when_1.csv"
+    local.write_bytes(b"x" * 1000)
+    with _session(sshd, keys["ed25519"]) as s:
+        t = _transport(sshd, s)
+        t.upload(local, local.name)
+        os.utime(sshd.root / "0001/app1/in" / local.name, (1_700_000_000, 1_700_000_000))
+        found = t.find_uploaded(local.name)
+        assert found is not None and found.size == 1000
+        assert found.modified == datetime.fromtimestamp(1_700_000_000, timezone.utc)
+        assert t.find_uploaded("absent_1.csv") is None
+        # Never looks in in_arcv: a file archived there is not "in in/".
+        (sshd.root / "0001/app1/in_arcv").mkdir(exist_ok=True)
+        (sshd.root / "0001/app1/in_arcv/archived_1.csv").write_bytes(b"y")
+        assert t.find_uploaded("archived_1.csv") is None

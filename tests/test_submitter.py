@@ -21,9 +21,10 @@ class Scripted:
 
     reports_commit = False  # no finer point of no return: anything may land from the first byte
 
-    def __init__(self, errors):
+    def __init__(self, errors, sent_sha256=None):
         self.errors = list(errors)
         self.uploads = 0
+        self.sent_sha256 = sent_sha256  # what the transport reports it sent (None: not known)
 
     def transport(self, route, kind=None):
         return self
@@ -34,22 +35,23 @@ class Scripted:
     def __exit__(self, *exc):
         pass
 
-    def upload(self, path, name, progress=None):
+    def upload(self, path, name, progress=None, *, on_commit=None, on_ticket=None):
         if self.errors:
             raise self.errors.pop(0)
         self.uploads += 1
         now = datetime.now(timezone.utc)
-        return UploadResult(name, "0001/app1/in", path.stat().st_size, now, now, tracking_id=f"t{self.uploads}")
+        return UploadResult(name, "0001/app1/in", path.stat().st_size, now, now, tracking_id=f"t{self.uploads}",
+                            sent_sha256=self.sent_sha256)
 
 
 @pytest.fixture
 def make(tmp_path):
-    def _make(errors):
+    def _make(errors, **kw):
         cfg = parse_config({"agent": {"data_dir": str(tmp_path / "d")},
                             "credentials": {"c": {"client_id": "x", "client_secret": "env:X"}},
                             "routes": [{"name": "r", "outbox": str(tmp_path / "out"), "org": "0001",
                                         "application": "app1", "credential": "c"}]})
-        conns = Scripted(errors)
+        conns = Scripted(errors, **kw)
         sub = Submitter(cfg, SQLiteStore(tmp_path / "j.sqlite3"), conns, Hooks())
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
@@ -109,3 +111,37 @@ def test_trigger_is_consumed_when_the_file_vanished_or_a_claim_is_finished_by_re
     assert sub.complete_claim(row).state is State.QUEUED
     assert sorted(p.name for p in out.iterdir()) == [".filex-agent"]
     store.close()
+
+
+def test_bytes_sent_other_than_those_hashed_at_claim_are_flagged(make):
+    """Size and time can be faked (utime): what the transport hashed as it sent is compared with
+    the claim's hash, and a difference is said on the submission."""
+    import hashlib
+
+    sub, s, _ = make([], sent_sha256=hashlib.sha256(b"other\n").hexdigest())
+    s = sub.upload(s.id)
+    assert s.state is State.SUBMITTED and "differ from the bytes checked at claim" in s.flag
+    sub2, s2, _ = make([], sent_sha256=hashlib.sha256(b"data\n").hexdigest())
+    assert sub2.upload(s2.id).flag is None
+
+
+def test_a_symlink_swapped_into_the_spool_is_never_followed(make, tmp_path):
+    sub, s, conns = make([])
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"credentials\n")
+    local = Path(s.local_path)
+    local.unlink()
+    local.symlink_to(secret)
+    s = sub.upload(s.id)
+    assert s.state is State.FAILED and "symbolic link" in s.reason and conns.uploads == 0
+
+
+def test_a_corrupt_copy_that_could_not_be_removed_is_followed_and_said(make):
+    from filex_agent.errors import CorruptFiling
+
+    sub, s, conns = make([CorruptFiling("s3://b/0001/app1/in/F.csv failed its integrity check and could not "
+                                        "be deleted")])
+    s = sub.upload(s.id)
+    assert s.state is State.SUBMITTED and conns.uploads == 0
+    assert s.reason.startswith("a corrupt copy reached fileX") and "send a corrected file" in s.reason
+    assert [a.outcome.value for a in sub.store.attempts(s.id)] == ["SENT"]

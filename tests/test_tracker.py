@@ -137,3 +137,19 @@ def test_matches_rules():
     assert matches(rec("x", size=None), s)  # no size given: name, place and time decide
     assert not matches(rec("x", name="A.csv"), s)  # names are case sensitive
     assert not matches(rec("x", when=now - timedelta(hours=1)), s)
+
+
+def test_a_corrupt_copy_note_stays_with_the_verdict(env):
+    """FINRA's verdict on a corrupt copy is shown, and the note that a corrected file must be sent
+    is kept beside it (ACCEPTED included: FINRA accepted bytes that were not the file)."""
+    cfg, store, api, tracker, tmp = env
+    note = "a corrupt copy reached fileX and could not be removed (ETag mismatch); send a corrected file"
+    a = submitted(store, tmp, "a.csv", "t1")
+    b = submitted(store, tmp, "b.csv", "t2")
+    store.update(a.id, reason=note)
+    store.update(b.id, reason=note)
+    api.records = [rec("t1", "a.csv", downstream="ACCEPTED"), rec("t2", "b.csv", downstream="REJECTED")]
+    tracker.poll()
+    a, b = store.get(a.id), store.get(b.id)
+    assert a.state is State.ACCEPTED and a.reason == note
+    assert b.state is State.REJECTED and b.reason.startswith(note) and "FINRA rejected the file" in b.reason

@@ -13,7 +13,7 @@ import pytest
 
 from filex_agent.api import FilexClient
 from filex_agent.auth import FipTokenProvider
-from filex_agent.errors import FilexError, PermanentError, RemoteChangedError, TransientError
+from filex_agent.errors import FilexError, PermanentError, RemoteChangedError, TransientError, UploadUnconfirmed
 from filex_agent.http import RetryPolicy
 from filex_agent.transports import TRANSPORTS, Transport
 from filex_agent.transports.rest import RestTransport
@@ -48,6 +48,10 @@ class Fake:
         self.objects: dict[str, bytes] = {"out/fb.txt": os.urandom(300_000)}
         self.n = 0
         self.sleeps: list[float] = []
+        # PUTs refused at connect (before any byte), PUTs whose body is cut after one chunk.
+        self.refuse_connections = 0
+        self.cut_bodies = 0
+        self.put_hook: Callable[[], None] | None = None
         http = httpx.Client(transport=StreamingMockTransport(self.handle))
         retry = RetryPolicy(max_attempts=4, backoff_initial=0.1, backoff_max=1, sleep=self.sleeps.append)
         tokens = FipTokenProvider("https://fip.test/token", "cid", "csecret", http=http, retry=retry)
@@ -85,6 +89,15 @@ class Fake:
         assert host == "bucket.s3.test"
         assert "Authorization" not in request.headers  # the bearer token never goes to S3
         if request.method == "PUT":
+            if self.refuse_connections:
+                self.refuse_connections -= 1
+                raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+            if self.cut_bodies:
+                self.cut_bodies -= 1
+                next(iter(request.stream))  # type: ignore[arg-type]
+                raise httpx.WriteError("[Errno 104] Connection reset by peer", request=request)
+            if self.put_hook is not None:
+                self.put_hook()
             chunks = [bytes(c) for c in request.stream]  # type: ignore[union-attr]
             body = b"".join(chunks)
             self.puts.append({"request": request, "chunks": chunks, "body": body,
@@ -197,66 +210,101 @@ def test_other_403_is_permanent_and_secret_free(fake: Fake, sample: Path) -> Non
     assert len(fake.url_requests) == 1
 
 
-def test_5xx_retried_with_a_fresh_url(fake: Fake, sample: Path) -> None:
+def test_5xx_after_the_whole_body_is_unconfirmed_and_not_resent(fake: Fake, sample: Path) -> None:
+    # S3 may have stored the object before answering 503: the transport must not file it again.
     fake.put_script = [lambda r, b: httpx.Response(503, text="<Error><Code>SlowDown</Code></Error>")]
+    with pytest.raises(UploadUnconfirmed) as ei:
+        fake.transport.upload(sample, "report.txt")
+    assert ei.value.tracking_id == "trk-1"
+    assert len(fake.puts) == 1 and len(fake.url_requests) == 1 and fake.sleeps == []
+    assert fake.tracking_calls == []  # the reconciler decides, not the transport
+    _no_secret(str(ei.value))
+
+
+def test_connection_refused_before_any_byte_is_retried(fake: Fake, sample: Path) -> None:
+    fake.refuse_connections = 2
+    events: list[str] = []
+    fake.transport.on_ticket = lambda t: events.append(f"ticket {t}")
+    fake.transport.on_commit = lambda: events.append("commit")
     result = fake.transport.upload(sample, "report.txt")
-    assert len(fake.url_requests) == 2 and result.tracking_id == "trk-2"
-    # A 5xx after the whole body went out is checked in tracking before filing again.
-    assert fake.tracking_calls == ["trk-1"]
-    assert len(fake.sleeps) == 1
-    assert fake.puts[-1]["body"] == sample.read_bytes()
+    # Nothing reached S3 twice; the third PUT stored the file, once.
+    assert len(fake.puts) == 1 and fake.puts[0]["body"] == sample.read_bytes()
+    assert result.tracking_id == "trk-3" and len(fake.sleeps) == 2
+    assert events == ["ticket trk-1", "commit", "ticket trk-2", "commit", "ticket trk-3", "commit"]
 
 
 def test_connection_errors_retried_then_bounded(fake: Fake, sample: Path) -> None:
-    def refuse(r: httpx.Request, b: bytes) -> httpx.Response:
-        raise httpx.ConnectError("[Errno 111] Connection refused", request=r)
-
-    fake.put_script = [refuse] * 10
+    fake.refuse_connections = 10
     with pytest.raises(TransientError) as ei:
         fake.transport.upload(sample, "report.txt")
-    assert len(fake.url_requests) == 4 and len(fake.sleeps) == 3
-    assert fake.tracking_calls == []  # nothing was sent: no ambiguity
+    assert not isinstance(ei.value, UploadUnconfirmed)  # nothing was sent: no ambiguity
+    assert len(fake.url_requests) == 4 and len(fake.sleeps) == 3 and fake.puts == []
     _no_secret(str(ei.value))
     assert ei.value.__cause__ is None or SIG not in str(ei.value.__cause__)
 
 
-def test_lost_response_after_full_body_is_checked_in_tracking(fake: Fake, sample: Path) -> None:
-    def landed_but_timed_out(r: httpx.Request, b: bytes) -> httpx.Response:
-        raise httpx.ReadTimeout("timed out", request=r)
-
-    fake.put_script = [landed_but_timed_out]
-    fake.tracking_status = "Received by FINRA"
+def test_body_cut_short_is_retried(fake: Fake, sample: Path) -> None:
+    # S3 stores nothing from a body shorter than its Content-Length: sending again is safe.
+    fake.cut_bodies = 1
     result = fake.transport.upload(sample, "report.txt")
-    assert fake.tracking_calls == ["trk-1"]
-    assert len(fake.puts) == 1 and len(fake.url_requests) == 1  # not filed twice
-    assert result.tracking_id == "trk-1" and result.detail["confirmed_by"] == "tracking"
+    assert len(fake.puts) == 1 and result.tracking_id == "trk-2"
+    assert fake.objects[fake.puts[0]["request"].url.path.lstrip("/")] == sample.read_bytes()
 
 
-def test_last_attempt_ambiguous_is_checked_before_giving_up(fake: Fake, sample: Path) -> None:
-    def timeout(r: httpx.Request, b: bytes) -> httpx.Response:
-        raise httpx.ReadTimeout("timed out", request=r)
+@pytest.mark.parametrize("error", [httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError])
+def test_lost_answer_after_the_whole_body_is_unconfirmed(fake: Fake, sample: Path, error: type) -> None:
+    def landed_then_lost(r: httpx.Request, b: bytes) -> httpx.Response:
+        fake.objects[r.url.path.lstrip("/")] = b  # S3 has it...
+        raise error("lost", request=r)  # ...and the answer never came
 
-    fake.put_script = [timeout] * 4
-    checks: list[str] = []
-    real = fake.api.tracking
+    fake.put_script = [landed_then_lost] * 4
+    with pytest.raises(UploadUnconfirmed) as ei:
+        fake.transport.upload(sample, "report.txt")
+    assert ei.value.tracking_id == "trk-1"
+    # Exactly one PUT: the file is at S3 once, whatever tracking says later.
+    assert len(fake.puts) == 1 and len(fake.url_requests) == 1 and fake.sleeps == []
+    assert fake.tracking_calls == []
+    assert getattr(ei.value, "tracking_ids") == ["trk-1"]
+    _no_secret(str(ei.value))
 
-    def tracking(tid: str | None = None):  # bytes "arrive" only by the last check
-        checks.append(tid or "")
-        fake.tracking_status = "Received by FINRA" if len(checks) == 4 else "Request Received"
-        return real(tid)
 
-    fake.api.tracking = tracking  # type: ignore[method-assign]
+def test_on_commit_comes_before_each_put_and_may_abort(fake: Fake, sample: Path) -> None:
+    events: list[str] = []
+    fake.put_hook = lambda: events.append("PUT")
+    fake.transport.on_ticket = lambda t: events.append(f"ticket {t}")
+    fake.transport.on_commit = lambda: events.append("commit")
+    fake.put_script = [lambda r, b: httpx.Response(403, text=EXPIRED_XML)]
+    fake.transport.upload(sample, "report.txt")
+    # A refused PUT (expired URL) proves nothing landed: a new ticket, a new commit, then the PUT.
+    assert events == ["ticket trk-1", "commit", "PUT", "ticket trk-2", "commit", "PUT"]
+
+    class Fenced(Exception):
+        pass
+
+    def refuse() -> None:
+        raise Fenced("the journal refused a stale writer")
+
+    fake.transport.on_commit = refuse
+    puts = len(fake.puts)
+    with pytest.raises(Fenced):
+        fake.transport.upload(sample, "other.txt")
+    assert len(fake.puts) == puts  # nothing sent
+
+
+def test_sent_sha256_is_of_the_bytes_sent(fake: Fake, sample: Path) -> None:
+    import hashlib
+
     result = fake.transport.upload(sample, "report.txt")
-    assert checks == ["trk-1", "trk-2", "trk-3", "trk-4"]
-    assert result.tracking_id == "trk-4" and result.detail["confirmed_by"] == "tracking"
-    assert result.detail["abandoned_tracking_ids"] == "trk-1,trk-2,trk-3"
+    assert result.sent_sha256 == hashlib.sha256(fake.puts[0]["body"]).hexdigest()
+    assert result.sent_sha256 == hashlib.sha256(sample.read_bytes()).hexdigest()
 
 
-def test_lost_response_not_received_is_uploaded_again(fake: Fake, sample: Path) -> None:
-    fake.put_script = [lambda r, b: (_ for _ in ()).throw(httpx.RemoteProtocolError("eof", request=r))]
-    result = fake.transport.upload(sample, "report.txt")
-    assert fake.tracking_calls == ["trk-1"]
-    assert result.tracking_id == "trk-2" and len(fake.puts) == 2
+def test_symlink_is_refused(fake: Fake, sample: Path, tmp_path: Path) -> None:
+    link = tmp_path / "link.txt"
+    link.symlink_to(sample)
+    with pytest.raises(PermanentError, match="symbolic link"):
+        fake.transport.upload(link, "link.txt")
+    assert fake.url_requests == [] and fake.puts == []
 
 
 def test_file_changing_during_upload_aborts_without_retry(fake: Fake, sample: Path) -> None:
@@ -339,6 +387,9 @@ def real_s3():
 
     store: dict[str, bytes] = {}
     seen: list[dict] = []
+    # What to do after storing a PUT's body, one entry per PUT: "503" answers 503, "drop" closes
+    # the connection without an answer (S3 stored it, the answer was lost).
+    after: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:  # keep test output quiet
@@ -356,6 +407,16 @@ def real_s3():
             if len(body) != length:  # like S3: an incomplete body stores nothing
                 return
             store[self.path.split("?")[0]] = body
+            then = after.pop(0) if after else "ok"
+            if then == "drop":
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            if then == "503":
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(200)
             self.send_header("ETag", '"real"')
             self.send_header("Content-Length", "0")
@@ -377,7 +438,7 @@ def real_s3():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", store, seen
+        yield f"http://127.0.0.1:{server.server_address[1]}", store, seen, after
     finally:
         server.shutdown()
         server.server_close()
@@ -404,7 +465,7 @@ def _real_transport(base: str, tmp_path: Path) -> RestTransport:
 
 
 def test_real_server_upload_and_download(real_s3, tmp_path: Path) -> None:
-    base, store, seen = real_s3
+    base, store, seen, _after = real_s3
     t = _real_transport(base, tmp_path)
     p = tmp_path / "real.bin"
     p.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
@@ -420,7 +481,7 @@ def test_real_server_upload_and_download(real_s3, tmp_path: Path) -> None:
 
 
 def test_real_server_file_change_stores_nothing(real_s3, tmp_path: Path) -> None:
-    base, store, seen = real_s3
+    base, store, seen, _after = real_s3
     t = _real_transport(base, tmp_path)
     p = tmp_path / "changing.bin"
     p.write_bytes(os.urandom(3 * 1024 * 1024))
@@ -432,3 +493,19 @@ def test_real_server_file_change_stores_nothing(real_s3, tmp_path: Path) -> None
     with pytest.raises(RemoteChangedError):
         t.upload(p, "changing.bin", progress=grow)
     assert "/in/changing.bin" not in store
+
+
+@pytest.mark.parametrize("then", ["503", "drop"])
+def test_real_server_stored_then_answer_lost_is_sent_once(real_s3, tmp_path: Path, then: str) -> None:
+    base, store, seen, after = real_s3
+    after.append(then)
+    t = _real_transport(base, tmp_path)
+    commits: list[int] = []
+    t.on_commit = lambda: commits.append(len(seen))
+    p = tmp_path / "lost.bin"
+    p.write_bytes(os.urandom(1024 * 1024 + 3))
+    with pytest.raises(UploadUnconfirmed) as ei:
+        t.upload(p, "lost.bin")
+    assert ei.value.tracking_id == "trk-1"
+    assert len(seen) == 1 and store["/in/lost.bin"] == p.read_bytes()  # one PUT, stored whole
+    assert commits == [0]  # called once, before that PUT

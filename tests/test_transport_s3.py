@@ -32,11 +32,19 @@ from moto.server import ThreadedMotoServer
 from moto.utilities.utils import get_partition
 
 from filex_agent.config import S3Settings
-from filex_agent.errors import AuthError, NotEntitledError, PermanentError, RemoteChangedError, TransientError
+from filex_agent.errors import (
+    AuthError,
+    NotEntitledError,
+    PermanentError,
+    RemoteChangedError,
+    TransientError,
+    UploadUnconfirmed,
+)
 from filex_agent.models import S3Credentials, S3TransferTokens
 from filex_agent.transports import TRANSPORTS
 from filex_agent.transports import s3 as s3mod
 from filex_agent.transports.s3 import S3TokenCache, S3Transport
+from tests.fault_proxy import FaultProxy, complete_multipart, put_object, upload_part
 
 BUCKET = "sandbox-filex"
 MIB = 1024 * 1024
@@ -398,8 +406,8 @@ def test_file_changed_before_single_put_never_becomes_an_object(moto: Moto, tmp_
     _no_object_may_be_deleted(t, monkeypatch)
     real = s3mod._body_md5
 
-    def then_append(body: object) -> tuple[bytes, int]:
-        out = real(body)
+    def then_append(body: object, sha: object = None) -> tuple[bytes, int]:
+        out = real(body, sha)  # type: ignore[arg-type]
         with open(local, "ab") as f:  # the writer appends while the Content-MD5 is computed
             f.write(b"late data")
         return out
@@ -549,9 +557,10 @@ def test_refused_credentials_twice_is_auth_error(moto: Moto, tmp_path: Path, enf
         t.upload(tmp_path / "f.txt", "f.txt")
     assert len(fetch.calls) == 2
     t2, _ = make(moto, fetch)
-    with pytest.raises(PermanentError):  # HEAD has no error body: a bare 403 after one refetch
-        t2.find_uploaded("f.txt")
-    assert len(fetch.calls) == 4
+    # HEAD has no error body: a bare 403 is "cannot know" (as for transfer tokens that may not
+    # read in/), evidence the reconciler must not take as "absent" nor as an error to retry.
+    assert t2.find_uploaded("f.txt") is None
+    assert len(fetch.calls) == 3  # no refetch for a HEAD refusal
 
 
 def test_unreachable_endpoint_is_transient(moto: Moto, tmp_path: Path) -> None:
@@ -635,3 +644,240 @@ def test_already_expired_credentials_are_transient(moto: Moto, tmp_path: Path) -
     with pytest.raises(TransientError, match="clock"):
         t.upload(tmp_path / "f.txt", "f.txt")
     assert not exists(moto, "0001/app1/in/f.txt")
+
+
+# -- exactly once: faults after the request happened ---------------------------------------------
+
+@pytest.fixture
+def proxy(moto: Moto) -> Iterator[FaultProxy]:
+    with FaultProxy(moto.url) as p:
+        yield p
+
+
+def via(proxy: FaultProxy, moto: Moto, settings: S3Settings = SMALL_PARTS) -> tuple[S3Transport, list[str]]:
+    """A transport whose S3 is behind the fault proxy, and a recorder of on_commit and requests."""
+    cache = S3TokenCache(FakeFileX(moto), credential="main")
+    t = S3Transport("0001", "app1", tokens=cache, settings=settings, endpoint_url=proxy.url,
+                    connect_timeout=5, read_timeout=30, max_attempts=3)
+    events: list[str] = []
+    t.on_commit = lambda: events.append("commit")
+    return t, events
+
+
+def _record_sends(t: S3Transport, events: list[str]) -> None:
+    client = t._s3()
+    for op in ("PutObject", "CompleteMultipartUpload"):
+        client.meta.events.register(f"before-send.s3.{op}", lambda request, _op=op, **kw: events.append(f"send {_op}"))
+
+
+@pytest.mark.parametrize("fault", ["store_then_503", "store_then_drop"])
+@pytest.mark.parametrize("size,match,op", [(300_000, put_object, "PutObject"),
+                                           (11 * MIB, complete_multipart, "CompleteMultipartUpload")])
+def test_committing_request_stored_then_answer_lost_is_unconfirmed_and_sent_once(
+        moto: Moto, proxy: FaultProxy, tmp_path: Path, fault: str, size: int, match, op: str) -> None:  # type: ignore[no-untyped-def]
+    t, events = via(proxy, moto)
+    _record_sends(t, events)
+    local = tmp_path / f"lost-{op}-{fault}.dat"
+    digest = write_random(local, size)
+    proxy.faults = [(match, fault)]
+    with pytest.raises(UploadUnconfirmed):
+        t.upload(local, local.name)
+    # botocore's retries (max_attempts=3) never re-sent it: one request, the object is there once.
+    assert proxy.count(match) == 1
+    assert events == ["commit", f"send {op}"]
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+
+
+def test_refused_put_is_retried_with_a_commit_before_each_send(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
+    # 400 RequestTimeout: S3 did not take the body, nothing stored; botocore may send it again.
+    t, events = via(proxy, moto)
+    _record_sends(t, events)
+    local = tmp_path / "refused.csv"
+    digest = write_random(local, 200_000)
+    proxy.faults = [(put_object, "refuse_400_timeout")]
+    result = t.upload(local, local.name)
+    assert events == ["commit", "send PutObject", "commit", "send PutObject"]
+    assert proxy.count(put_object) == 1  # only the second one reached S3
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+    assert result.sent_sha256 == digest
+
+
+def test_connection_refused_before_the_put_is_retried(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    t, events = via(proxy, moto)
+    _record_sends(t, events)
+    refusals = [1]
+
+    def refuse(request, **kw):  # type: ignore[no-untyped-def]
+        if refusals[0]:
+            refusals[0] -= 1
+            raise EndpointConnectionError(endpoint_url=proxy.url)
+
+    t._s3().meta.events.register("before-send.s3.PutObject", refuse)
+    local = tmp_path / "conn.csv"
+    digest = write_random(local, 2000)
+    t.upload(local, local.name)
+    assert events == ["commit", "send PutObject", "commit", "send PutObject"]
+    assert proxy.count(put_object) == 1
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+
+
+@pytest.mark.parametrize("faults,forwarded", [
+    (["store_then_503", "store_then_drop"], 3 + 2),  # stored, then the answer lost: sent again
+    (["reset_mid_body", "reset_mid_body"], 3),  # cut off half-way: botocore rewinds, hashes stay right
+])
+def test_part_failures_are_retried_and_the_object_is_made_once(moto: Moto, proxy: FaultProxy, tmp_path: Path,
+                                                               faults: list[str], forwarded: int) -> None:
+    # Parts are no filing: a part may be sent again before Complete.
+    t, events = via(proxy, moto)
+    local = tmp_path / f"parts-{faults[0]}.dat"
+    digest = write_random(local, 11 * MIB)
+    proxy.faults = [(upload_part, f) for f in faults]
+    result = t.upload(local, local.name)
+    assert len(proxy.injected) == 2
+    assert proxy.count(upload_part) == forwarded and proxy.count(complete_multipart) == 1
+    assert events == ["commit"]
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+    assert result.sent_sha256 == digest  # the part digests survived the resends
+
+
+def test_on_commit_refusal_sends_nothing(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
+    class Fenced(Exception):
+        pass
+
+    t, _ = via(proxy, moto)
+    t.on_commit = lambda: (_ for _ in ()).throw(Fenced("stale writer"))
+    small, big = tmp_path / "fenced.csv", tmp_path / "fenced.dat"
+    write_random(small, 1000)
+    write_random(big, 11 * MIB)
+    for local in (small, big):
+        with pytest.raises(Fenced):
+            t.upload(local, local.name)
+        assert not exists(moto, f"0001/app1/in/{local.name}")
+    assert proxy.count(put_object) == 0 and proxy.count(complete_multipart) == 0
+    assert no_multipart_left(moto, "0001/app1/in/fenced")
+
+
+def test_find_uploaded_gives_modified_time_and_none_when_in_is_not_readable(moto: Moto, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    t, _ = make(moto, FakeFileX(moto))
+    local = tmp_path / "seen.csv"
+    write_random(local, 1234)
+    before = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
+    t.upload(local, "seen.csv")
+    found = t.find_uploaded("seen.csv")
+    assert found is not None and found.size == 1234 and found.modified is not None
+    assert found.modified >= before
+    assert t.find_uploaded("absent.csv") is None
+    # fileX's transfer tokens: write in/, read only in_arcv/ and out/. HEAD of in/NAME is a 403.
+    iam = boto3.client("iam", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="testing",
+                       aws_secret_access_key="testing")
+    iam.create_role(RoleName="filex-write-only", AssumeRolePolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]}))
+    iam.put_role_policy(RoleName="filex-write-only", PolicyName="p", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{BUCKET}/0001/*"}]}))
+    write_only = Moto(url=moto.url, admin=moto.admin, fetcher_key=moto.fetcher_key,
+                      role_arn=iam.get_role(RoleName="filex-write-only")["Role"]["Arn"])
+    t2, cache = make(moto, FakeFileX(write_only))
+    moto.set_auth(True)
+    caplog.set_level(logging.DEBUG, logger="filex_agent.transports.s3")
+    try:
+        assert t2.find_uploaded("seen.csv") is None  # cannot know: not an error, not a loop
+        assert cache.fetch_count == 1
+        assert any("cannot read in/" in r.getMessage() for r in caplog.records)  # it was a 403, not a 404
+    finally:
+        moto.set_auth(False)
+
+
+def test_symlink_swapped_in_after_open_is_not_followed(moto: Moto, tmp_path: Path) -> None:
+    from filex_agent.localfile import LocalFile
+
+    t, _ = make(moto, FakeFileX(moto))
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(b"not for fileX" * 1000)
+    for size in (3000, 11 * MIB):  # single PUT and multipart
+        local = tmp_path / f"claimed-{size}.dat"
+        digest = write_random(local, size)
+        with LocalFile.open(local) as lf:
+            local.unlink()
+            local.symlink_to(secret)  # swapped in between claim and upload
+            result = t.upload(lf, local.name)
+        assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+        assert result.sent_sha256 == digest
+
+
+BIG_SINGLE = S3Settings(multipart_threshold_mb=64, part_size_mb=8, max_concurrency=2)
+
+
+def test_body_reset_mid_way_is_rewound_and_stored_exactly(moto: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
+    # Issue 11's 48 MiB single PUT, with botocore made to rewind and resend the body half-way:
+    # what S3 stores is the file, byte for byte, and the digest reported is of those bytes.
+    t, events = via(proxy, moto, settings=BIG_SINGLE)
+    local = tmp_path / "rewound.bin"
+    digest = write_random(local, 48 * MIB)
+    proxy.faults = [(put_object, "reset_mid_body")]
+    result = t.upload(local, local.name)
+    assert proxy.injected == [("PUT", "reset_mid_body")] and proxy.count(put_object) == 1
+    assert events == ["commit", "commit"]  # one per request sent
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+    assert result.sent_sha256 == digest
+    assert result.detail["md5"] == hashlib.md5(local.read_bytes()).hexdigest() == result.detail["etag"]
+
+
+def test_big_single_put_etag_is_right_while_in_is_listed(moto: Moto, tmp_path: Path) -> None:
+    """Issue 11's integrity failure: moto computed a new key's ETag without its lock, so a
+    concurrent listing of in/ (the sandbox processor) corrupted it. With moto_fixes applied (the
+    sandbox applies it), a 48 MiB single PUT listed all the while gets the right ETag."""
+    from filex_agent.sandbox import moto_fixes
+
+    moto_fixes.apply()
+    t, _ = make(moto, FakeFileX(moto), settings=BIG_SINGLE)
+    local = tmp_path / "listed.bin"
+    digest = write_random(local, 48 * MIB)
+    stop = threading.Event()
+    listings = [0]
+
+    def lister() -> None:
+        while not stop.is_set():
+            moto.admin.list_objects_v2(Bucket=BUCKET, Prefix="0001/app1/in/")
+            listings[0] += 1
+
+    threads = [threading.Thread(target=lister) for _ in range(2)]
+    for th in threads:
+        th.start()
+    try:
+        result = t.upload(local, local.name)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(10)
+    assert listings[0] > 0
+    assert result.detail["etag"] == hashlib.md5(local.read_bytes()).hexdigest()
+    assert remote_sha256(moto, f"0001/app1/in/{local.name}") == digest
+
+
+def test_multipart_change_hidden_by_utime_is_caught_before_complete(moto: Moto, tmp_path: Path) -> None:
+    """Size + mtime can be faked (utime): the sequential SHA-256 pass before Complete compares
+    every part with the bytes sent, so a part rewritten mid-upload never becomes an object."""
+    t, _ = make(moto, FakeFileX(moto))
+    local = tmp_path / "faked.dat"
+    write_random(local, 11 * MIB)
+    st = local.stat()
+    sent = [0]
+    done = [False]
+
+    def rewrite_first_part(n: int) -> None:
+        sent[0] += n
+        if sent[0] >= 6 * MIB and not done[0]:  # part 1 (5 MiB) is gone: rewrite it, hide the change
+            done[0] = True
+            with open(local, "r+b") as f:
+                f.write(os.urandom(4096))
+            os.utime(local, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    with pytest.raises(RemoteChangedError, match="part 1 read again differs"):
+        t.upload(local, local.name, progress=rewrite_first_part)
+    assert done[0] and not exists(moto, f"0001/app1/in/{local.name}")
+    assert no_multipart_left(moto, "0001/app1/in/faked")

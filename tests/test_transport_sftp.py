@@ -242,5 +242,6 @@ def test_refused_writes_fail_loudly_and_leave_nothing(sandbox: Any, session: Sft
             SftpTransport("0001", "app1", session=session).upload(local, "refused_1.bin")
     finally:
         sandbox.sftp.max_write = None
-    listed = sandbox.s3_client().list_objects_v2(Bucket=sandbox.bucket, Prefix="0001/app1/in/refused_1")
-    assert listed.get("KeyCount", 0) == 0
+    for prefix in ("0001/app1/in/refused_1", "0001/app1/in/.refused_1"):  # nor its temporary name
+        listed = sandbox.s3_client().list_objects_v2(Bucket=sandbox.bucket, Prefix=prefix)
+        assert listed.get("KeyCount", 0) == 0, prefix

@@ -292,6 +292,9 @@ class GuardedMotoServer(ThreadedMotoServer):
     """moto's threaded server on 127.0.0.1, a free port, with the S3 guard in front."""
 
     def __init__(self, sandbox: "Sandbox"):
+        from filex_agent.sandbox import moto_fixes
+
+        moto_fixes.apply()  # ETags computed under the key's lock, as S3 fixes them at write
         super().__init__(ip_address="127.0.0.1", port=0, verbose=False)
         self._sandbox = sandbox
 

@@ -561,6 +561,15 @@ class SubmissionPage:
     newer: PageKey | None  # pass as ``before`` for the previous (newer) page; None: this is the first
 
 
+# Reasons that stay with a submission that reached fileX (a wrong or corrupt copy of the file was
+# filed): kept through SUBMITTED and the final verdict, so `status` and alerts keep saying it.
+INTEGRITY_NOTES = ("a wrong copy reached fileX", "a corrupt copy reached fileX")
+
+
+def integrity_note(reason: str | None) -> str | None:
+    return reason if reason and reason.startswith(INTEGRITY_NOTES) else None
+
+
 class StateConflict(Exception):
     """The submission was not in an expected state (someone else moved it on)."""
 

@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from filex_agent.localfile import LocalFile
+
 ProgressFn = Callable[[int], None]
 """Called with the number of bytes just transferred (for progress bars and metrics)."""
 
@@ -33,6 +35,10 @@ class UploadResult:
     tracking_id: str | None = None
     # Free-form proof of integrity from the far side (ETag, remote size...).
     detail: dict[str, str] = field(default_factory=dict)
+    # SHA-256 of the bytes actually sent (hashed as they went, or proven equal to them: see each
+    # transport). The caller compares it with the digest taken at claim: size + mtime alone can be
+    # faked with utime. None when the transport could not establish it.
+    sent_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,17 @@ class Transport(abc.ABC):
         return f"{self.org}/{self.application}/in"
 
     @abc.abstractmethod
-    def upload(self, local: Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None, *,
+               on_commit: Callable[[], None] | None = None,
+               on_ticket: Callable[[str], None] | None = None) -> UploadResult:
         """Send ``local`` whole as ``in/remote_name``; raise Transient/PermanentError.
 
-        Must never leave a partial object that fileX could take as a submission.
+        ``local`` is read through its one descriptor only (a ``Path`` is opened with O_NOFOLLOW
+        for the call: tests and tools). Must never leave a partial object that fileX could take as
+        a submission. ``on_commit`` is called before each committing request; after it, an
+        unknown outcome raises ``UploadUnconfirmed`` and nothing is sent again. The hooks given
+        here win over the attributes: a transport shared by several workers (S3, SFTP) must be
+        handed them per call, never have them set on it.
         """
 
     @abc.abstractmethod
@@ -84,8 +97,17 @@ class Transport(abc.ABC):
         """Stream ``out/name`` into ``dest``; return the number of bytes written."""
 
     def find_uploaded(self, remote_name: str) -> RemoteFile | None:
-        """Is ``remote_name`` present in ``in`` (used by crash recovery)? None if unknown."""
+        """Evidence for the reconciler: ``in/remote_name`` with its size and remote modification
+        time, or None when it is absent OR cannot be known (the credentials may not read ``in/``).
+        Never raises for a refusal, never looks at ``in_arcv``."""
         return None
+
+    def _hooks(self, on_commit: Callable[[], None] | None, on_ticket: Callable[[str], None] | None,
+               ) -> tuple[Callable[[], None], Callable[[str], None]]:
+        """The hooks of one upload: those passed to ``upload``, else the attributes, else no-ops."""
+        commit = on_commit if on_commit is not None else self.on_commit
+        ticket = on_ticket if on_ticket is not None else self.on_ticket
+        return commit or _no_commit, ticket or _no_ticket
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -95,6 +117,14 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _no_commit() -> None:
+    pass
+
+
+def _no_ticket(ticket: str) -> None:
+    pass
 
 
 TRANSPORTS: dict[str, type] = {}

@@ -7,19 +7,20 @@ Pre-signed URLs are bearer secrets: only ``redact_url`` forms reach logs and mes
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import httpx
 
 from filex_agent.api import FilexClient
 from filex_agent.config import valid_remote_name
-from filex_agent.errors import FilexError, PermanentError, RemoteChangedError, TransientError
+from filex_agent.errors import FilexError, PermanentError, RemoteChangedError, TransientError, UploadUnconfirmed
 from filex_agent.http import RetryPolicy, body_excerpt, raise_for_status, redact_url, transport_error
+from filex_agent.localfile import LocalFile, open_for_upload
 from filex_agent.models import PresignedUrl
 from filex_agent.transports import ProgressFn, RemoteFile, Transport, UploadResult, register
 
@@ -30,7 +31,6 @@ CHUNK_SIZE = 1024 * 1024
 MAX_UPLOAD_BYTES = 5120 * 1024 * 1024
 # S3: 403 AccessDenied "Request has expired", 400 ExpiredToken "The provided token has expired."
 _EXPIRED_RE = re.compile(r"request has expired|expiredtoken|token has expired", re.IGNORECASE)
-_RECEIVED = "received by finra"
 
 
 def _now() -> datetime:
@@ -54,6 +54,8 @@ def _is_expired(resp: httpx.Response) -> bool:
 
 @register("rest")
 class RestTransport(Transport):
+    reports_commit = True  # on_commit before each request that can make the filing
+
     def __init__(self, org: str, application: str, *, api: FilexClient, http: httpx.Client, retry: RetryPolicy,
                  chunk_size: int = CHUNK_SIZE, max_url_renewals: int = 3,
                  metadata: dict[str, str] | None = None):
@@ -69,35 +71,32 @@ class RestTransport(Transport):
 
     # ------------------------------------------------------------------ upload
 
-    def upload(self, local: Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None, *,
+               on_commit: Callable[[], None] | None = None,
+               on_ticket: Callable[[str], None] | None = None) -> UploadResult:
         reason = valid_remote_name(remote_name)
         if reason:
             raise PermanentError(reason)
-        try:
-            size = local.stat().st_size
-        except OSError as exc:
-            raise PermanentError(f"cannot read {local}: {exc.strerror}") from None
+        with open_for_upload(local) as lf:
+            return self._upload(lf, remote_name, progress, *self._hooks(on_commit, on_ticket))
+
+    def _upload(self, lf: LocalFile, remote_name: str, progress: ProgressFn | None, on_commit: Callable[[], None],
+                on_ticket: Callable[[str], None]) -> UploadResult:
+        size = lf.size
         if size > MAX_UPLOAD_BYTES:
-            raise PermanentError(f"{local.name} is {size} bytes; fileX accepts at most 5120 MB per file")
+            raise PermanentError(f"{lf.name} is {size} bytes; fileX accepts at most 5120 MB per file")
         started = _now()
         tracking_ids: list[str] = []
-        # Tracking id of an attempt whose bytes may have landed although we saw an error.
-        ambiguous: list[str] = []
 
-        def attempt() -> tuple[PresignedUrl, httpx.Response | None]:
-            if ambiguous:
-                confirmed = self._confirm_received(ambiguous.pop())
-                if confirmed is not None:
-                    return confirmed, None
+        def attempt() -> tuple[PresignedUrl, httpx.Response, str]:
             for n in range(self.max_url_renewals + 1):
                 presigned = self._api.upload_url(self.org, self.application, remote_name, self.metadata or None)
                 if presigned.trackingId:
                     tracking_ids.append(presigned.trackingId)
-                    if self.on_ticket is not None:
-                        self.on_ticket(presigned.trackingId)
-                resp = self._put(local, size, presigned, progress, ambiguous)
-                if resp is not None:
-                    return presigned, resp
+                    on_ticket(presigned.trackingId)
+                put = self._put(lf, presigned, progress, on_commit)
+                if put is not None:
+                    return presigned, put[0], put[1]
                 log.warning("pre-signed upload URL for %s/%s expired (%s); requesting a new one (%d/%d)",
                             self.upload_location, remote_name, redact_url(presigned.url), n + 1,
                             self.max_url_renewals)
@@ -105,94 +104,86 @@ class RestTransport(Transport):
                 f"upload of {remote_name}: pre-signed URL expired {self.max_url_renewals + 1} times in a row"))
 
         try:
-            presigned, resp = self._retry.call(f"upload {self.upload_location}/{remote_name}", attempt)
+            presigned, resp, sent_sha256 = self._retry.call(f"upload {self.upload_location}/{remote_name}", attempt)
         except FilexError as exc:
-            confirmed = self._confirm_received(ambiguous.pop()) if ambiguous else None
-            if confirmed is None:
-                # Orphaned "Request Received" tracking ids: the caller may want to reconcile them.
-                exc.tracking_ids = list(tracking_ids)  # type: ignore[attr-defined]
-                raise
-            presigned, resp = confirmed, None
+            # Every tracking id handed out; the caller reconciles the ones whose PUT may have landed.
+            exc.tracking_ids = list(tracking_ids)  # type: ignore[attr-defined]
+            raise
         detail: dict[str, str] = {}
-        if resp is not None and resp.headers.get("ETag"):
+        if resp.headers.get("ETag"):
             detail["etag"] = resp.headers["ETag"].strip('"')
-        if resp is None:
-            detail["confirmed_by"] = "tracking"
         earlier = [t for t in tracking_ids if t != presigned.trackingId]
         if earlier:
             detail["abandoned_tracking_ids"] = ",".join(earlier)
-        log.info("uploaded %s to %s/%s (%d bytes, tracking id %s)", local.name, self.upload_location,
+        log.info("uploaded %s to %s/%s (%d bytes, tracking id %s)", lf.name, self.upload_location,
                  remote_name, size, presigned.trackingId)
         return UploadResult(remote_name=remote_name, upload_location=self.upload_location, size=size,
                             started_at=started, finished_at=_now(), tracking_id=presigned.trackingId,
-                            detail=detail)
+                            detail=detail, sent_sha256=sent_sha256)
 
-    def _put(self, local: Path, size: int, presigned: PresignedUrl, progress: ProgressFn | None,
-             ambiguous: list[str]) -> httpx.Response | None:
-        """PUT the file to the URL; the response, or None if the URL had expired."""
+    def _put(self, lf: LocalFile, presigned: PresignedUrl, progress: ProgressFn | None,
+             on_commit: Callable[[], None]) -> tuple[httpx.Response, str] | None:
+        """PUT the file to the URL: (response, SHA-256 of the body sent), or None if the URL had expired.
+
+        The outcome is unknown once the whole body was handed over and no answer came back (or a
+        5xx did: S3 may have stored it first): that raises ``UploadUnconfirmed`` and is never
+        sent again here. A refusal (4xx) or a failure before the last byte proves nothing was
+        stored (S3 stores no object from a body shorter than its Content-Length): retryable.
+        """
         what = f"upload to {redact_url(presigned.url)}"
+        size = lf.size
+        if lf.changed():
+            raise _no_more_retries(RemoteChangedError(f"{lf.name} changed before upload"))
         sent = [0]
+        digest = hashlib.sha256()
+        body = self._chunks(lf, sent, digest, progress)
+        on_commit()
         try:
-            f = open(local, "rb")
-        except OSError as exc:
-            raise PermanentError(f"cannot read {local}: {exc.strerror}") from None
-        with f:
-            st = os.fstat(f.fileno())
-            if st.st_size != size:
-                raise _no_more_retries(RemoteChangedError(f"{local.name} changed size before upload"))
-            body = self._chunks(f, size, st.st_mtime_ns, sent, progress, local.name)
-            try:
-                resp = self._http.put(presigned.url, content=body, headers={"Content-Length": str(size)})
-            except httpx.HTTPError as exc:
-                if sent[0] == size and presigned.trackingId and not isinstance(
-                        exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-                    ambiguous.append(presigned.trackingId)
-                # from None: the chained httpx error carries the request (and its signed URL).
-                raise transport_error(exc, what) from None
+            resp = self._http.put(presigned.url, content=body, headers={"Content-Length": str(size)})
+        except httpx.HTTPError as exc:
+            # A connect failure comes before any byte; anything else after the last byte is unknown.
+            if sent[0] == size and not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                raise self._unconfirmed(presigned, f"{what}: {type(exc).__name__} after the whole body was sent") from None
+            # from None: the chained httpx error carries the request (and its signed URL).
+            raise transport_error(exc, what) from None
         if resp.is_success:
-            return resp
+            if sent[0] != size:  # a server that answered before reading the whole body
+                raise _no_more_retries(TransientError(
+                    f"{what}: HTTP {resp.status_code} after only {sent[0]} of {size} bytes"))
+            return resp, digest.hexdigest()
         if _is_expired(resp):
             return None
-        if resp.status_code >= 500 and sent[0] == size and presigned.trackingId:
-            ambiguous.append(presigned.trackingId)
+        if resp.status_code >= 500 and sent[0] == size:
+            raise self._unconfirmed(presigned, f"{what}: HTTP {resp.status_code} after the whole body was sent")
         if resp.status_code == 403:
             # A signature/permission refusal by S3 is not fileX entitlement; a new URL won't help.
             raise PermanentError(f"{what}: S3 refused the upload: HTTP 403 {body_excerpt(resp)}".rstrip())
         raise_for_status(resp, what)
         raise PermanentError(f"{what}: unexpected HTTP {resp.status_code}")  # 1xx/3xx
 
-    def _chunks(self, f: BinaryIO, size: int, mtime_ns: int, sent: list[int], progress: ProgressFn | None,
-                name: str) -> Iterator[bytes]:
-        remaining = size
-        while remaining > 0:
-            chunk = f.read(min(self.chunk_size, remaining))
-            if not chunk:
-                raise _no_more_retries(RemoteChangedError(f"{name} shrank during upload"))
-            remaining -= len(chunk)
-            if remaining == 0:
+    @staticmethod
+    def _unconfirmed(presigned: PresignedUrl, message: str) -> UploadUnconfirmed:
+        log.warning("%s; fileX may have the file: not sending it again (tracking id %s)", message,
+                    presigned.trackingId)
+        exc = UploadUnconfirmed(f"{message}; fileX may have stored it",
+                                tracking_id=presigned.trackingId)
+        exc.retries_exhausted = True  # type: ignore[attr-defined]
+        return exc
+
+    def _chunks(self, lf: LocalFile, sent: list[int], digest: "hashlib._Hash", progress: ProgressFn | None,
+                ) -> Iterator[bytes]:
+        size = lf.size
+        for chunk in lf.blocks(self.chunk_size):
+            if sent[0] + len(chunk) == size and lf.changed():
                 # Checked before the last bytes go out: aborting now leaves S3 without an object.
-                st = os.fstat(f.fileno())
-                if st.st_size != size or st.st_mtime_ns != mtime_ns:
-                    raise _no_more_retries(RemoteChangedError(f"{name} changed during upload"))
+                raise _no_more_retries(RemoteChangedError(f"{lf.name} changed during upload"))
+            digest.update(chunk)
             sent[0] += len(chunk)
             if progress is not None:
                 progress(len(chunk))
             yield chunk
-
-    def _confirm_received(self, tracking_id: str) -> PresignedUrl | None:
-        """Did the bytes of an attempt that looked failed arrive after all? Guards against a
-        second filing of the same file under a new tracking id."""
-        try:
-            records = self._api.tracking(tracking_id)
-        except FilexError as exc:
-            log.warning("could not check tracking id %s before retrying the upload: %s", tracking_id, exc)
-            return None
-        for rec in records:
-            if rec.trackingId == tracking_id and (
-                    (rec.status or "").lower() == _RECEIVED or rec.downstreamStatus):
-                log.info("tracking id %s shows the bytes arrived; not uploading again", tracking_id)
-                return PresignedUrl(url="", trackingId=tracking_id)
-        return None
+        if sent[0] != size:
+            raise _no_more_retries(RemoteChangedError(f"{lf.name} shrank during upload"))
 
     # ------------------------------------------------------------------ feedback
 

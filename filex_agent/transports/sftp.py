@@ -9,9 +9,12 @@ Safety rules that shape this module:
 
 * Host keys are always verified (known_hosts and/or pinned ``SHA256:`` fingerprints).
 * Only the algorithms fileX accepts are offered; GCM first (measured +58% with paramiko).
-* fileX picks up whatever lands in ``in/``: an upload goes directly under its final name (fileX
-  documents no rename), its remote size is checked afterwards, and a partial file left by a
-  dropped connection is removed on reconnect before the upload is retried.
+* fileX picks up whatever lands in ``in/`` under its name: the bytes go to ``in/.NAME.filepart``,
+  its size is checked, ``on_commit`` is called, and a plain SFTPv3 rename (which refuses to
+  replace an existing ``in/NAME``) makes it the filing. A temp file left by a failure is removed
+  at the next upload of that name. A connection lost after the rename was sent raises
+  ``UploadUnconfirmed``; it is never sent again here.
+* Every use of paramiko's private API is in ``_paramiko_compat``.
 """
 
 from __future__ import annotations
@@ -34,12 +37,22 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, TypeVar
 
 import paramiko
-from paramiko.sftp import CMD_STATUS, CMD_WRITE, int64
 from paramiko.ssh_exception import IncompatiblePeer
 
 from ..config import valid_remote_name
-from ..errors import AuthError, CredentialsRefused, FilexError, NotEntitledError, PermanentError, RemoteChangedError, TransientError
+from ..errors import (
+    AuthError,
+    CredentialsRefused,
+    FilexError,
+    NotEntitledError,
+    PermanentError,
+    RemoteChangedError,
+    TransientError,
+    UploadUnconfirmed,
+)
+from ..localfile import LocalFile, open_for_upload
 from . import ProgressFn, RemoteFile, Transport, UploadResult, register
+from . import _paramiko_compat as compat
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +96,9 @@ def _supported(wanted: tuple[str, ...], available: object) -> tuple[str, ...]:
     return tuple(a for a in wanted if a in have)
 
 
-CIPHERS = _supported(FILEX_CIPHERS, paramiko.Transport._cipher_info)
-KEX = _supported(FILEX_KEX, paramiko.Transport._kex_info)
-MACS = _supported(ALLOWED_MACS, paramiko.Transport._mac_info)
+CIPHERS = _supported(FILEX_CIPHERS, compat.implemented("cipher"))
+KEX = _supported(FILEX_KEX, compat.implemented("kex"))
+MACS = _supported(ALLOWED_MACS, compat.implemented("mac"))
 
 # Upload write request size. 32 KiB (paramiko's default) is what every SFTP server must accept;
 # 128 KiB requests with 16 MiB in flight were the best on loopback against OpenSSH (best of 3,
@@ -114,16 +127,7 @@ def _norm_fp(fp: str) -> str:
     return fp.rstrip("=")
 
 
-class _RecordingTransport(paramiko.Transport):
-    """Keeps the peer's KEXINIT lists so a negotiation failure can say what the server offered."""
-
-    peer_kexinit: dict[str, list[str]] | None = None
-
-    def _really_parse_kex_init(self, m, ignore_first_byte=False):  # type: ignore[no-untyped-def]
-        parsed = super()._really_parse_kex_init(m, ignore_first_byte=ignore_first_byte)
-        with contextlib.suppress(Exception):
-            self.peer_kexinit = {k: list(v) for k, v in parsed.items() if isinstance(v, list)}
-        return parsed
+_RecordingTransport = compat.RecordingTransport
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -161,6 +165,7 @@ class SftpSession:
         op_timeout: float = 120.0,
         write_request_size: int = WRITE_REQUEST_SIZE,
     ):
+        compat.check()  # a paramiko upgrade that moved a private API fails here, by name
         if password is None and private_key is None:
             raise AuthError(f"sftp {username}@{host}: neither a password nor a private key is configured")
         self.host = host
@@ -191,8 +196,6 @@ class SftpSession:
         self._idle: queue.LifoQueue[paramiko.SFTPClient] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(self.channels)
         self._closed = False
-        # Half files a failed upload could not remove yet; removed as soon as a channel is up.
-        self._leftovers: set[str] = set()
         # Observability (and tests): how many SSH connections were established.
         self.connects = 0
         self.negotiated: dict[str, str] = {}
@@ -441,6 +444,11 @@ class SftpSession:
             try:
                 yield client
                 healthy = True
+            except UploadUnconfirmed:
+                # Never turned into a retry of the operation: the request may have taken effect.
+                if not t.is_active():
+                    self._drop(gen)
+                raise
             except Exception as e:
                 if not t.is_active() or _is_connection_error(e):
                     with contextlib.suppress(Exception):
@@ -469,8 +477,6 @@ class SftpSession:
                 time.sleep(delay + random.uniform(0, delay))
             try:
                 with self.channel() as sftp:
-                    if self._leftovers:
-                        self._remove_leftovers(sftp)
                     if attempt > 1 and on_retry is not None:
                         on_retry(sftp)
                     return op(sftp)
@@ -485,15 +491,9 @@ class SftpSession:
         if getattr(self, "_probed_gen", None) == gen:
             return
         self._probed_gen = gen
-        try:
-            t, msg = client._request(paramiko.sftp.CMD_EXTENDED, "limits@openssh.com")
-            if t == paramiko.sftp.CMD_EXTENDED_REPLY:
-                msg.get_int64()  # max packet length
-                msg.get_int64()  # max read length
-                max_write = msg.get_int64()
-                self._server_max_write = max_write or None
-        except OSError:
-            pass  # SSH_FX_OP_UNSUPPORTED: not an OpenSSH server; keep the configured size
+        max_write = compat.openssh_max_write(client)
+        if max_write is not None:  # else not an OpenSSH server: keep the configured size
+            self._server_max_write = max_write
 
     def write_size(self) -> int:
         size = self.write_request_size
@@ -512,32 +512,6 @@ class SftpSession:
                         self.write_request_size, SAFE_WRITE_REQUEST_SIZE)
             self.write_request_size = SAFE_WRITE_REQUEST_SIZE
             self._write_size_proven = True
-
-    def note_leftover(self, path: str) -> None:
-        with self._lock:
-            self._leftovers.add(path)
-
-    def has_leftover(self, path: str) -> bool:
-        with self._lock:
-            return path in self._leftovers
-
-    def forget_leftover(self, path: str) -> None:
-        with self._lock:
-            self._leftovers.discard(path)
-
-    def _remove_leftovers(self, sftp: paramiko.SFTPClient) -> None:
-        with self._lock:
-            paths = list(self._leftovers)
-        for path in paths:
-            try:
-                sftp.remove(path)
-                log.warning("%s: removed partial upload %s left by an earlier dropped connection", self.label, path)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    log.error("%s: cannot remove partial upload %s: %s", self.label, path, e)
-                    continue
-            with self._lock:
-                self._leftovers.discard(path)
 
     def close(self) -> None:
         with self._lock:
@@ -574,6 +548,10 @@ def _stat_or_none(sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPAttribut
         raise
 
 
+def _alive(sftp: paramiko.SFTPClient) -> bool:
+    return sftp.sock.get_transport().is_active() and not sftp.sock.closed
+
+
 def _mtime(attr: paramiko.SFTPAttributes) -> datetime | None:
     return datetime.fromtimestamp(attr.st_mtime, timezone.utc) if attr.st_mtime is not None else None
 
@@ -596,6 +574,8 @@ def list_profiles(session: SftpSession, root: str = "/") -> dict[str, list[str]]
 # --- transport ------------------------------------------------------------------------------
 @register("sftp")
 class SftpTransport(Transport):
+    reports_commit = True  # on_commit before each request that can make the filing
+
     def __init__(
         self,
         org: str,
@@ -660,46 +640,55 @@ class SftpTransport(Transport):
         return TransientError(f"{self.session.label}: {what}: server error: {e}")
 
     # --- upload ---------------------------------------------------------------------------------
-    def upload(self, local: Path, remote_name: str, progress: ProgressFn | None = None) -> UploadResult:
+    def temp_path(self, remote_name: str) -> str:
+        """Where the bytes go before the rename: a dot name fileX does not take as a filing."""
+        return _join(self.in_dir, f".{remote_name}.filepart")
+
+    def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None, *,
+               on_commit: Callable[[], None] | None = None,
+               on_ticket: Callable[[str], None] | None = None) -> UploadResult:
         reason = valid_remote_name(remote_name)
         if reason or "/" in remote_name:
             raise PermanentError(f"cannot upload as {remote_name!r}: {reason or 'contains /'}")
-        try:
-            st = os.stat(local)
-        except OSError as e:
-            raise PermanentError(f"cannot read {local}: {e.strerror}") from e
-        size = st.st_size
+        with open_for_upload(local) as lf:
+            return self._upload(lf, remote_name, progress, self._hooks(on_commit, on_ticket)[0])
+
+    def _upload(self, lf: LocalFile, remote_name: str, progress: ProgressFn | None,
+                on_commit: Callable[[], None]) -> UploadResult:
+        """Write ``in/.NAME.filepart``, check its size, ``on_commit``, rename it to ``in/NAME``.
+
+        Before the rename nothing is filed: a dropped connection re-runs the whole operation (the
+        temp file is removed first). The rename is the commit: plain SFTPv3 rename, which refuses
+        to replace an existing ``in/NAME`` (OpenSSH: link()+unlink()), so an earlier filing still
+        waiting at fileX is never overwritten. A connection lost once the rename was sent raises
+        ``UploadUnconfirmed``: it may have happened, and it is not sent again.
+        """
+        size = lf.size
         remote = _join(self.in_dir, remote_name)
+        temp = self.temp_path(remote_name)
         started = datetime.now(timezone.utc)
-        state = {"close_sent": False}
+        state: dict[str, object] = {}
 
         def cleanup(sftp: paramiko.SFTPClient) -> None:
-            # Called after a reconnect: the previous attempt may have left a half file in in/.
-            state["reconnected"] = True
-            attr = _stat_or_none(sftp, remote)
-            if attr is not None:
-                if state["close_sent"] and attr.st_size == size:
-                    return  # whole file arrived before the drop: op() will confirm and not resend
-                log.warning("%s: removing partial %s (%s of %d bytes) before retrying",
-                            self.session.label, remote, attr.st_size, size)
-                sftp.remove(remote)
+            state["reconnected"] = True  # on_retry: the previous attempt was cut off before the rename
 
         def op(sftp: paramiko.SFTPClient) -> dict[str, str]:
             self._verify(sftp, self.in_dir)
-            if state["close_sent"]:
-                done = self._already_there(sftp, remote_name, size)
-                if done is not None:
-                    return done
-            state["close_sent"] = False
-            self._send(sftp, local, remote, size, st, progress, state)
-            attr = sftp.stat(remote)
+            self._remove_temp(sftp, temp)  # left by a crash or a failed attempt: stateless cleanup
+            if _stat_or_none(sftp, remote) is not None:
+                raise TransientError(f"{self.session.label}: an earlier {remote} is still waiting at fileX; "
+                                     "not sent (it would replace that filing): will retry")
+            digest = self._send(sftp, lf, temp, progress)
+            attr = sftp.stat(temp)
             if attr.st_size != size:
-                with contextlib.suppress(OSError):
-                    sftp.remove(remote)
+                self._remove_temp(sftp, temp)
                 raise TransientError(
-                    f"{self.session.label}: {remote} has {attr.st_size} bytes after upload, expected {size}; removed"
-                )
-            self.session.forget_leftover(remote)
+                    f"{self.session.label}: {temp} has {attr.st_size} bytes after upload, expected {size}; removed")
+            state["sha256"] = digest
+            if not _alive(sftp):
+                raise EOFError("connection lost before the rename")  # nothing filed: op is re-run
+            on_commit()
+            self._rename(sftp, temp, remote)
             return {"remote_size": str(attr.st_size), "remote_path": remote}
 
         req_before = self.session.write_size()
@@ -707,28 +696,19 @@ class SftpTransport(Transport):
             try:
                 detail = self.session.run(op, f"upload {remote}", on_retry=cleanup)
             except (OSError, TransientError) as e:
-                if isinstance(e, RemoteChangedError) or self.session.write_size() >= req_before:
+                if isinstance(e, (RemoteChangedError, UploadUnconfirmed)) or self.session.write_size() >= req_before:
                     raise
                 # The session just fell back to small write requests: try once more with them.
-                state["close_sent"] = False
                 detail = self.session.run(op, f"upload {remote}", on_retry=cleanup)
+        except UploadUnconfirmed:
+            raise
         except Exception as e:
-            if self.session.has_leftover(remote):
-                # Remove the half file now, over a fresh channel; if even that fails, the session
-                # removes it on its next connection, and the message says so.
-                with contextlib.suppress(Exception):
-                    self.session.run(lambda _c: None, f"remove partial {remote}")
+            # Best effort, over a fresh channel; else the next upload of this name removes it.
+            with contextlib.suppress(Exception):
+                self.session.run(lambda c: self._remove_temp(c, temp), f"remove {temp}")
             if isinstance(e, OSError):
-                err: FilexError = self._server_error(e, f"upload {remote}")
-            elif isinstance(e, FilexError):
-                err = e
-            else:
-                raise
-            if self.session.has_leftover(remote):
-                err = type(err)(f"{err}; a partial {remote} may remain until the next connection removes it")
-            if err is e:
-                raise
-            raise err from e
+                raise self._server_error(e, f"upload {remote}") from e
+            raise
         if state.get("reconnected"):
             detail["reconnected"] = "yes"
         return UploadResult(
@@ -739,25 +719,47 @@ class SftpTransport(Transport):
             finished_at=datetime.now(timezone.utc),
             tracking_id=None,
             detail=detail,
+            sent_sha256=state.get("sha256"),  # type: ignore[arg-type]
         )
 
-    def _already_there(self, sftp: paramiko.SFTPClient, name: str, size: int) -> dict[str, str] | None:
-        """After a drop that followed the final close: did the file arrive (in in/ or already archived)?"""
-        for d in (self.in_dir, self.arcv_dir):
-            if d is None:
-                continue
-            try:
-                attr = _stat_or_none(sftp, _join(d, name))
-            except OSError:
-                attr = None
-            if attr is not None and attr.st_size == size:
-                log.info("%s: %s arrived before the connection dropped; not resending", self.session.label, name)
-                return {"remote_size": str(attr.st_size), "remote_path": _join(d, name), "recovered": "after-drop"}
-        return None
+    def _remove_temp(self, sftp: paramiko.SFTPClient, temp: str) -> None:
+        try:
+            sftp.remove(temp)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return
+            if e.errno is None:
+                raise  # the connection, not the file
+            log.warning("%s: cannot remove %s: %s", self.session.label, temp, e)
+            return
+        log.warning("%s: removed %s left by an earlier failed upload", self.session.label, temp)
 
-    def _send(self, sftp: paramiko.SFTPClient, local: Path, remote: str, size: int, st: os.stat_result,
-              progress: ProgressFn | None, state: dict[str, bool]) -> None:
-        """Pipelined write of ``local`` to ``remote``, checking the server's status of EVERY write.
+    def _rename(self, sftp: paramiko.SFTPClient, temp: str, remote: str) -> None:
+        try:
+            # Plain SSH_FXP_RENAME, never posix-rename@openssh.com: it must not replace in/NAME.
+            sftp.rename(temp, remote)
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            # paramiko raises a status reply as IOError, without errno for SSH_FX_FAILURE (what
+            # OpenSSH answers when link() finds in/NAME): an OSError on a live connection is the
+            # server's refusal, nothing was filed. Anything else: the rename may have happened.
+            if not isinstance(e, OSError) or isinstance(e, TimeoutError) or not _alive(sftp):
+                raise self._unconfirmed(remote, e) from None
+            exists = _stat_or_none(sftp, remote) is not None
+            self._remove_temp(sftp, temp)
+            if exists:
+                raise TransientError(f"{self.session.label}: an earlier {remote} is still waiting at fileX; "
+                                     "the rename was refused, nothing filed: will retry") from None
+            raise self._server_error(e, f"rename {temp} to {remote}") from None
+
+    def _unconfirmed(self, remote: str, e: BaseException) -> UploadUnconfirmed:
+        log.warning("%s: connection lost after the rename to %s was sent (%s); not sent again",
+                    self.session.label, remote, type(e).__name__)
+        return UploadUnconfirmed(f"{self.session.label}: connection lost after the rename to {remote} was sent "
+                                 f"({type(e).__name__}); fileX may have it")
+
+    def _send(self, sftp: paramiko.SFTPClient, lf: LocalFile, remote: str, progress: ProgressFn | None) -> str:
+        """Pipelined write of ``lf`` to ``remote``, checking the server's status of EVERY write;
+        the SHA-256 of the bytes written.
 
         Why not ``SFTPFile.set_pipelined(True)`` + ``write``: paramiko registers pipelined writes
         without an owner and its ``close()`` discards their statuses, so a refused write goes
@@ -770,58 +772,46 @@ class SftpTransport(Transport):
             if e.errno is not None:
                 raise self._server_error(e, f"open {remote} for writing") from e
             raise
-        state["opened"] = True
         req = self.session.write_size()
         pending: deque[tuple[int, int]] = deque()  # (request number, length)
         in_flight = 0
+        digest = hashlib.sha256()
         try:
-            with open(local, "rb") as src:
-                offset = 0
-                while True:
-                    data = src.read(req)
-                    if not data:
-                        break
-                    num = sftp._async_request(type(None), CMD_WRITE, dst.handle, int64(offset), data)
-                    pending.append((num, len(data)))
-                    in_flight += len(data)
-                    offset += len(data)
-                    while in_flight > MAX_IN_FLIGHT:
-                        in_flight -= self._ack(sftp, pending, progress)
-                while pending:
-                    self._ack(sftp, pending, progress)
-                if offset != size or os.fstat(src.fileno()).st_mtime_ns != st.st_mtime_ns:
-                    raise RemoteChangedError(f"{local} changed while it was being uploaded")
+            offset = 0
+            for data in lf.blocks(req):
+                digest.update(data)
+                num = compat.send_write(sftp, dst.handle, offset, data)
+                pending.append((num, len(data)))
+                in_flight += len(data)
+                offset += len(data)
+                while in_flight > MAX_IN_FLIGHT:
+                    in_flight -= self._ack(sftp, pending, progress)
+            while pending:
+                self._ack(sftp, pending, progress)
+            if offset != lf.size or lf.changed():
+                raise RemoteChangedError(f"{lf.path} changed while it was being uploaded")
         except BaseException as e:
-            alive = sftp.sock.get_transport().is_active() and not sftp.sock.closed
+            alive = _alive(sftp)
             if not isinstance(e, RemoteChangedError):
                 self.session.upload_failed(alive)
-            # The half file must go; it is removed over a fresh channel (see upload()).
-            self.session.note_leftover(remote)
             if alive:
-                # Abort by closing the whole SFTP channel, not the file handle: on a server that
-                # publishes a file when its handle is closed (fileX over S3), closing the handle
-                # would submit the half file.
+                # Abort by closing the whole SFTP channel, not the file handle: a server that
+                # publishes a file when its handle is closed must not see this one closed.
                 with contextlib.suppress(Exception):
                     sftp.close()
             raise
-        state["close_sent"] = True
         try:
             dst.close()
         except BaseException:
-            alive = sftp.sock.get_transport().is_active()
-            self.session.upload_failed(alive)
-            if alive:
-                with contextlib.suppress(Exception):
-                    sftp.remove(remote)
+            self.session.upload_failed(sftp.sock.get_transport().is_active())
             raise
         self.session.upload_succeeded()
+        return digest.hexdigest()
 
     @staticmethod
     def _ack(sftp: paramiko.SFTPClient, pending: deque[tuple[int, int]], progress: ProgressFn | None) -> int:
         num, n = pending.popleft()
-        t, _msg = sftp._read_response(num)  # raises IOError on an error status
-        if t != CMD_STATUS:
-            raise paramiko.SFTPError(f"expected a status for write #{num}, got message type {t}")
+        compat.read_status(sftp, num)  # raises IOError on an error status
         if progress:
             progress(n)
         return n
@@ -882,10 +872,16 @@ class SftpTransport(Transport):
             raise self._server_error(e, f"download {remote}") from e
 
     def find_uploaded(self, remote_name: str) -> RemoteFile | None:
+        """``in/remote_name`` with its size and modification time; None when absent or when this
+        login may not look (permission denied: cannot know). Never looks at ``in_arcv``."""
         remote = _join(self.in_dir, remote_name)
 
         def op(sftp: paramiko.SFTPClient) -> RemoteFile | None:
-            attr = _stat_or_none(sftp, remote)
+            try:
+                attr = _stat_or_none(sftp, remote)
+            except PermissionError:
+                log.debug("%s: stat %s refused: presence unknown", self.session.label, remote)
+                return None
             if attr is None:
                 return None
             return RemoteFile(name=remote_name, size=attr.st_size, modified=_mtime(attr))

@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from filex_agent.connections import Connections
-from filex_agent.errors import NotEntitledError, PermanentError
+from filex_agent.errors import NotEntitledError, PermanentError, UploadUnconfirmed
 from filex_agent.transports import Transport, UploadResult
 from tests.conftest import sftp_supported, wait_for
 
@@ -103,3 +105,142 @@ def test_missing_local_file_sends_nothing(connections, sandbox, kind, tmp_path):
         with _transport(connections, kind) as t:
             t.upload(tmp_path / "nope.csv", "CONF_nope.csv")
     assert "CONF_nope.csv" not in [u.name for u in sandbox.uploads()]
+
+
+# -- exactly once: what every transport must do at its point of no return ----------------------
+#
+# Each transport has one committing request (REST: the pre-signed PUT; S3: PutObject for a small
+# file; SFTP: the rename into in/). The sandbox's "after" faults let that request take effect
+# and then lose its answer; the transport cannot tell that from a failure, so it must raise
+# UploadUnconfirmed and never send the file again: the reconciler decides from fileX's evidence.
+
+COMMIT_POINT = {
+    "rest": {"target": "s3", "operation": "PutObject"},
+    "s3": {"target": "s3", "operation": "PutObject"},
+    "sftp": {"target": "sftp", "operation": "rename"},
+}
+# A refusal before anything was stored, which each transport retries inside the attempt.
+REFUSAL = {
+    "rest": ("presign_expire_now", {}),
+    "s3": ("s3_creds_expire_now", {}),
+    "sftp": ("drop", {"target": "sftp", "operation": "write"}),
+}
+
+
+def _arrived(sandbox, name: str) -> list:
+    return [u for u in sandbox.uploads() if u.name == name]
+
+
+def _in_keys(sandbox, name: str) -> list[str]:
+    """Objects named ``name`` in 0001/app1/in/ or already taken into in_arcv/ (the sandbox's S3)."""
+    s3 = sandbox.s3_client()
+    stem = Path(name).stem
+    keys = []
+    for prefix in ("0001/app1/in/", "0001/app1/in_arcv/"):
+        for obj in s3.list_objects_v2(Bucket=sandbox.bucket, Prefix=prefix).get("Contents", []):
+            base = obj["Key"][len(prefix):]
+            if base == name or base.startswith(stem + "_"):
+                keys.append(obj["Key"])
+    return keys
+
+
+@pytest.fixture
+def clean_faults(sandbox):
+    sandbox.clear_faults()
+    yield
+    sandbox.clear_faults()
+
+
+def test_on_commit_once_before_the_file_can_arrive(connections, sandbox, kind, tmp_path, clean_faults):
+    name = f"CONF_{kind}_commit.csv"
+    path, sha = _file(tmp_path, name, 50_000)
+    seen: list[tuple[str, int]] = []
+    with _transport(connections, kind) as t:
+        t.on_commit = lambda: seen.append(("commit", len(_in_keys(sandbox, name))))
+        result = t.upload(path, name)
+    assert t.reports_commit
+    assert seen == [("commit", 0)]  # exactly once, and nothing named `name` existed yet
+    assert result.sent_sha256 == sha
+    up = wait_for(lambda: _arrived(sandbox, name), what=f"{name} at the sandbox")
+    assert len(up) == 1 and up[0].sha256 == sha
+
+
+def test_on_commit_refusal_sends_nothing(connections, sandbox, kind, tmp_path, clean_faults):
+    class Fenced(Exception):
+        pass
+
+    name = f"CONF_{kind}_fenced.csv"
+    path, _ = _file(tmp_path, name, 5_000)
+
+    def refuse() -> None:
+        raise Fenced("the journal refused a stale writer")
+
+    with _transport(connections, kind) as t:
+        t.on_commit = refuse
+        with pytest.raises(Fenced):
+            t.upload(path, name)
+    time.sleep(1.0)  # the sandbox's processor would have taken it by now
+    assert _arrived(sandbox, name) == [] and _in_keys(sandbox, name) == []
+
+
+def test_refused_before_anything_is_retried_and_arrives_once(connections, sandbox, kind, tmp_path, clean_faults):
+    name = f"CONF_{kind}_refused.csv"
+    path, sha = _file(tmp_path, name, 40_000)
+    fault, kw = REFUSAL[kind]
+    commits: list[int] = []
+    with _transport(connections, kind) as t:
+        if kind == "s3":
+            t.find_uploaded("warm-up.csv")  # credentials in hand, so the next request is the one refused
+        sandbox.inject_fault(fault, **kw)
+        t.on_commit = lambda: commits.append(1)
+        t.upload(path, name)
+    assert commits  # every committing request had its on_commit
+    up = wait_for(lambda: _arrived(sandbox, name), what=f"{name} at the sandbox")
+    time.sleep(1.0)
+    assert len(_arrived(sandbox, name)) == 1 and up[0].sha256 == sha
+
+
+@pytest.mark.parametrize("lost", ["status", "drop"])
+def test_answer_lost_after_the_commit_is_unconfirmed_and_never_resent(connections, sandbox, kind, tmp_path,
+                                                                       clean_faults, lost):
+    if kind == "sftp" and lost == "status":
+        pytest.skip("SFTP has no status to lose after a rename, only the session")
+    name = f"CONF_{kind}_lost_{lost}.csv"
+    path, sha = _file(tmp_path, name, 60_000)
+    commits: list[int] = []
+    with _transport(connections, kind) as t:
+        t.on_commit = lambda: commits.append(1)
+        sandbox.inject_fault(lost, after=True, **COMMIT_POINT[kind])
+        with pytest.raises(UploadUnconfirmed) as ei:
+            t.upload(path, name)
+    if kind == "rest":
+        assert ei.value.tracking_id  # the ticket the reconciler asks tracking about
+    assert commits == [1]
+    up = wait_for(lambda: _arrived(sandbox, name), what=f"{name} at the sandbox")
+    time.sleep(1.5)  # a second send would have arrived by now
+    assert len(_arrived(sandbox, name)) == 1 and up[0].sha256 == sha
+
+
+def test_find_uploaded_is_evidence_or_none(connections, sandbox, kind, tmp_path, clean_faults):
+    """A file still in in/ (fileX has not taken it yet): its size and a modification time after
+    the upload began, or None where the credentials cannot read in/ (S3 transfer tokens).
+    Never an error, never a look into in_arcv."""
+    name = f"CONF_{kind}_evidence.csv"
+    path, _ = _file(tmp_path, name, 7_000)
+    sandbox.inject_fault("receive_lag", seconds=30)
+    try:
+        with _transport(connections, kind) as t:
+            started = datetime.now(timezone.utc) - timedelta(seconds=2)
+            t.upload(path, name)
+            found = t.find_uploaded(name)
+            missing = t.find_uploaded(f"CONF_{kind}_never_sent.csv")
+    finally:
+        sandbox.clear_faults()
+    assert missing is None
+    if kind == "s3":
+        assert found is None  # fileX's transfer tokens may write in/ but not read it: cannot know
+    elif kind == "rest":
+        assert found is None  # REST uploads are found through their tracking id
+    else:
+        assert found is not None and found.size == 7_000 and found.modified is not None
+        assert found.modified >= started.replace(microsecond=0)
