@@ -31,8 +31,11 @@ ROUTES = [f"route-{i}" for i in range(5)]
 OUTCOMES = [("ACCEPTED", 0.925), ("REJECTED", 0.04), ("PARTIALLY_REJECTED", 0.02), ("FAILED", 0.015)]
 
 
-def build_journal(path: Path, rows: int, seed: int = 13) -> None:
-    """``rows`` submissions over the last 365 days, oldest first (as the agent writes them)."""
+def build_journal(path: Path, rows: int, seed: int = 13, *, recent_pending: bool = True) -> None:
+    """``rows`` submissions over the last 365 days, oldest first (as the agent writes them).
+
+    With ``recent_pending`` the last hour's rows are still under way (the web bench); without,
+    every row is history (final), as ``bench.journal_scale`` adds its own fixed pending set."""
     from filex_agent.store.sqlite import SQLiteStore
 
     SQLiteStore(path).close()  # the schema and its indexes, exactly as the agent makes them
@@ -42,6 +45,11 @@ def build_journal(path: Path, rows: int, seed: int = 13) -> None:
     step = (now - start) / rows
     db = sqlite3.connect(path)
     db.execute("PRAGMA synchronous=OFF")
+    # Filled without the indexes of submissions, which are built once at the end (reopening the
+    # store creates them): a million rows in seconds, not minutes.
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'submissions' "
+                              "AND sql IS NOT NULL").fetchall():
+        db.execute(f'DROP INDEX "{name}"')
     cols = ("route, org, application, transport, file_name, source_path, local_path, state, size, sha256, "
             "reason, tracking_id, upload_location, created_at, updated_at, uploaded_at, final_at, flag, attempts")
 
@@ -57,7 +65,7 @@ def build_journal(path: Path, rows: int, seed: int = 13) -> None:
             if r < acc:
                 state = s
                 break
-        if recent:
+        if recent and recent_pending:
             state = rnd.choice(["QUEUED", "UPLOADING", "SUBMITTED", "SUBMITTED", "ACCEPTED"])
         uploaded = None if state in ("FAILED", "QUEUED") else created + timedelta(seconds=rnd.uniform(2, 120))
         final = None if state in ("QUEUED", "UPLOADING", "SUBMITTED") else (uploaded or created) + timedelta(minutes=rnd.uniform(1, 30))
@@ -82,6 +90,9 @@ def build_journal(path: Path, rows: int, seed: int = 13) -> None:
         db.executemany("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
                        [(i, now.isoformat(), s, d) for i in ids for s, d in
                         (("CLAIMING", "created"), ("QUEUED", "claimed"), ("SUBMITTED", "uploaded"))])
+    db.close()
+    SQLiteStore(path).close()  # the indexes dropped above
+    db = sqlite3.connect(path)
     db.execute("PRAGMA optimize")
     db.close()
     print(file=sys.stderr)
