@@ -557,9 +557,13 @@ def _row(name: str, label: str, deadline: datetime, exp: ExpectationSettings | N
          journaled: bool) -> dict[str, Any]:
     tz = ZoneInfo(exp.timezone) if exp else timezone.utc
     state_text = state + ("" if on_time is None else (" (on time)" if on_time else " (late)"))
+    local = deadline.astimezone(tz)
+    # day and time_local: the status page's calendar grid files each occurrence under its local day.
+    time_local = local.strftime("%H:%M %Z") + (" early close" if early else "")
     return {
         "expectation": name, "period": label, "deadline": deadline.astimezone(timezone.utc).isoformat(),
-        "deadline_local": deadline.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z") + (" early close" if early else ""),
+        "deadline_local": f"{local.date().isoformat()} {time_local}", "day": local.date().isoformat(),
+        "time_local": time_local,
         "state": state, "on_time": on_time, "status": state_text, "route": route, "pattern": pattern,
         "submission_id": sub.id if sub else None, "file": sub.file_name if sub else None,
         "verdict": sub.state.value if sub else None, "journaled": journaled,

@@ -46,7 +46,7 @@ def site(tmp_path, store):
 def test_every_answer_carries_the_security_headers(site, store):
     add(store)
     for path in ("/", "/fragment/overview", "/submissions", "/submissions/1", "/static/app.js", "/submissions/999",
-                 "/no/such/page"):
+                 "/no/such/page", "/calendar", "/calendar?month=2025-13"):
         r = site.get(path)
         csp = r.headers.get("content-security-policy", "")
         assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
@@ -57,7 +57,7 @@ def test_every_answer_carries_the_security_headers(site, store):
 
 def test_pages_have_no_inline_script_or_style(site, store):
     add(store, "x.csv")
-    for path in ("/", "/submissions", "/submissions/1"):
+    for path in ("/", "/submissions", "/submissions/1", "/calendar"):
         html = site.get(path).text
         assert re.findall(r"<script(?![^>]*\bsrc=)", html) == [], path
         assert " style=" not in html and "<style" not in html, path
@@ -483,3 +483,118 @@ def test_password_tool_makes_a_hash_the_page_accepts():
     short = subprocess.run([sys.executable, "-m", "filex_agent.web.password"], input="short\n",
                            capture_output=True, text=True, timeout=60)
     assert short.returncode == 1 and short.stdout == ""
+
+
+# -- filing calendar ---------------------------------------------------------------------------
+
+NY_TZ = "America/New_York"
+DAILY = {"name": "daily-trades", "route": ROUTES[0], "pattern": "TRADES_*", "recurrence": "business_day",
+         "due": "18:00", "timezone": NY_TZ}
+
+
+def _ny(y: int, m: int, d: int, hh: int = 0, mm: int = 0) -> datetime:
+    from zoneinfo import ZoneInfo
+
+    return datetime(y, m, d, hh, mm, tzinfo=ZoneInfo(NY_TZ)).astimezone(timezone.utc)
+
+
+def _occurrence(store, name: str, deadline: datetime, state: str, sub=None, label: str | None = None, **kw):
+    from filex_agent.store import Occurrence
+
+    store.save_occurrence(Occurrence(
+        expectation=name, deadline=deadline, opens_at=deadline - timedelta(hours=18),
+        closes_at=deadline + timedelta(hours=6), route=ROUTES[0], pattern="TRADES_*",
+        label=label or deadline.astimezone().date().isoformat(), state=state,
+        submission_id=sub.id if sub else None, verdict=sub.state.value if sub else None, closed=True, **kw))
+
+
+def _day_cell(html: str, day: str) -> str:
+    m = re.search(rf'data-day="{day}">(.*?)</td>', html, re.S)
+    assert m, day
+    return m.group(1)
+
+
+@pytest.fixture
+def calendar_site(tmp_path, store):
+    cfg = web_config(tmp_path, expectations=[DAILY])
+    with serve(cfg, store) as web:
+        with httpx.Client(base_url=web.url.rstrip("/"), timeout=10) as client:
+            yield client
+
+
+def test_calendar_shows_an_occurrence_on_its_day_with_its_submission(calendar_site, store):
+    # A past month: every row comes from the journal (March 2025, long before any test clock).
+    sub = add(store, "TRADES_0312.csv", tracking_id="t-1")
+    finish(store, sub.id, State.ACCEPTED, _ny(2025, 3, 12, 17))
+    sub = store.get(sub.id)
+    _occurrence(store, "daily-trades", _ny(2025, 3, 12, 18), "ACCEPTED", sub, label="2025-03-12", on_time=True)
+    _occurrence(store, "daily-trades", _ny(2025, 3, 13, 18), "MISSED", label="2025-03-13", on_time=None)
+    _occurrence(store, "daily-trades", _ny(2025, 4, 1, 18), "ACCEPTED", label="2025-04-01")  # another month
+    r = calendar_site.get("/calendar", params={"month": "2025-03"})
+    assert r.status_code == 200 and "content-security-policy" in r.headers
+    html = r.text
+    assert '<a href="/calendar" aria-current="page">Calendar</a>' in html
+    cell = _day_cell(html, "2025-03-12")
+    assert 'class="state ok" data-state="ACCEPTED">ACCEPTED (on time)<' in cell
+    assert f'href="/submissions/{sub.id}"' in cell and "daily-trades" in cell and "18:00 EDT" in cell
+    missed = _day_cell(html, "2025-03-13")
+    assert 'class="state bad" data-state="MISSED">MISSED<' in missed and "/submissions/" not in missed
+    assert "data-state" not in _day_cell(html, "2025-03-11")
+    assert 'data-day="2025-04-01"' not in html  # only this month's days, only this month's occurrences
+    # The plain table says the same: two rows, the submission linked with its verdict.
+    table = html.split('id="occurrences"', 1)[1].split("<tbody>", 1)[1]
+    assert table.count("<tr>") == 2
+    assert f'<a href="/submissions/{sub.id}">{sub.id} TRADES_0312.csv</a>' in table
+    assert "2025-03-12 18:00 EDT" in table and "MISSED" in table
+    # The day of the deadline is the expectation's local day, even when UTC has moved on.
+    _occurrence(store, "daily-trades", _ny(2025, 3, 31, 23, 30), "ACCEPTED", label="2025-03-31")
+    assert "ACCEPTED" in _day_cell(calendar_site.get("/calendar?month=2025-03").text, "2025-03-31")
+
+
+def test_calendar_month_navigation(calendar_site, store):
+    html = calendar_site.get("/calendar?month=2025-03").text
+    assert 'href="/calendar?month=2025-02"' in html and 'href="/calendar?month=2025-04"' in html
+    assert "March 2025" in html
+    nxt = calendar_site.get("/calendar?month=2025-12").text
+    assert 'href="/calendar?month=2026-01"' in nxt and 'href="/calendar?month=2025-11"' in nxt
+    prev = calendar_site.get("/calendar?month=2025-01").text
+    assert 'href="/calendar?month=2024-12"' in prev
+    # Without a month: this one, with its coming business days computed by the calendar itself.
+    now = datetime.now().astimezone()
+    this = calendar_site.get("/calendar").text
+    assert now.strftime("%B %Y") in this
+    ahead = now.replace(day=1) + timedelta(days=62)
+    later = calendar_site.get(f"/calendar?month={ahead:%Y-%m}").text
+    days = re.findall(r'data-day="([0-9-]+)">(.*?)</td>', later, re.S)
+    assert len(days) >= 28
+    for day, cell in days:
+        if datetime.fromisoformat(day).weekday() >= 5:
+            assert "data-state" not in cell, day
+    assert sum('data-state="EXPECTED"' in cell for _, cell in days) >= 15  # business days less holidays
+
+
+@pytest.mark.parametrize("month", ["2025-13", "2025-00", "2025-1", "25-01", "abcd-ef", "2025-03-01", "0000-01",
+                                   "9999-12", "2025-03\x00", "２０２５-０３", "-2025-03",
+                                   "2025-03\n"])
+def test_calendar_bad_month_is_400(calendar_site, month):
+    r = calendar_site.get("/calendar", params={"month": month})
+    assert r.status_code == 400, month
+    assert "month: expected YYYY-MM" in r.text
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+def test_calendar_escapes_names_from_the_journal(calendar_site, store):
+    # Config names are checked, but the journal keeps occurrences of an expectation since renamed.
+    hostile = '<script>alert("x")</script>'
+    sub = add(store, '<img src=x onerror=alert(1)>.csv')
+    _occurrence(store, hostile, _ny(2025, 5, 6, 18), "SUBMITTED", sub, label='<b>"q2"</b>')
+    html = calendar_site.get("/calendar?month=2025-05").text
+    assert hostile not in html and "<img src=x" not in html and "<b>" not in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in _day_cell(html, "2025-05-06")
+    assert "&lt;img src=x onerror=alert(1)&gt;.csv" in html and "&lt;b&gt;&#34;q2&#34;&lt;/b&gt;" in html
+    assert re.findall(r"<script(?![^>]*\bsrc=)", html) == []
+
+
+def test_calendar_without_expectations_says_so(site, store):
+    html = site.get("/calendar").text
+    assert "no expectations configured" in html and 'class="calendar"' not in html

@@ -35,7 +35,7 @@ def chrome(profile: Path, size: tuple[int, int] = (1400, 1100)):
     return driver
 
 
-def web_config(tmp_path: Path, **web) -> Config:
+def web_config(tmp_path: Path, expectations: list[dict] | None = None, **web) -> Config:
     web.setdefault("enabled", True)
     web.setdefault("listen", "127.0.0.1:0")
     return parse_config({
@@ -43,6 +43,7 @@ def web_config(tmp_path: Path, **web) -> Config:
         "credentials": {"c": {"client_id": "acct", "client_secret": "env:UNUSED_SECRET"}},
         "routes": [{"name": r, "outbox": str(tmp_path / "outbox" / r), "org": "0001", "application": "app1",
                     "credential": "c"} for r in ROUTES],
+        "expectations": expectations or [],
         "web": web,
     })
 

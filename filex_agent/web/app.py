@@ -4,11 +4,12 @@ journal holds (never a path from the request), strict security headers on every 
 
 from __future__ import annotations
 
+import calendar as std_calendar
 import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -22,7 +23,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from filex_agent.config import Config
-from filex_agent.store import FeedbackFile, PageKey, Store, SubmissionQuery
+from filex_agent.filing_calendar import MISSED, calendar_rows
+from filex_agent.store import FeedbackFile, PageKey, Store, SubmissionQuery, utcnow
 from filex_agent.web import charts, views
 from filex_agent.web.auth import Authenticator
 
@@ -45,6 +47,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u206
 # Feedback text keeps its tabs and line ends (CRLF included: FINRA's files may use it).
 _CONTROL_KEEP_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _STATE_NAME = re.compile(r"^[A-Z][A-Z_]{0,39}$")
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")  # ASCII digits only, whole value (fullmatch)
+# A month outside these years is a typo in the address, not a filing calendar.
+MONTH_YEARS = range(1970, 2200)
+# Calendar states as badge colours: the submission verdicts' classes, and a missed filing is bad.
+CALENDAR_CLASS = {**charts.CLASS, MISSED: "bad"}
 
 
 def visible(text: Any, keep_lines: bool = False) -> str:
@@ -89,6 +96,7 @@ def _env() -> Environment:
     env.filters["local"] = local_time
     env.filters["seconds"] = views.human_seconds
     env.globals["state_class"] = lambda s: charts.CLASS.get(str(s), "other")
+    env.globals["calendar_class"] = lambda s: CALENDAR_CLASS.get(str(s), "other")
     return env
 
 
@@ -115,6 +123,39 @@ def _parse_date(value: str | None, what: str) -> date | None:
         return date.fromisoformat(value)
     except ValueError:
         raise BadRequest(f"{what}: expected a date YYYY-MM-DD") from None
+
+
+def _parse_month(value: str | None, today: date) -> date:
+    """The first day of ``?month=YYYY-MM`` (absent: this month)."""
+    if not value:
+        return today.replace(day=1)
+    m = _MONTH.fullmatch(value)
+    if not m or int(m.group(1)) not in MONTH_YEARS or not 1 <= int(m.group(2)) <= 12:
+        raise BadRequest(f"month: expected YYYY-MM between {MONTH_YEARS[0]} and {MONTH_YEARS[-1]}")
+    return date(int(m.group(1)), int(m.group(2)), 1)
+
+
+def _shift_month(first: date, months: int) -> date | None:
+    n = first.year * 12 + first.month - 1 + months
+    return date(n // 12, n % 12 + 1, 1) if n // 12 in MONTH_YEARS else None
+
+
+def month_view(cfg: Config, store: Store, first: date, now: datetime) -> dict[str, Any]:
+    """The calendar rows (the same as `filex-agent calendar`) of one month, by local day, as weeks."""
+    nxt = _shift_month(first, 1) or date(first.year + 1, 1, 1)
+    # Deadlines are grouped by their expectation's local day, which may be a UTC day off the month's edges.
+    since = datetime.combine(first - timedelta(days=1), datetime.min.time(), tzinfo=timezone.utc)
+    until = datetime.combine(nxt + timedelta(days=1), datetime.min.time(), tzinfo=timezone.utc)
+    key = first.strftime("%Y-%m")
+    rows = [r for r in calendar_rows(cfg, store, since, until, now) if r["day"].startswith(key)]
+    by_day: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_day.setdefault(r["day"], []).append(r)
+    weeks = std_calendar.Calendar(firstweekday=0).monthdatescalendar(first.year, first.month)
+    prev, after = _shift_month(first, -1), _shift_month(first, 1)
+    return {"rows": rows, "by_day": by_day, "weeks": weeks, "month": first, "today": now.astimezone().date(),
+            "prev": prev.strftime("%Y-%m") if prev else None, "next": after.strftime("%Y-%m") if after else None,
+            "configured": bool(cfg.expectations), "weekdays": list(std_calendar.day_abbr)}
 
 
 def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts: set[str] | None = None,
@@ -195,6 +236,15 @@ def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts
             return not_found(f"no submission {request.path_params['sub_id']}")
         return render("_submission.html", **ctx)
 
+    # -- filing calendar -------------------------------------------------------------------------
+    def calendar_page(request: Request) -> Response:
+        now = utcnow()
+        try:
+            first = _parse_month(request.query_params.get("month"), now.astimezone().date())
+        except BadRequest as exc:
+            return render("error.html", 400, title="Bad request", message=str(exc))
+        return render("calendar.html", page="calendar", **month_view(src.config(), src.store, first, now))
+
     def feedback_download(request: Request) -> Response:
         sub_id, fid = request.path_params["sub_id"], request.path_params["feedback_id"]
         f = src.store.feedback_file(sub_id, fid) if max(sub_id, fid) <= MAX_ID else None
@@ -212,6 +262,7 @@ def create_app(src: Sources, *, auth: Authenticator | None = None, allowed_hosts
         Route("/", overview_page),
         Route("/fragment/overview", overview_fragment),
         Route("/submissions", submissions_page),
+        Route("/calendar", calendar_page),
         Route("/submissions/{sub_id:int}", submission_page),
         Route("/fragment/submissions/{sub_id:int}", submission_fragment),
         Route("/submissions/{sub_id:int}/feedback/{feedback_id:int}", feedback_download),
