@@ -166,7 +166,8 @@ def test_drop_mid_upload_recovers_without_partial_or_duplicate(
         if sent[0] >= 8 * 1024 * 1024 and not killed:
             killed.append(sshd.kill_sessions())
             # The server wrote part of the temp file before it died: that is the half file to clean up.
-            partial_seen.append((in_dir / f".{local.name}.filepart").stat().st_size)
+            (temp,) = in_dir.glob(f".{local.name}.*.filepart")  # this upload's own temporary name
+            partial_seen.append(temp.stat().st_size)
             named_seen.append((in_dir / local.name).exists())
 
     with _session(sshd, keys["ed25519"]) as s:
@@ -192,7 +193,9 @@ def test_gave_up_mid_upload_leaves_no_filing_and_the_temp_goes_at_the_next_uploa
     local = tmp_path / "half_1.bin"
     local.write_bytes(os.urandom(24 * 1024 * 1024))
     in_dir = sshd.root / "0001/app1/in"
-    half = in_dir / f".{local.name}.filepart"
+    def half():  # the killed upload's own temporary file
+        return next(in_dir.glob(f".{local.name}.*.filepart"), None)
+
     sent = [0]
     commits: list[str] = []
 
@@ -208,11 +211,11 @@ def test_gave_up_mid_upload_leaves_no_filing_and_the_temp_goes_at_the_next_uploa
             with pytest.raises(TransientError) as ei:
                 t.upload(local, local.name, progress=progress)
             assert not isinstance(ei.value, UploadUnconfirmed) and commits == []  # nothing was committed
-            assert half.exists() and half.stat().st_size < local.stat().st_size
+            assert half() is not None and half().stat().st_size < local.stat().st_size
             assert not (in_dir / local.name).exists()  # a killed upload is never a (truncated) filing
             sshd.start()
             t.upload(local, local.name)  # the next upload of that name removes the temp first
-            assert not half.exists() and commits == ["commit"]
+            assert half() is None and commits == ["commit"]
             assert (in_dir / local.name).read_bytes() == local.read_bytes()
     finally:
         if sshd.proc is None:
@@ -227,12 +230,12 @@ def test_commit_comes_after_the_whole_temp_file_and_before_the_rename(
     seen: list[tuple[int, bool]] = []
     with _session(sshd, keys["ed25519"]) as s:
         t = _transport(sshd, s)
-        t.on_commit = lambda: seen.append(((in_dir / f".{local.name}.filepart").stat().st_size,
+        t.on_commit = lambda: seen.append((next(in_dir.glob(f".{local.name}.*.filepart")).stat().st_size,
                                            (in_dir / local.name).exists()))
         r = t.upload(local, local.name)
     assert seen == [(700_001, False)]
     assert (in_dir / local.name).read_bytes() == local.read_bytes()
-    assert not (in_dir / f".{local.name}.filepart").exists()
+    assert not list(in_dir.glob(f".{local.name}.*.filepart"))
     assert r.sent_sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
 
 
@@ -275,7 +278,7 @@ def test_rename_never_replaces_an_earlier_filing(sshd: Sshd, keys: dict[str, Pat
             sftp.__class__.stat = real_stat
     assert (in_dir / "dup_1.csv").read_bytes() == b"the earlier filing\n"
     assert (in_dir / "late_1.csv").read_bytes() == b"filed meanwhile\n"
-    assert not (in_dir / ".dup_1.csv.filepart").exists() and not (in_dir / ".late_1.csv.filepart").exists()
+    assert not list(in_dir.glob(".dup_1.csv.*.filepart")) and not list(in_dir.glob(".late_1.csv.*.filepart"))
 
 
 def test_session_killed_after_the_rename_is_unconfirmed_and_not_resent(
@@ -319,3 +322,29 @@ def test_find_uploaded_gives_the_remote_modification_time(sshd: Sshd, keys: dict
         (sshd.root / "0001/app1/in_arcv").mkdir(exist_ok=True)
         (sshd.root / "0001/app1/in_arcv/archived_1.csv").write_bytes(b"y")
         assert t.find_uploaded("archived_1.csv") is None
+
+
+def test_two_writers_of_one_name_never_share_a_temporary_file(
+        sshd: Sshd, keys: dict[str, Path], tmp_path: Path) -> None:
+    """A worker paused past its lease and its successor (or two files of one name) upload the same
+    name at once: each has its own temporary file, so neither removes nor renames the other's
+    (with one shared name, the HA chaos test saw a rename fail on a vanished temp: FAILED)."""
+    first, second = tmp_path / "twice_1.csv", tmp_path / "twice_1.csv.2"
+    first.write_bytes(os.urandom(3 * 1024 * 1024))
+    second.write_bytes(b"the second writer\n" * 1000)
+    in_dir = sshd.root / "0001/app1/in"
+    done: list[str] = []
+    with _session(sshd, keys["ed25519"]) as s:
+        a, b = _transport(sshd, s), _transport(sshd, s)
+
+        def progress(n: int) -> None:
+            if not done:  # the second writer runs to the end while the first is mid-file
+                done.append("second")
+                b.upload(second, "twice_1.csv")
+
+        with pytest.raises(TransientError) as ei:
+            a.upload(first, "twice_1.csv", progress=progress)
+    assert done == ["second"]
+    assert not isinstance(ei.value, UploadUnconfirmed) and "still waiting at fileX" in str(ei.value)
+    assert (in_dir / "twice_1.csv").read_bytes() == second.read_bytes()  # the second's, whole
+    assert not list(in_dir.glob(".twice_1.csv.*.filepart"))  # each removed its own

@@ -9,7 +9,7 @@ Safety rules that shape this module:
 
 * Host keys are always verified (known_hosts and/or pinned ``SHA256:`` fingerprints).
 * Only the algorithms fileX accepts are offered; GCM first (measured +58% with paramiko).
-* fileX picks up whatever lands in ``in/`` under its name: the bytes go to ``in/.NAME.filepart``,
+* fileX picks up whatever lands in ``in/`` under its name: the bytes go to ``in/.NAME.TOKEN.filepart``,
   its size is checked, ``on_commit`` is called, and a plain SFTPv3 rename (which refuses to
   replace an existing ``in/NAME``) makes it the filing. A temp file left by a failure is removed
   at the next upload of that name. A connection lost after the rename was sent raises
@@ -25,6 +25,7 @@ from collections import deque
 import errno
 import hashlib
 import logging
+import secrets
 import os
 import queue
 import random
@@ -55,6 +56,9 @@ from . import ProgressFn, RemoteFile, Transport, UploadResult, register
 from . import _paramiko_compat as compat
 
 log = logging.getLogger(__name__)
+
+# A temporary upload file not written to for this long is a leftover of a dead upload.
+TEMP_STALE_SECONDS = 15 * 60
 
 T = TypeVar("T")
 
@@ -593,6 +597,10 @@ class SftpTransport(Transport):
         self.out_dir = out_path.format(org=org, app=application)
         self.arcv_dir = arcv_path.format(org=org, app=application) if arcv_path else None
         self._verified: set[str] = set()
+        # Temporary files of failed uploads whose removal failed too: removed at the next upload
+        # of that name (a crash's leftovers are removed once stale, see _remove_leftovers).
+        self._leftovers: dict[str, set[str]] = {}
+        self._leftover_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SftpTransport({self.org}/{self.application} via {self.session!r})"
@@ -640,9 +648,29 @@ class SftpTransport(Transport):
         return TransientError(f"{self.session.label}: {what}: server error: {e}")
 
     # --- upload ---------------------------------------------------------------------------------
-    def temp_path(self, remote_name: str) -> str:
-        """Where the bytes go before the rename: a dot name fileX does not take as a filing."""
-        return _join(self.in_dir, f".{remote_name}.filepart")
+    def temp_path(self, remote_name: str, token: str) -> str:
+        """Where the bytes go before the rename: a dot name fileX does not take as a filing. The
+        token is one upload's own: two writers of one name (a worker paused past its lease and
+        its successor, or two files of one name) never share, remove or rename each other's."""
+        return _join(self.in_dir, f".{remote_name}.{token}.filepart")
+
+    def _remove_leftovers(self, sftp: paramiko.SFTPClient, remote_name: str) -> None:
+        """Temporary files of this name that a crash or a killed session left behind: removed when
+        untouched for TEMP_STALE_SECONDS (a live upload writes its own all the time)."""
+        with self._leftover_lock:
+            mine = self._leftovers.pop(remote_name, set())
+        for temp in mine:  # this process's own, whose removal failed when its upload did
+            self._remove_temp(sftp, temp)
+        prefix, now = f".{remote_name}.", time.time()
+        try:
+            entries = sftp.listdir_attr(self.in_dir)
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            log.debug("%s: cannot list %s for leftover temporary files: %s", self.session.label, self.in_dir, e)
+            return
+        for e in entries:
+            if (e.filename.startswith(prefix) and e.filename.endswith(".filepart")
+                    and now - (e.st_mtime or now) > TEMP_STALE_SECONDS):
+                self._remove_temp(sftp, _join(self.in_dir, e.filename))
 
     def upload(self, local: LocalFile | Path, remote_name: str, progress: ProgressFn | None = None, *,
                on_commit: Callable[[], None] | None = None,
@@ -665,7 +693,7 @@ class SftpTransport(Transport):
         """
         size = lf.size
         remote = _join(self.in_dir, remote_name)
-        temp = self.temp_path(remote_name)
+        temp = self.temp_path(remote_name, secrets.token_hex(4))
         started = datetime.now(timezone.utc)
         state: dict[str, object] = {}
 
@@ -674,7 +702,8 @@ class SftpTransport(Transport):
 
         def op(sftp: paramiko.SFTPClient) -> dict[str, str]:
             self._verify(sftp, self.in_dir)
-            self._remove_temp(sftp, temp)  # left by a crash or a failed attempt: stateless cleanup
+            self._remove_temp(sftp, temp)  # this upload's own half file, if a reconnect re-runs op
+            self._remove_leftovers(sftp, remote_name)
             if _stat_or_none(sftp, remote) is not None:
                 raise TransientError(f"{self.session.label}: an earlier {remote} is still waiting at fileX; "
                                      "not sent (it would replace that filing): will retry")
@@ -704,8 +733,11 @@ class SftpTransport(Transport):
             raise
         except Exception as e:
             # Best effort, over a fresh channel; else the next upload of this name removes it.
-            with contextlib.suppress(Exception):
+            try:
                 self.session.run(lambda c: self._remove_temp(c, temp), f"remove {temp}")
+            except Exception:  # noqa: BLE001
+                with self._leftover_lock:
+                    self._leftovers.setdefault(remote_name, set()).add(temp)
             if isinstance(e, OSError):
                 raise self._server_error(e, f"upload {remote}") from e
             raise
@@ -749,6 +781,10 @@ class SftpTransport(Transport):
             if exists:
                 raise TransientError(f"{self.session.label}: an earlier {remote} is still waiting at fileX; "
                                      "the rename was refused, nothing filed: will retry") from None
+            if e.errno == errno.ENOENT:
+                # The temporary file is gone (removed by someone else): nothing was filed.
+                raise TransientError(f"{self.session.label}: rename {temp} to {remote}: the temporary file "
+                                     "is gone; nothing filed: will retry") from None
             raise self._server_error(e, f"rename {temp} to {remote}") from None
 
     def _unconfirmed(self, remote: str, e: BaseException) -> UploadUnconfirmed:
