@@ -43,7 +43,7 @@ class _Pending:
 
 
 def is_temporary(name: str) -> bool:
-    """A name fileX never takes as a filing: ``.NAME.filepart`` is where the agent's SFTP transport
+    """A name fileX never takes as a filing: ``.NAME.TOKEN.filepart`` is where the agent's SFTP transport
     writes before it renames the finished, verified file into place. The reference is silent on
     temporary names; this (a leading dot, or a ``.filepart`` suffix) is the assumption the agent
     relies on, and the sandbox holds fileX to it."""

@@ -10,7 +10,7 @@ backed by the sandbox bucket (keys ``{org}/{app}/{sub}/{name}``):
   S3-backed SFTP gateway, a handle left open by a dropped session is published too, with what
   arrived (``publish_on_drop``): a client that dies after creating ``in/NAME`` files a 0-byte or
   truncated file. A client must therefore write to a temporary name and rename it into place;
-* the processor never takes ``.NAME.filepart`` (or any name starting with ``.``) as a filing;
+* the processor never takes ``.NAME.TOKEN.filepart`` (or any name starting with ``.``) as a filing;
   ``rename`` inside one ``in`` folder is a copy then delete in the bucket, and is refused when
   the target exists (SFTPv3 rename, as OpenSSH without posix-rename; ``posix-rename`` is not
   offered);
