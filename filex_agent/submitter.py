@@ -208,7 +208,6 @@ class Submitter:
         route = self.config.route(sub.route)
         path = Path(sub.local_path)
         epoch = sub.epoch
-        sent = [0]  # bytes handed to the transport (progress and metrics)
 
         def on_ticket(ticket: str) -> None:
             self.store.set_ticket(att.id, epoch, ticket)
@@ -231,7 +230,6 @@ class Submitter:
                     on_commit()  # no finer point of no return known: anything may land from here
 
                 def progress(n: int) -> None:
-                    sent[0] += n
                     self.hooks.bytes_sent(sub.route, sub.transport, n)
 
                 result = transport.upload(local, sub.file_name, progress=progress, on_commit=on_commit,
