@@ -24,7 +24,7 @@ from filex_agent.filing_calendar import hold_for_window
 from filex_agent.fsutil import cleanup_partials
 from filex_agent.hooks import Hooks, LoggingHooks, MultiHooks
 from filex_agent.leases import Heartbeat, Leadership, new_owner, node_name, owner_is_dead_here
-from filex_agent.reconciler import Reconciler, unconfirmed_flag
+from filex_agent.reconciler import Reconciler, decide_by, unconfirmed_flag
 from filex_agent.store import FINAL_STATES, Outcome, State, StateConflict, Store, Submission, open_store, utcnow
 from filex_agent.submitter import Submitter
 from filex_agent.tracker import Tracker
@@ -329,14 +329,13 @@ class Daemon:
                  if a.outcome in (Outcome.PENDING, Outcome.SENT, Outcome.UNCONFIRMED)]
         att = open_[-1] if open_ else None
         if att is not None and att.may_have_landed:
-            decide_by = att.decide_by or (
-                self.store.now() + timedelta(seconds=self.config.tracking.unconfirmed_settle_seconds))
+            until = att.decide_by or decide_by(self.store, self.config)
             if att.outcome is not Outcome.UNCONFIRMED or att.decide_by is None:
                 self.store.end_attempt(att.id, Outcome.UNCONFIRMED, f"interrupted: {why}", epoch=sub.epoch,
-                                       decide_by=decide_by)
+                                       decide_by=until)
             sub = self.store.transition(sub.id, State.UNCONFIRMED, f"interrupted after it may have reached "
                                         f"fileX ({why})", epoch=sub.epoch, owner=None, lease_until=None,
-                                        flag=unconfirmed_flag(decide_by))
+                                        flag=unconfirmed_flag(until))
             self.hooks.submission_changed(sub, "unconfirmed")
             return
         if att is not None:

@@ -117,9 +117,9 @@ class Reconciler:
             self._wrong_copy(att, sub, ev)
             return 1
         now = self.store.now()
-        decide_by = att.decide_by or (att.started_at + self.settle())
-        if now < decide_by:
-            self._flag(sub, unconfirmed_flag(decide_by))
+        until = att.decide_by or (att.started_at + self.settle())
+        if now < until:
+            self._flag(sub, unconfirmed_flag(until))
             return 0
         why = (f"fileX showed no trace of attempt {att.n} in {self._age(att, now)} "
                f"(tracking.unconfirmed_settle_seconds = {self.config.tracking.unconfirmed_settle_seconds:g}); "
@@ -233,6 +233,11 @@ class Reconciler:
         if sub.flag != text:
             sub = self.store.update(sub.id, flag=text)
             self.hooks.submission_changed(sub, "flagged")
+
+
+def decide_by(store: Store, config: Config) -> datetime:
+    """When an attempt that became UNCONFIRMED now stops waiting for fileX's evidence."""
+    return store.now() + timedelta(seconds=config.tracking.unconfirmed_settle_seconds)
 
 
 def unconfirmed_flag(decide_by: datetime) -> str:

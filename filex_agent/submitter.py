@@ -30,7 +30,7 @@ from filex_agent.fsutil import apply_perms, forget_move_marker, move_no_clobber,
 from filex_agent.localfile import LocalFile
 from filex_agent.hooks import Hooks
 from filex_agent.leases import new_owner
-from filex_agent.reconciler import unconfirmed_flag
+from filex_agent.reconciler import decide_by, unconfirmed_flag
 from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
 from filex_agent.store import (Attempt, Duplicate, Outcome, StaleEpoch, State, StateConflict, Store, Submission,
                                integrity_note, utcnow)
@@ -347,10 +347,10 @@ class Submitter:
 
     def _unconfirmed(self, sub: Submission, att: Attempt, why: str) -> Submission:
         """The answer was lost after the bytes may have landed: the reconciler decides."""
-        decide_by = self.store.now() + timedelta(seconds=self.config.tracking.unconfirmed_settle_seconds)
-        self.store.end_attempt(att.id, Outcome.UNCONFIRMED, why, epoch=sub.epoch, decide_by=decide_by)
+        until = decide_by(self.store, self.config)
+        self.store.end_attempt(att.id, Outcome.UNCONFIRMED, why, epoch=sub.epoch, decide_by=until)
         sub = self.store.transition(sub.id, State.UNCONFIRMED, f"unconfirmed: {why}", epoch=sub.epoch, **_RELEASE,
-                                    reason=None, flag=unconfirmed_flag(decide_by))
+                                    reason=None, flag=unconfirmed_flag(until))
         log.warning("submission %s (%s): %s; not sent again until fileX shows whether it arrived",
                     sub.id, sub.file_name, why)
         self.hooks.submission_changed(sub, "unconfirmed")
