@@ -115,12 +115,21 @@ class AuditLog:
             try:
                 prev, needs_newline = self._tail()
                 lines = []
+                scrubbed: dict[str, Any] = {}  # a batch repeats routes, states, names: scrub each once
+
+                def scrub(v: Any) -> Any:
+                    if not isinstance(v, str):
+                        return redact_value(v)
+                    if v not in scrubbed:
+                        scrubbed[v] = redact_value(v)
+                    return scrubbed[v]
+
                 for event, fields in events:
                     record: dict[str, Any] = {
                         "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                         "event": event,
                         # Reasons and details carry exception text: scrubbed like a log line.
-                        **{k: redact_value(v) for k, v in fields.items()},
+                        **{k: scrub(v) for k, v in fields.items()},
                         "prev": prev,
                     }
                     body = _encode(record)[:-1]  # without the closing brace

@@ -171,19 +171,23 @@ class AuditHooks(Hooks):
         self.catch_up(sub.id, flagged=event == "flagged")
 
     def submissions_changed(self, subs: list[Submission], event: str) -> None:
-        self.catch_up_many([s.id for s in subs], flagged=event == "flagged")
+        self.catch_up_many([s.id for s in subs], flagged=event == "flagged", known={s.id: s for s in subs})
 
     def catch_up(self, sub_id: int, flagged: bool = False) -> int:
         """Append what the journal has for ``sub_id`` and the audit file lacks; returns lines written."""
         return self.catch_up_many([sub_id], flagged)
 
-    def catch_up_many(self, sub_ids: list[int], flagged: bool = False) -> int:
-        """``catch_up`` of several submissions, their lines in one write and one fsync."""
+    def catch_up_many(self, sub_ids: list[int], flagged: bool = False,
+                      known: dict[int, Submission] | None = None) -> int:
+        """``catch_up`` of several submissions, their lines in one write and one fsync. ``known``:
+        rows just returned by the journal's write (not read again)."""
         with self._lock:
             self._index.refresh()
+            events = self.store.events_many(sub_ids)
             lines: list[tuple[str, dict[str, Any]]] = []
             for sub_id in sub_ids:
-                lines.extend(self._missing(sub_id, flagged))
+                sub = (known or {}).get(sub_id) or self.store.get(sub_id)
+                lines.extend(self._missing(sub, events[sub_id], flagged))
             if not lines:
                 return 0
             _, ticket = self.audit.write_many(lines)
@@ -192,16 +196,17 @@ class AuditHooks(Hooks):
         self.audit.wait(ticket)
         return len(lines)
 
-    def _missing(self, sub_id: int, flagged: bool) -> list[tuple[str, dict[str, Any]]]:
-        sub = self.store.get(sub_id)
-        events = self.store.events(sub_id)
-        feedback = self.store.feedback_for(sub_id)
+    def _missing(self, sub: Submission, events: list, flagged: bool) -> list[tuple[str, dict[str, Any]]]:
+        sub_id = sub.id
+        # Feedback exists only for what reached fileX: a file just claimed has none to look up.
+        reached = sub.uploaded_at is not None or sub.tracking_id is not None or sub.state not in _NOT_SENT
+        feedback = self.store.feedback_for(sub_id) if reached else []
         paths = [f.local_path for f in feedback if f.local_path]
         snap = _snapshot(sub)
         out: list[tuple[str, dict[str, Any]]] = []
         done = self._index.seq_of(sub_id)
         for seq, ev in enumerate(events[done:], start=done + 1):
-            outcome = ev.state if ev.state in {s.value for s in FINAL_STATES} else None
+            outcome = ev.state if ev.state in _FINAL_NAMES else None
             out.append((STATE_EVENT, dict(submission_id=sub_id, seq=seq, at=ev.at.isoformat(), state=ev.state,
                                           detail=ev.detail, outcome=outcome, **snap, feedback=paths)))
         for f in feedback:
@@ -212,6 +217,10 @@ class AuditHooks(Hooks):
         if flagged and sub.flag:
             out.append((FLAG_EVENT, dict(submission_id=sub_id, **snap, feedback=paths)))
         return out
+
+
+_NOT_SENT = frozenset({State.CLAIMING, State.QUEUED, State.HELD})
+_FINAL_NAMES = frozenset(s.value for s in FINAL_STATES)
 
 
 # -- metrics -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from dataclasses import fields as dc_fields
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from filex_agent.errors import FilexError
 from filex_agent.fsutil import GroupSync, fsync_path
@@ -37,6 +37,7 @@ from filex_agent.store import (
     StateConflict,
     Store,
     Submission,
+    Transition,
     SubmissionPage,
     SubmissionQuery,
     feedback_instant,
@@ -400,6 +401,65 @@ class SQLiteStore(Store):
                        (sub_id, now.isoformat(), str(state), "created"))
         return self.get(sub_id)
 
+    def create_claims(self, fields: dict[str, Any], files: Sequence[tuple[str, str]],
+                      local_path_of: Callable[[int, str], str]) -> list[Submission | None]:
+        self._check_fields(fields)
+        now = utcnow()
+        common = {**fields, "created_at": now, "updated_at": now, "state": State.CLAIMING}
+        cols = list(common) + ["file_name", "source_path", "local_path"]
+        insert = f"INSERT INTO submissions ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        head = [_enc(k, v) for k, v in common.items()]
+        ids: list[int | None] = []
+        with self._tx() as db:
+            for name, source in files:
+                try:
+                    sub_id = db.execute(insert, head + [name, source, source]).lastrowid
+                except sqlite3.IntegrityError as exc:
+                    if "UNIQUE" not in str(exc):
+                        raise
+                    ids.append(None)  # another agent's claim of this very file: only this row is undone
+                    continue
+                db.execute("UPDATE submissions SET local_path = ? WHERE id = ?", (local_path_of(sub_id, name), sub_id))
+                db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
+                           (sub_id, now.isoformat(), State.CLAIMING.value, "created"))
+                ids.append(sub_id)
+        got = self._get_many([i for i in ids if i is not None])
+        return [None if i is None else got[i] for i in ids]
+
+    def _get_many(self, ids: list[int]) -> dict[int, Submission]:
+        out: dict[int, Submission] = {}
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                rows = self._db.execute(f"SELECT * FROM submissions WHERE id IN ({', '.join('?' for _ in chunk)})",
+                                        chunk).fetchall()
+                out.update((r["id"], _row_to_sub(r)) for r in rows)
+        return out
+
+    def transition_many(self, steps: Sequence[Transition]) -> list[Submission | StateConflict]:
+        now = utcnow()
+        out: list[int | StateConflict] = []
+        with self._tx() as db:
+            for step in steps:
+                self._check_fields(step.fields)
+                row = db.execute("SELECT state FROM submissions WHERE id = ?", (step.sub_id,)).fetchone()
+                if row is None:
+                    raise KeyError(f"no submission {step.sub_id}")
+                if step.expect is not None and row["state"] not in {str(s) for s in step.expect}:
+                    out.append(StateConflict(f"submission {step.sub_id} is {row['state']}, expected one of "
+                                             f"{sorted(map(str, step.expect))}"))
+                    continue
+                fields = {**step.fields, "state": step.state, "updated_at": now}
+                sets = ", ".join(f"{k} = ?" for k in fields)
+                db.execute(f"UPDATE submissions SET {sets} WHERE id = ?",
+                           [_enc(k, v) for k, v in fields.items()] + [step.sub_id])
+                db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
+                           (step.sub_id, now.isoformat(), str(step.state),
+                            None if step.detail is None else redact(step.detail)))
+                out.append(step.sub_id)
+        got = self._get_many([r for r in out if not isinstance(r, StateConflict)])
+        return [r if isinstance(r, StateConflict) else got[r] for r in out]
+
     def get(self, sub_id: int) -> Submission:
         with self._lock:
             row = self._db.execute("SELECT * FROM submissions WHERE id = ?", (sub_id,)).fetchone()
@@ -461,6 +521,20 @@ class SQLiteStore(Store):
             rows = self._db.execute(
                 "SELECT * FROM events WHERE submission_id = ? ORDER BY id", (sub_id,)).fetchall()
         return [Event(r["submission_id"], datetime.fromisoformat(r["at"]), r["state"], r["detail"]) for r in rows]
+
+    def events_many(self, sub_ids: Sequence[int]) -> dict[int, list[Event]]:
+        out: dict[int, list[Event]] = {i: [] for i in sub_ids}
+        ids = list(out)
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                rows = self._db.execute(
+                    f"SELECT * FROM events WHERE submission_id IN ({', '.join('?' for _ in chunk)}) ORDER BY id",
+                    chunk).fetchall()
+                for r in rows:
+                    out[r["submission_id"]].append(
+                        Event(r["submission_id"], datetime.fromisoformat(r["at"]), r["state"], r["detail"]))
+        return out
 
     def by_tracking_id(self, tracking_id: str) -> Submission | None:
         with self._lock:
