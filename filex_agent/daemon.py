@@ -245,12 +245,19 @@ class Daemon:
             # Here rather than in the tracking cycle: a dead owner's uploads resume within seconds.
             self._last_rescue = time.monotonic()
             self.rescue_expired()
+        self._refill()
+
+    def _refill(self) -> None:
+        """Hand due QUEUED submissions to the workers while there is room."""
+        if self._stopping.is_set():
+            return
         with self._lock:
             room = 2 * self.config.agent.workers - len(self._inflight)
+            busy = len(self._inflight)
         if room <= 0:
             return
-        for sub_id in self.store.due(utcnow(), room + len(self._inflight)):
-            self._submit(sub_id)
+        for sub_id in self.store.due(utcnow(), room + busy):
+            self._submit(sub_id, only_if_room=True)
 
     def _submit(self, sub_id: int, only_if_room: bool = False) -> None:
         with self._lock:
@@ -268,9 +275,11 @@ class Daemon:
             self._inflight[sub_id] = fut
 
     def _upload(self, sub_id: int) -> None:
+        ran = False
         try:
             if hold_for_window(self.config, self.store, sub_id):
                 return  # QUEUED until the route's submission window opens (filing_calendar)
+            ran = True
             with self._conn_leases.lease(lambda: self.connections):
                 self.submitter.upload(sub_id)
         except Exception:  # noqa: BLE001
@@ -278,6 +287,13 @@ class Daemon:
         finally:
             with self._lock:
                 self._inflight.pop(sub_id, None)
+        if ran:
+            # The next one now, not at the next dispatch tick: a batch of claims queues more
+            # files than there are workers, and each would otherwise wait up to a tick.
+            try:
+                self._refill()
+            except Exception:  # noqa: BLE001 - the dispatch tick does it anyway
+                log.debug("refilling the upload queue failed", exc_info=True)
 
     def leads(self, singleton: str) -> bool:
         """Whether this process runs ``singleton`` now (leases.SINGLETONS)."""
