@@ -416,12 +416,13 @@ class Submitter:
                 return self._fail(sub, path, f"upload failed {sub.attempts} times with an unexpected error: "
                                              f"{type(exc).__name__}: {exc}", epoch=epoch)
             return self._requeue(sub, f"unexpected error, will retry: {type(exc).__name__}: {exc}", epoch=epoch)
-        self.store.end_attempt(att.id, Outcome.SENT, "uploaded", epoch=epoch)
-        # move_to in the same write as SUBMITTED: a crash right after still files the original.
-        sub = self.store.transition(
-            sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, epoch=epoch, **_RELEASE,
-            tracking_id=result.tracking_id, upload_location=result.upload_location, uploaded_at=result.finished_at,
-            reason=integrity_note(sub.reason), flag=late_change, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
+        # The attempt's outcome and SUBMITTED in one write, with move_to: a crash right after
+        # still files the original.
+        sub = self.store.settle(att.id, Outcome.SENT, "uploaded", Transition(
+            sub.id, State.SUBMITTED, "uploaded", frozenset({State.UPLOADING}), dict(
+                **_RELEASE, tracking_id=result.tracking_id, upload_location=result.upload_location,
+                uploaded_at=result.finished_at, reason=integrity_note(sub.reason), flag=late_change,
+                next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))), epoch=epoch)
         self.hooks.submission_changed(sub, "uploaded")
         return self.finish_move(sub)
 
