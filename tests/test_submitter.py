@@ -167,7 +167,7 @@ def test_a_batch_of_claims_costs_two_journal_writes_and_holds_duplicates_within_
     files.append((out / "gone.csv", None))  # vanished before the claim: nothing journaled
     before = store._group.syncs
     claimed = sub.claim_many(route, files)
-    # One write for the 52 CLAIMING rows, one for their verdicts; the empty file's refusal (FAILED,
+    # One write for the 51 CLAIMING rows, one for their verdicts; the empty file's refusal (FAILED,
     # then where it was moved) is two of its own: 4, not several per file.
     assert store._group.syncs - before == 4
     by_name = {s.file_name: s for s in claimed}
