@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from bench.parts import BigRow, Ceilings, IdleResult, LatencyRow, QueueResult, SmallRow
 
@@ -215,6 +216,33 @@ def targets15(res: Results) -> list[tuple[str, str, str, str]]:
             each = ", ".join(f"{NAMES[r.transport].split(' ')[0]} {r.done_p99:.2f}" for r in rows)
             out.append(_row(target, "SQLite", f"p99 {each} s (limit {limit:g} s)", _ok(worst <= limit)))
     return out
+
+
+README_START, README_END = "<!-- bench.targets:start -->", "<!-- bench.targets:end -->"
+
+
+def readme_quote(res: Results) -> str:
+    """The issue 15 targets table as README.md quotes it (between its markers), with where it comes from."""
+    load = res.settings.get("load average (1 min) at start → end", "?").split(" (")[0]
+    lines = [README_START,
+             f"Issue 15's targets as judged by the last `{res.command}` ({datetime.now(timezone.utc):%Y-%m-%d} UTC, "
+             f"load average {load} on {res.machine.get('CPUs (nproc)', '?')} shared cores), copied here by the bench "
+             "itself from [bench/RESULTS.md](bench/RESULTS.md#targets-issue-15), which holds every figure, the peers' "
+             "and the settings:", "",
+             "| target | journal | measured | result |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets15(res)]
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, res: Results) -> bool:
+    """Replace the quoted targets table in ``readme`` (only where its markers are); whether it did."""
+    text = readme.read_text() if readme.exists() else ""
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    readme.write_text(head + readme_quote(res) + rest.split(README_END, 1)[1])
+    return True
 
 
 def render(res: Results) -> str:

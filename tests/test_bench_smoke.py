@@ -12,7 +12,7 @@ import pytest
 
 from bench.common import Stat, percentile, stat
 from bench.parts import BigRow, IdleResult, LatencyRow, QueueResult, SmallRow
-from bench.report import Results, targets, targets15
+from bench.report import README_END, README_START, Results, targets, targets15, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,11 +104,27 @@ def test_issue15_targets_per_journal():
     assert len(nothing) == 9 and {r for _, _, _, r in nothing} == {"not run"}
 
 
+def test_readme_quotes_the_targets_table_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n\nintro\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
+    res = _results(small=[SmallRow("sftp", "agent daemon", True, _s(500), minus_window=_s(1100)),
+                          SmallRow("sftp", "rclone copy over sftp", False, _s(1000))])
+    assert update_readme(readme, res)
+    text = readme.read_text()
+    assert "old table" not in text and text.count(README_START) == 1 and text.endswith("\n\nafter\n")
+    assert "| target | journal | measured | result |" in text and "1100 vs 1000 files/s" in text
+    assert "bench/RESULTS.md" in text
+    bare = tmp_path / "other.md"
+    bare.write_text("no markers\n")
+    assert not update_readme(bare, res) and bare.read_text() == "no markers\n"
+
+
 @pytest.mark.timeout(240)
 def test_whole_bench_on_tiny_sizes(tmp_path):
     out = tmp_path / "RESULTS.md"
     official = ROOT / "bench" / "RESULTS.md"
     before = official.read_bytes() if official.exists() else None
+    readme = (ROOT / "README.md").read_bytes()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--no-install", "--runs", "1", "--big-mib", "2", "--small-files", "10",
          "--latency-files", "5", "--latency-interval", "0.1", "--queued-files", "300", "--queue-timeout", "60",
@@ -136,6 +152,7 @@ def test_whole_bench_on_tiny_sizes(tmp_path):
         assert "skipped SFTP" in text
     assert "S3: agent peak RSS < 200 MB" in text
     assert (official.read_bytes() if official.exists() else None) == before
+    assert (ROOT / "README.md").read_bytes() == readme  # quoted only from the official RESULTS.md
 
 
 @pytest.mark.timeout(240)
