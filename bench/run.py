@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [t.strip() for t in args.transports.split(",") if t.strip()]
     journals = {j.strip().lower() for j in args.journal.split(",") if j.strip()}
     pg_why = pg_skip_reason()
+    if "postgres" in journals and pg_why:
+        raise SystemExit(f"python -m bench: --journal postgres: {pg_why}")
     tools = ensure_tools(install=not args.no_install)
     load0 = _loadavg()
     work = Path(tempfile.mkdtemp(prefix="filex-bench-"))  # on disk: journals and outboxes
@@ -104,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # ---- servers
         if "postgres" in journals and wanted_parts & {2, 4, 6}:
-            if pg_why:
-                raise SystemExit(f"python -m bench: --journal postgres: {pg_why}")
             pg = start_postgres()
             res.servers["PostgreSQL"] = (f"the journal of parts 2, 4 and 6's PostgreSQL rows: a private cluster "
                                          f"(tests/pg_fixture.py's initdb) on 127.0.0.1:{pg.port}, data in {pg.dir} "
@@ -210,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                 scale_section = journal_scale.render(res.scale_sizes, res.scale, scale_builds, _loadavg(),
                                                      command=cmd)
     finally:
-        for server in (sandbox, s3, sshd, pg):
+        for server in (sandbox, s3, sshd):
             if server is not None:
                 try:
                     server.stop()
                 except Exception:  # noqa: BLE001 - stop the others all the same
                     log.exception("stopping %s failed", type(server).__name__)
+        if pg is not None:
+            pg.close()  # stopped, and its data folder (every database of this run) removed
         # The report first: deleting 100,000 journal-tracked files can take minutes on some disks.
         res.settings["load average (1 min) at start → end"] = (f"{load0} → {_loadavg()} (other work on the "
                                                                 "machine adds noise)")
