@@ -100,9 +100,13 @@ class S3Server:
         if self._rclone:
             data = self.dir / "data"
             (data / S3_BUCKET).mkdir(parents=True)
-            self.kind = "rclone serve s3 (local folder in /dev/shm)"
+            self.kind = "rclone serve s3 --ignore-checksum (local folder in /dev/shm)"
+            # --ignore-checksum: no re-read and re-hash of each stored file to check rclone's own
+            # copy into its local backend (nothing an S3 server does; the ETag is still the MD5
+            # computed while streaming). It halved rclone's CPU per GiB (7.8 -> 4.0 s) and tripled
+            # curl's speed against it on this 2-core machine: the server was the bottleneck.
             cmd = [self._rclone, "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
-                   "--auth-key", ",".join(S3_KEY), str(data)]
+                   "--auth-key", ",".join(S3_KEY), "--ignore-checksum", str(data)]
         else:
             self.kind = "moto_server (Python, own process, objects in memory)"
             cmd = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
