@@ -14,8 +14,9 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from bench.common import ROOT
-
+# Not bench.common's ROOT: its imports (statistics, subprocess, tempfile) would count in every
+# child's start-up, and curl's start-up has nothing of the kind.
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
