@@ -132,18 +132,20 @@ def render(res: Results) -> str:
         add("")
         add("MB/s = size / wall time of the process doing the upload, start-up included, for every tool alike "
             "(a running daemon pays no start-up: the *upload call* column shows the agent's and boto3's time "
-            "inside the process). Peak RSS is the VmHWM of that process. Before the measured runs, one "
+            "inside the process). CPU s is the user+sys time of that process, start-up included: on a "
+            "shared machine whose cores are all busy, wall times follow it. Peak RSS is the VmHWM of that process. Before the measured runs, one "
             "uncounted upload per transport by a peer warms each freshly started server (its first upload is "
             "slower whoever makes it).")
         add("")
-        add("| transport | method | MB/s (process) | MB/s (upload call) | peak RSS MiB | note |")
-        add("|---|---|---|---|---|---|")
+        add("| transport | method | MB/s (process) | MB/s (upload call) | CPU s (user+sys) | peak RSS MiB | note |")
+        add("|---|---|---|---|---|---|---|")
         for r in res.big:
             mb = r.mbps.fmt() if r.mbps.n else "–"
             up = r.upload_mbps.fmt() if r.upload_mbps else "–"
             pk = r.peak_mib.fmt() if r.peak_mib.n else "–"
             name = f"**{r.method}**" if r.agent else r.method
-            add(f"| {NAMES[r.transport]} | {name} | {mb} | {up} | {pk} | {r.note} |")
+            cpu = r.cpu_s.fmt(1) if r.cpu_s and r.cpu_s.n else "–"
+            add(f"| {NAMES[r.transport]} | {name} | {mb} | {up} | {cpu} | {pk} | {r.note} |")
         add("")
         if any(r.transport == "rest" for r in res.big):
             add("REST rows: the agent and curl both PUT the file to a pre-signed URL (boto3 "
