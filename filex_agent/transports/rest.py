@@ -149,14 +149,13 @@ class RestTransport(Transport):
         try:
             resp = self._http.put(presigned.url, content=body, headers={"Content-Length": str(size)})
         except httpx.HTTPError as exc:
-            body.close()  # stops the read-ahead thread of a body cut short
             # A connect failure comes before any byte; anything else after the last byte is unknown.
             if sent[0] == size and not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
                 raise self._unconfirmed(presigned, f"{what}: {type(exc).__name__} after the whole body was sent") from None
             # from None: the chained httpx error carries the request (and its signed URL).
             raise transport_error(exc, what) from None
         finally:
-            body.close()
+            body.close()  # however the request ended: stops and joins the read-ahead thread
         if resp.is_success:
             if sent[0] != size:  # a server that answered before reading the whole body
                 raise _no_more_retries(TransientError(
