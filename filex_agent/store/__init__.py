@@ -290,6 +290,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def events(self, sub_id: int) -> list[Event]: ...
 
+    def get_many(self, sub_ids: Sequence[int]) -> dict[int, Submission]:
+        """``get`` of several submissions (one query where the store can); missing ids are absent."""
+        out = {}
+        for i in sub_ids:
+            try:
+                out[i] = self.get(i)
+            except KeyError:
+                pass
+        return out
+
     def events_many(self, sub_ids: Sequence[int]) -> dict[int, list[Event]]:
         """``events`` of several submissions (one query where the store can)."""
         return {i: self.events(i) for i in sub_ids}

@@ -491,6 +491,11 @@ class PostgresStore(Store):
             "SELECT * FROM events WHERE submission_id = %s ORDER BY id", (sub_id,)).fetchall())
         return [Event(r["submission_id"], r["at"], r["state"], r["detail"]) for r in rows]
 
+    def get_many(self, sub_ids: Sequence[int]) -> dict[int, Submission]:
+        rows = self._run(lambda cur: cur.execute("SELECT * FROM submissions WHERE id = ANY(%s)",
+                                                 (list(sub_ids),)).fetchall())
+        return {r["id"]: _sub(r) for r in rows}
+
     def events_many(self, sub_ids: Sequence[int]) -> dict[int, list[Event]]:
         out: dict[int, list[Event]] = {i: [] for i in sub_ids}
         rows = self._run(lambda cur: cur.execute(

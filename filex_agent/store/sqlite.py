@@ -423,11 +423,12 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
                            (sub_id, now.isoformat(), State.CLAIMING.value, "created"))
                 ids.append(sub_id)
-        got = self._get_many([i for i in ids if i is not None])
+        got = self.get_many([i for i in ids if i is not None])
         return [None if i is None else got[i] for i in ids]
 
-    def _get_many(self, ids: list[int]) -> dict[int, Submission]:
+    def get_many(self, ids: Sequence[int]) -> dict[int, Submission]:
         out: dict[int, Submission] = {}
+        ids = list(ids)
         with self._lock:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
