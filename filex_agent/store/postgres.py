@@ -395,20 +395,28 @@ class PostgresStore(Store):
         cols = list(common) + ["file_name", "source_path", "local_path", "state", "created_at", "updated_at"]
         # The claims' unique key: a file another agent is claiming yields no row, not an error
         # (which would abort the whole transaction).
-        insert = (f"INSERT INTO submissions ({', '.join(cols)}) VALUES "
-                  f"({', '.join('%s' for _ in common)}, %s, %s, %s, 'CLAIMING', now(), now()) "
-                  "ON CONFLICT (source_path) WHERE state = 'CLAIMING' DO NOTHING RETURNING id")
+        insert = (f"INSERT INTO submissions (id, {', '.join(cols)}) VALUES "
+                  f"(%s, {', '.join('%s' for _ in common)}, %s, %s, %s, 'CLAIMING', now(), now()) "
+                  "ON CONFLICT (source_path) WHERE state = 'CLAIMING' DO NOTHING RETURNING *")
         head = [_enc(v) for v in common.values()]
 
         def go(cur: psycopg.Cursor) -> list[dict[str, Any] | None]:
+            # Ids first (one round trip), so that each row is inserted whole with its spool path;
+            # then every INSERT and event in one pipelined round trip, not three per file.
+            ids = [r["id"] for r in cur.execute(
+                "SELECT nextval(pg_get_serial_sequence('submissions', 'id')) AS id FROM generate_series(1, %s)",
+                (len(files),)).fetchall()]
+            cur.executemany(insert, [[sub_id, *head, name, source, local_path_of(sub_id, name)]
+                                     for sub_id, (name, source) in zip(ids, files)], returning=True)
             rows: list[dict[str, Any] | None] = []
-            for name, source in files:
-                got = cur.execute(insert, head + [name, source, source]).fetchone()
-                if got is None:
-                    rows.append(None)
-                    continue
-                rows.append(self._set(cur, got["id"], {"local_path": local_path_of(got["id"], name)}))
-                self._event(cur, got["id"], State.CLAIMING, "created")
+            while True:
+                rows.append(cur.fetchone())
+                if not cur.nextset():
+                    break
+            made = [r["id"] for r in rows if r is not None]
+            if made:
+                cur.executemany("INSERT INTO events (submission_id, at, state, detail) VALUES (%s, now(), %s, %s)",
+                                [(i, State.CLAIMING.value, "created") for i in made])
             return rows
 
         return [None if r is None else _sub(r) for r in self._run(go)]
@@ -418,16 +426,38 @@ class PostgresStore(Store):
             self._check_fields(step.fields)
 
         def go(cur: psycopg.Cursor) -> list[dict[str, Any] | StateConflict]:
-            out: list[dict[str, Any] | StateConflict] = []
+            # Every row locked and read in one query; the steps' order decides against the states
+            # as the earlier steps leave them; then the writes in one pipelined round trip.
+            ids = sorted({step.sub_id for step in steps})
+            states = {r["id"]: r["state"] for r in cur.execute(
+                "SELECT id, state FROM submissions WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)).fetchall()}
+            plan: list[Transition | StateConflict] = []
             for step in steps:
-                row = self._locked(cur, step.sub_id)
-                if step.expect is not None and row["state"] not in {str(s) for s in step.expect}:
-                    out.append(StateConflict(f"submission {step.sub_id} is {row['state']}, expected one of "
-                                             f"{sorted(map(str, step.expect))}"))
+                if step.sub_id not in states:
+                    raise KeyError(f"no submission {step.sub_id}")
+                if step.expect is not None and states[step.sub_id] not in {str(s) for s in step.expect}:
+                    plan.append(StateConflict(f"submission {step.sub_id} is {states[step.sub_id]}, expected one of "
+                                              f"{sorted(map(str, step.expect))}"))
                     continue
-                fields = {k: v for k, v in step.fields.items() if k != "updated_at"}
-                out.append(self._set(cur, step.sub_id, {**fields, "state": step.state}))
-                self._event(cur, step.sub_id, step.state, step.detail)
+                states[step.sub_id] = str(step.state)
+                plan.append(step)
+            out: list[dict[str, Any] | StateConflict] = []
+            with cur.connection.pipeline():
+                pending = []
+                for item in plan:
+                    if isinstance(item, StateConflict):
+                        continue
+                    fields = {k: v for k, v in item.fields.items() if k != "updated_at"}
+                    fields["state"] = item.state
+                    sets = ", ".join([f"{k} = %s" for k in fields] + ["updated_at = now()"])
+                    c = cur.connection.cursor(row_factory=dict_row)
+                    c.execute(f"UPDATE submissions SET {sets} WHERE id = %s RETURNING *",
+                              [_enc(v) for v in fields.values()] + [item.sub_id])
+                    pending.append(c)
+                    self._event(cur, item.sub_id, item.state, item.detail)
+            results = iter(pending)
+            for item in plan:
+                out.append(item if isinstance(item, StateConflict) else next(results).fetchone())
             return out
 
         return [r if isinstance(r, StateConflict) else _sub(r) for r in self._run(go)]
