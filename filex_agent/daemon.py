@@ -271,7 +271,9 @@ class Daemon:
                 "uploading": len(self._held())}
 
     def _files_moving(self) -> bool:
-        """Files are being claimed or uploaded (or wait for a worker) now."""
+        """Files are being claimed or uploaded (or wait for a worker) now; stopping, none matter."""
+        if self._stopping.is_set():
+            return False
         return bool(self._inflight) or time.monotonic() - self._claimed_at < FILES_QUIET_SECONDS
 
     def _dispatch_job(self) -> None:
