@@ -220,6 +220,7 @@ class Daemon:
     def _on_candidates(self, cands: list) -> None:
         """A tick's ready files, claimed a batch per route (one journal write for each step of a
         batch, not one per file: 100,000 files queue in a minute, not in minutes)."""
+        self._claimed_at = time.monotonic()
         by_route: dict[str, list] = {}
         for cand in cands:
             by_route.setdefault(cand.route.name, []).append(cand)
