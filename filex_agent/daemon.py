@@ -69,6 +69,9 @@ class Daemon:
         self.watcher = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        # Set by the signal handler at once: no new file is taken or started from then on, even
+        # while the main loop is still busy before it calls stop().
+        self._intake_closed = threading.Event()
         self._conn_leases = ConnectionLeases()  # old Connections close when their last upload ends
         self._track_guard = OverrunGuard("the tracking cycle")
         self._dispatch_guard = OverrunGuard("the dispatch tick")
@@ -206,7 +209,7 @@ class Daemon:
 
     # -- pipeline ------------------------------------------------------------------------
     def _on_candidate(self, cand) -> None:
-        if self._stopping.is_set():
+        if self._closed():
             return
         self._claimed_at = time.monotonic()
         try:
@@ -217,6 +220,13 @@ class Daemon:
         if sub is not None and sub.state is State.QUEUED:
             self._submit(sub.id, only_if_room=True)
 
+    def close_intake(self) -> None:
+        """Take no new file and start no upload from now on (a stop is coming; safe in a signal handler)."""
+        self._intake_closed.set()
+
+    def _closed(self) -> bool:
+        return self._stopping.is_set() or self._intake_closed.is_set()
+
     def _on_candidates(self, cands: list) -> None:
         """A tick's ready files, claimed a batch per route (one journal write for each step of a
         batch, not one per file: 100,000 files queue in a minute, not in minutes)."""
@@ -226,7 +236,7 @@ class Daemon:
             by_route.setdefault(cand.route.name, []).append(cand)
         for group in by_route.values():
             for i in range(0, len(group), CLAIM_BATCH):
-                if self._stopping.is_set():
+                if self._closed():
                     return
                 chunk = group[i:i + CLAIM_BATCH]
                 try:
@@ -254,7 +264,7 @@ class Daemon:
 
     def _refill(self) -> None:
         """Hand due QUEUED submissions to the workers while there is room."""
-        if self._stopping.is_set():
+        if self._closed():
             return
         with self._lock:
             room = 2 * self.config.agent.workers - len(self._inflight)
@@ -266,7 +276,7 @@ class Daemon:
 
     def _submit(self, sub_id: int, only_if_room: bool = False) -> None:
         with self._lock:
-            if sub_id in self._inflight or self._stopping.is_set():
+            if sub_id in self._inflight or self._closed():
                 return
             if only_if_room and len(self._inflight) >= 2 * self.config.agent.workers:
                 # Workers busy: the journal has it QUEUED and the dispatch tick starts it when one

@@ -520,3 +520,23 @@ def test_a_file_is_looked_at_when_its_window_ends_not_at_the_next_tick(tmp_path:
     collector.wait_name("f.csv")
     w.tick()
     assert w._wait_seconds() == watcher_mod.TICK_INTERVAL
+
+
+def test_files_ready_in_one_tick_reach_the_batch_callback_together(tmp_path: Path,
+                                                                     watchers: list[OutboxWatcher]) -> None:
+    r = make_route(tmp_path)
+    r.outbox.mkdir(parents=True, exist_ok=True)
+    for i in range(20):  # there before the start: the start-up scan finds them all at once
+        write(r.outbox / f"b{i:02d}.csv")
+    batches: list[list[str]] = []
+    single: list[Candidate] = []
+    got = threading.Event()
+
+    def on_batch(cands: list[Candidate]) -> None:
+        batches.append(sorted(c.path.name for c in cands))
+        got.set()
+
+    start(watchers, [r], single.append, on_ready_batch=on_batch)
+    assert got.wait(5)
+    assert batches[0] == [f"b{i:02d}.csv" for i in range(20)]
+    assert single == []  # the per-file callback is not used once a batch callback is given
