@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +68,9 @@ class LatencyRow:
     start_p99: float
     done_p50: float
     done_p99: float
+    backlog: int = 0  # SUBMITTED submissions the tracking cycle worked through meanwhile (0: none)
+    poll_seconds: float | None = None  # the daemon's tracking poll interval (None: 3600 s, no tracking)
+    note: str = ""
 
 
 @dataclass
@@ -122,6 +126,7 @@ class Ctx:
     latency_interval: float
     queued_files: int
     idle_seconds: float
+    tracking_backlog: int
     backlog_seconds: float
     stable_seconds: float
     stop_wait: float = 20.0
@@ -404,29 +409,146 @@ def part_small(ctx: Ctx, daemon: Daemon, journal: Journal, transports: list[str]
     return rows
 
 
+def _drip(ctx: Ctx, journal: Journal, transport: str, outbox: Path, prefix: str) -> LatencyRow:
+    """``ctx.latency_files`` files written straight into ``outbox``, one every ``latency_interval``.
+
+    One uncounted file first: a daemon's first upload over a transport builds its client and
+    fetches its tokens (2-3 s for S3: boto3, FIP token, S3 transfer tokens), and the files behind
+    it wait; that is start-up, not the steady latency measured here."""
+    route = ROUTES[transport][0]
+    (outbox / f"{prefix}warmup.csv").write_bytes(os.urandom(ctx.small_kib * 1024))
+    journal.wait_uploaded(route, f"{prefix}warmup", 1, timeout=120)
+    prefix += "f"
+    closed: dict[str, datetime] = {}
+    for i in range(ctx.latency_files):
+        name = f"{prefix}{i:05d}.csv"
+        with open(outbox / name, "wb") as f:
+            f.write(os.urandom(ctx.small_kib * 1024))
+        closed[name] = datetime.now(timezone.utc)
+        time.sleep(ctx.latency_interval)
+    done = journal.wait_uploaded(route, prefix, ctx.latency_files, timeout=300)
+    claim = [(r.created_at - closed[r.file_name]).total_seconds() for r in done]
+    start = [((r.upload_started_at or r.uploaded_at) - closed[r.file_name]).total_seconds() for r in done]
+    fin = [(r.uploaded_at - closed[r.file_name]).total_seconds() for r in done]
+    return LatencyRow(transport, len(done), ctx.stable_seconds, percentile(claim, 50), percentile(start, 50),
+                      percentile(start, 99), percentile(fin, 50), percentile(fin, 99))
+
+
 def part_latency(ctx: Ctx, journal: Journal, transports: list[str]) -> list[LatencyRow]:
     rows = []
     for transport in transports:
-        route = ROUTES[transport][0]
-        outbox = ctx.work / "outbox" / route
-        prefix = f"lat{transport}_"
-        closed: dict[str, datetime] = {}
-        for i in range(ctx.latency_files):
-            name = f"{prefix}{i:05d}.csv"
-            with open(outbox / name, "wb") as f:
-                f.write(os.urandom(ctx.small_kib * 1024))
-            closed[name] = datetime.now(timezone.utc)
-            time.sleep(ctx.latency_interval)
-        done = journal.wait_uploaded(route, prefix, ctx.latency_files, timeout=300)
-        claim = [(r.created_at - closed[r.file_name]).total_seconds() for r in done]
-        start = [((r.upload_started_at or r.uploaded_at) - closed[r.file_name]).total_seconds() for r in done]
-        fin = [(r.uploaded_at - closed[r.file_name]).total_seconds() for r in done]
-        rows.append(LatencyRow(transport, len(done), ctx.stable_seconds, percentile(claim, 50),
-                               percentile(start, 50), percentile(start, 99), percentile(fin, 50),
-                               percentile(fin, 99)))
+        outbox = ctx.work / "outbox" / ROUTES[transport][0]
+        rows.append(_drip(ctx, journal, transport, outbox, f"lat{transport}_"))
         log.info("latency over %s: finish p50 %.2f s, p99 %.2f s", transport, rows[-1].done_p50, rows[-1].done_p99)
         _settle(ctx, transport)
     return rows
+
+
+BUSY_POLL_SECONDS = 1.0
+OVERRUN = "is taking longer than its interval"
+
+
+def part_latency_busy(ctx: Ctx, transports: list[str]) -> list[LatencyRow]:
+    """Part 3 again while the tracking cycle works through a backlog: a fresh daemon polling
+    tracking every second over a journal pre-loaded with ``ctx.tracking_backlog`` SUBMITTED
+    submissions that await their outcome (REST ones whose fileX record says "Request Received",
+    S3 and SFTP ones that no record matches yet), spread over the bench's routes."""
+    base = ctx.work / "busy"
+    outboxes = base / "outbox"
+    cfg = write_config(base / "filex-agent.toml", base / "agent", outboxes, sandbox=ctx.sandbox, sshd=ctx.sshd,
+                       transports=tuple(transports), stable_seconds=ctx.stable_seconds,
+                       poll_seconds=BUSY_POLL_SECONDS)
+    journal = Journal(base / "agent" / "journal.sqlite3")
+    t0 = time.monotonic()
+    _preload_backlog(ctx, cfg, journal.path, transports, ctx.tracking_backlog)
+    log.info("tracking backlog of %d submissions pre-loaded in %.0f s", ctx.tracking_backlog, time.monotonic() - t0)
+    daemon = Daemon(cfg, base / "daemon.log").start()
+    rows = []
+    try:
+        for transport in transports:
+            before = _log_count(daemon.log, OVERRUN)
+            c0, w0 = daemon.cpu(), time.monotonic()
+            row = _drip(ctx, journal, transport, outboxes / ROUTES[transport][0], f"busy{transport}_")
+            cpu = 100 * (daemon.cpu() - c0) / (time.monotonic() - w0)
+            row.backlog = journal.count(("SUBMITTED",))
+            row.poll_seconds = BUSY_POLL_SECONDS
+            overran = _log_count(daemon.log, OVERRUN) > before
+            row.note = (f"daemon CPU {cpu:.0f}% of a core; load average {_loadavg()}"
+                        + ("; the tracking cycle overran its interval" if overran else ""))
+            rows.append(row)
+            log.info("latency over %s, tracking busy: finish p50 %.2f s, p99 %.2f s (%s)", transport, row.done_p50,
+                     row.done_p99, row.note)
+            _settle(ctx, transport)
+    finally:
+        daemon.stop()
+    return rows
+
+
+def _log_count(path: Path, text: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(text)
+    except OSError:
+        return 0
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
+def _preload_backlog(ctx: Ctx, cfg: Path, path: Path, transports: list[str], n: int) -> None:
+    """``n`` SUBMITTED rows, uploaded a moment ago, spread over ``transports``' routes. The REST
+    ones get a real fileX record (an upload URL asked for and never used: "Request Received",
+    pending for ever); S3 and SFTP ones have no tracking id yet, so every cycle looks for theirs
+    among all of fileX's records (fileX answers the whole 90 days in one list)."""
+    import hashlib
+    import sqlite3
+
+    from filex_agent.store.sqlite import SQLiteStore
+
+    SQLiteStore(path).close()  # the schema, as the daemon makes it
+    rest_ids = _sandbox_records(ctx, cfg, sum(1 for i in range(n) if transports[i % len(transports)] == "rest"))
+    now = datetime.now(timezone.utc).isoformat()
+    rows = []
+    for i in range(n):
+        transport = transports[i % len(transports)]
+        route, org, app = ROUTES[transport]
+        name = f"backlog{i:06d}.csv"
+        spool = str(ctx.work / "busy" / "spool" / name)
+        tid = rest_ids.pop() if transport == "rest" else None
+        rows.append((route, org, app, transport, name, spool, spool, "SUBMITTED", 1024,
+                     hashlib.sha256(name.encode()).hexdigest(), tid, f"{org}/{app}/in", 1, now, now, now, now))
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            db.executemany("INSERT INTO submissions (route, org, application, transport, file_name, source_path, "
+                           "local_path, state, size, sha256, tracking_id, upload_location, attempts, created_at, "
+                           "updated_at, upload_started_at, uploaded_at) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    finally:
+        db.close()
+
+
+def _sandbox_records(ctx: Ctx, cfg: Path, n: int) -> list[str]:
+    """``n`` tracking ids of fresh fileX records: upload URLs asked for (and never used)."""
+    from filex_agent.api import FilexClient
+    from filex_agent.config import load_config
+    from filex_agent.connections import Connections
+    from filex_agent.http import RateLimiter
+
+    conns = Connections(load_config(cfg))
+    try:
+        # The agent's own client, without its 20 requests/s limit (the sandbox has none).
+        api = FilexClient(ctx.sandbox.api, conns.tokens("fip"), http=conns.http, retry=conns.retry,
+                          limiter=RateLimiter(1e9), allow_insecure=True)
+        _, org, app = ROUTES["rest"]
+        with ThreadPoolExecutor(8) as pool:  # the sandbox answers each in a few ms; in parallel on a busy host
+            return list(pool.map(lambda i: api.upload_url(org, app, f"backlog-url{i:06d}.csv").trackingId, range(n)))
+    finally:
+        conns.close()
 
 
 # ---------------------------------------------------------------------------------------------

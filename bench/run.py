@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--small-kib", type=int, default=10)
     ap.add_argument("--latency-files", type=int, default=200, help="files dropped one at a time (part 3)")
     ap.add_argument("--latency-interval", type=float, default=0.25, help="seconds between two of them")
+    ap.add_argument("--tracking-backlog", type=int, default=3000,
+                    help="SUBMITTED submissions awaiting tracking in part 3's second run (0: skip that run)")
     ap.add_argument("--queued-files", type=int, default=100_000, help="backlog for the memory check (part 4)")
     # Once per journal: a full wait for a slow journal would double the run, and past 5× the
     # target the verdict is known (the row then says how many were queued by then).
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     big_mib=args.big_mib, small_files=args.small_files, small_kib=args.small_kib,
                     latency_files=args.latency_files, latency_interval=args.latency_interval,
                     queued_files=args.queued_files, idle_seconds=args.idle_seconds,
+                    tracking_backlog=args.tracking_backlog,
                     backlog_seconds=args.backlog_seconds, stable_seconds=args.stable_seconds,
                     stop_wait=args.stop_wait)
     try:
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "small files": f"{args.small_files} × {args.small_kib} KiB",
             "stable_seconds (every route)": f"{args.stable_seconds:g} s",
             "latency interval": f"{args.latency_interval:g} s",
+            "tracking backlog (part 3, second run)": (f"{args.tracking_backlog:,} SUBMITTED submissions, "
+                                                      f"tracking poll every {parts.BUSY_POLL_SECONDS:g} s"),
             "agent": ("daemon defaults: 4 upload workers, SFTP 2 channels on one connection, 255 KiB pipelined "
                       "writes, AES-GCM first; S3 64 MiB parts, 4 threads, multipart above 64 MiB; tracking poll "
                       "every 3600 s in parts 2–3 so that only uploads are measured"),
@@ -190,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                         res.latency = attempt("part 3 (latency)", lambda: parts.part_latency(ctx, journal, avail)) or []
                 finally:
                     daemon.stop()
+            if 3 in wanted_parts and args.tracking_backlog > 0:
+                # Its own daemon, after the first one stopped: the two would share the CPU.
+                res.latency += attempt("part 3 (latency, tracking busy)",
+                                       lambda: parts.part_latency_busy(ctx, avail)) or []
         if 2 in wanted_parts and pg is not None:
             res.small += attempt("part 2 (many small files, PostgreSQL journal)",
                                  lambda: _small_pg(ctx, pg, work, cfg_args=dict(

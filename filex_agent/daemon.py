@@ -48,8 +48,12 @@ class Daemon:
         # `run` owner in the journal is a dead predecessor, whose leases need not be waited out.
         self.exclusive = exclusive
         self.submitter = Submitter(config, self.store, self.connections, self.hooks, self.owner)
+        self._inflight: dict[int, Future] = {}
+        self._claimed_at = float("-inf")  # monotonic time of the last file the watcher handed over
+        self._pacer = Pacer(self._files_moving)
         self.feedback = FeedbackCollector(config, self.store, self.connections, self.hooks)
-        self.tracker = Tracker(config, self.store, self.connections, self.submitter, self.hooks)
+        self.feedback.pace = self._pacer
+        self.tracker = Tracker(config, self.store, self.connections, self.submitter, self.hooks, pace=self._pacer)
         self.reconciler = Reconciler(config, self.store, self.connections, self.submitter, self.hooks, self.owner)
         # Singletons (tracking, feedback, audit sweep, alerts) run where this says, one agent at a
         # time; a journal only this process uses (SQLite) needs no election.
@@ -63,7 +67,6 @@ class Daemon:
         self.executor = ThreadPoolExecutor(config.agent.workers, thread_name_prefix="upload")
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.watcher = None
-        self._inflight: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         # Set by the signal handler at once: no new file is taken or started from then on, even
@@ -208,6 +211,7 @@ class Daemon:
     def _on_candidate(self, cand) -> None:
         if self._closed():
             return
+        self._claimed_at = time.monotonic()
         try:
             sub = self.submitter.claim(cand.route, Path(cand.path), cand.trigger)
         except Exception:  # noqa: BLE001 - keep the watcher alive; the file stays in the outbox
@@ -226,6 +230,7 @@ class Daemon:
     def _on_candidates(self, cands: list) -> None:
         """A tick's ready files, claimed a batch per route (one journal write for each step of a
         batch, not one per file: 100,000 files queue in a minute, not in minutes)."""
+        self._claimed_at = time.monotonic()
         by_route: dict[str, list] = {}
         for cand in cands:
             by_route.setdefault(cand.route.name, []).append(cand)
@@ -315,6 +320,12 @@ class Daemon:
         return {"pid": os.getpid(), "owner": self.owner, "version": __version__,
                 "routes": [r.name for r in self.config.routes], "workers": self.config.agent.workers,
                 "uploading": len(self._held())}
+
+    def _files_moving(self) -> bool:
+        """Files are being claimed or uploaded (or wait for a worker) now; stopping, none matter."""
+        if self._stopping.is_set():
+            return False
+        return bool(self._inflight) or time.monotonic() - self._claimed_at < FILES_QUIET_SECONDS
 
     def _dispatch_job(self) -> None:
         self._dispatch_guard.run(self.dispatch)
@@ -472,6 +483,35 @@ class Daemon:
             finally:
                 self.heartbeat.stop()
         return sub
+
+
+# The watcher hands files over one tick (0.25 s) apart at most while a burst is claimed.
+FILES_QUIET_SECONDS = 1.0
+
+
+class Pacer:
+    """Called by the tracking and feedback cycles before each submission or file: while files are
+    moving, it sleeps as long as the cycle worked since its last call (at most ``MAX_PAUSE``).
+
+    A cycle over a backlog writes the journal back to back (a flag, a status, an archive move:
+    each a fsynced transaction under the store's one lock) and runs Python without pause. Neither
+    lock nor GIL is handed over fairly: the releasing thread takes it back before a waiter wakes,
+    so claims (on the watcher's thread) and uploads queued behind a whole run of the cycle's
+    writes. A pause as long as the work gives them at least half the journal and the CPU; with no
+    file moving, the cycle runs at full speed."""
+
+    MAX_PAUSE = 0.05
+
+    def __init__(self, busy, sleep=time.sleep, clock=time.monotonic):  # noqa: ANN001
+        self._busy = busy
+        self._sleep = sleep
+        self._clock = clock
+        self._last = clock()
+
+    def __call__(self) -> None:
+        worked = self._clock() - self._last
+        self._sleep(min(self.MAX_PAUSE, worked) if self._busy() else 0)  # sleep(0) still lets others run
+        self._last = self._clock()
 
 
 class OverrunGuard:

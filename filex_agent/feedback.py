@@ -82,6 +82,7 @@ class FeedbackCollector:
         self.store = store
         self.connections = connections
         self.hooks = hooks
+        self.pace = lambda: None  # the daemon's Pacer: files being claimed and uploaded go first
 
     def collect(self, route: RouteSettings) -> int:
         """Download new feedback of one route; returns how many files were filed."""
@@ -99,6 +100,7 @@ class FeedbackCollector:
                           and not self.store.route_has_history(route.name))
             n = 0
             for f in new:
+                self.pace()
                 try:
                     n += self._one(route, transport, f, dest, first_time, in_doubt=_key(f) in doubt)
                 except FeedbackAlreadyFiled as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from datetime import timedelta
+from typing import Callable
 
 from filex_agent.config import Config
 from filex_agent.errors import AuthError, FilexError, PermanentError
@@ -43,12 +44,16 @@ def matches(rec: TrackingRecord, sub: Submission) -> bool:
 
 
 class Tracker:
-    def __init__(self, config: Config, store: Store, connections, submitter: Submitter, hooks: Hooks):
+    def __init__(self, config: Config, store: Store, connections, submitter: Submitter, hooks: Hooks,
+                 pace: Callable[[], None] = lambda: None):
         self.config = config
         self.store = store
         self.connections = connections
         self.submitter = submitter
         self.hooks = hooks
+        # Called before each submission's turn: the daemon yields the journal (and the GIL) to
+        # files being claimed and uploaded, so a cycle over a backlog does not hold them up.
+        self.pace = pace
 
     def poll(self) -> int:
         """One tracking cycle; returns the number of submissions that reached a final status."""
@@ -64,6 +69,7 @@ class Tracker:
         for cred, subs in by_cred.items():
             if not self.connections.has_api(cred):
                 for sub in subs:
+                    self.pace()
                     self._flag(sub, "no FIP API credential (client_id/client_secret) for tracking; "
                                     "the outcome will only show in feedback files")
                 continue
@@ -73,6 +79,7 @@ class Tracker:
                 ok = False
                 log.warning("tracking poll for credential %s failed: %s", cred, exc)
                 for sub in subs:  # visible in `status` until a poll succeeds again
+                    self.pace()
                     self._flag(self.store.get(sub.id), f"{_UNREADABLE}: {exc}")
         self.hooks.tracking_polled(ok)
         return finals
@@ -99,6 +106,10 @@ class Tracker:
                 for rec in found:
                     records[rec.trackingId] = rec
         claimed: set[str] = set()  # matched in this cycle; earlier matches are found in the journal
+        # Records by file name, built once: a record matches only an upload of its name, and
+        # scanning all of them for each id-less upload cost pending × records per cycle (seconds of
+        # CPU, every second, with a few thousand of each).
+        by_name: dict[str, list[TrackingRecord]] | None = None
         finals = 0
         # Read again now (another node may have moved them meanwhile), in one query, not one per row.
         fresh = self.store.get_many([s.id for s in subs if s.id not in failed])
@@ -106,10 +117,15 @@ class Tracker:
         for sub in sorted(subs, key=lambda s: (s.upload_started_at or s.created_at, s.id)):
             if sub.id in failed or sub.id not in fresh:
                 continue
+            self.pace()
             sub = self._clear_unreadable(fresh[sub.id])
             rec = records.get(sub.tracking_id) if sub.tracking_id else None
             if sub.tracking_id is None:
-                rec = self._match(sub, records.values(), claimed)
+                if by_name is None:
+                    by_name = defaultdict(list)
+                    for r in records.values():
+                        by_name[r.fileName].append(r)
+                rec = self._match(sub, by_name.get(sub.file_name, ()), claimed)
                 if rec is not None:
                     claimed.add(rec.trackingId)
                     sub = self.store.transition(sub.id, State.SUBMITTED, f"matched tracking record {rec.trackingId}",

@@ -59,6 +59,7 @@ MIN_REEMIT_SECONDS = 60.0
 # Re-check dead observers this often (well inside a typical systemd WatchdogSec).
 RESTART_INTERVAL = 5.0
 JOIN_TIMEOUT = 5.0
+MIN_WAIT = 0.01  # never spin: a file due "now" is looked at within 10 ms
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,9 @@ class OutboxWatcher:
         self._stopped = False
         self._last_scan = 0.0
         self._last_restart = 0.0
+        # When the earliest file still inside its stability window comes out of it (clock time):
+        # the tick thread wakes then rather than at its next 0.25 s tick (up to a tick sooner).
+        self._next_due: float | None = None
         self._watches = self._index(routes)
 
     # ----------------------------------------------------------------- public API
@@ -371,8 +375,14 @@ class OutboxWatcher:
                         and outbox.is_dir()):
                     self._start_observer(outbox, w)
 
+    def _wait_seconds(self) -> float:
+        due = self._next_due
+        if due is None:
+            return TICK_INTERVAL
+        return min(TICK_INTERVAL, max(MIN_WAIT, due - self._clock()))
+
     def _run(self) -> None:
-        while not self._stop.wait(TICK_INTERVAL):
+        while not self._stop.wait(self._wait_seconds()):
             try:
                 now = self._clock()
                 if now - self._last_restart >= RESTART_INTERVAL:
@@ -449,6 +459,7 @@ class OutboxWatcher:
         now = self._clock()
         reemit = self.reemit_seconds
         ready: list[Candidate] = []
+        next_due: float | None = None
         with self._lock:
             items = list(self._entries.items())
         for path, e in items:
@@ -496,12 +507,15 @@ class OutboxWatcher:
                 # before the file as some producers do), so the file must be stable as well.
                 quiet = now - e.last_change
                 if quiet < route.stable_seconds:
+                    due_at = e.last_change + route.stable_seconds
+                    next_due = due_at if next_due is None else min(next_due, due_at)
                     continue
                 if e.writer_open and not e.is_symlink and quiet < max(reemit, route.stable_seconds):
                     continue  # seen being written and not closed yet
                 e.emitted_key, e.emitted_at = key, now
                 ready.append(Candidate(route=route, path=path, trigger=trigger if trigger_present else None,
                                        size=key[0], mtime_ns=key[1], is_symlink=e.is_symlink))
+        self._next_due = next_due
         for c in ready:
             logger.debug("route %s: %s ready (%d bytes)", c.route.name, c.path.name, c.size)
         return ready

@@ -153,3 +153,42 @@ def test_a_corrupt_copy_note_stays_with_the_verdict(env):
     a, b = store.get(a.id), store.get(b.id)
     assert a.state is State.ACCEPTED and a.reason == note
     assert b.state is State.REJECTED and b.reason.startswith(note) and "FINRA rejected the file" in b.reason
+
+
+def test_the_cycle_gives_way_before_each_submission(env):
+    """The daemon's pacer is called once per submission's turn, matched or not."""
+    cfg, store, api, tracker, tmp = env
+    for i in range(4):
+        submitted(store, tmp, f"f{i}.csv", f"t{i}" if i % 2 else None)
+    api.records = [rec("t1", "f1.csv"), rec("t3", "f3.csv"), rec("x", "f0.csv", size=10)]
+    turns = []
+    tracker.pace = lambda: turns.append(1)
+    tracker.poll()
+    assert len(turns) == 4
+    assert store.list([State.SUBMITTED])[0].tracking_id == "x"  # f0.csv matched through the name index
+
+
+def test_an_idless_upload_is_matched_among_many_records_of_other_names(env):
+    cfg, store, api, tracker, tmp = env
+    subs = [submitted(store, tmp, f"n{i}.csv") for i in range(3)]
+    api.records = [rec(f"other{i}", f"x{i}.csv") for i in range(50)] + [rec("late", "n1.csv"), rec("early", "n1.csv")]
+    tracker.poll()
+    got = {s.id: s.tracking_id for s in store.list([State.SUBMITTED])}
+    assert got[subs[1].id] in ("late", "early") and got[subs[0].id] is None and got[subs[2].id] is None
+
+
+def test_pacer_pauses_as_long_as_the_work_only_while_files_move():
+    from filex_agent.daemon import Pacer
+
+    now = [0.0]
+    slept: list[float] = []
+    busy = [True]
+    pacer = Pacer(lambda: busy[0], sleep=slept.append, clock=lambda: now[0])
+    now[0] = 0.02  # 20 ms of work (a fsynced write) since the last call
+    pacer()
+    now[0] = 5.0  # a long stretch: the pause is capped
+    pacer()
+    busy[0] = False
+    now[0] = 5.03
+    pacer()
+    assert slept == [0.02, Pacer.MAX_PAUSE, 0]

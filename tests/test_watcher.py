@@ -500,6 +500,28 @@ def test_a_folder_in_an_outbox_is_reported_once(tmp_path, caplog):
     assert len(msgs) == 1 and "'sub'" in msgs[0]
 
 
+def test_a_file_is_looked_at_when_its_window_ends_not_at_the_next_tick(tmp_path: Path, collector: Collector,
+                                                                        watchers: list[OutboxWatcher]) -> None:
+    """The tick thread sleeps until the earliest stability window ends (when sooner than a tick)."""
+    clock = FakeClock()
+    r = make_route(tmp_path, stable_seconds=0.3)
+    w = start(watchers, [r], collector, clock=clock, rescan_interval=10.0)
+    assert w._wait_seconds() == watcher_mod.TICK_INTERVAL  # nothing pending: the plain tick
+    path = r.outbox / "f.csv"
+    write(path, b"one")
+    assert wait_until(lambda: path in w._entries and w._entries[path].key is not None)
+    w.tick()
+    left = w._entries[path].last_change + 0.3 - clock()
+    assert w._wait_seconds() == pytest.approx(min(watcher_mod.TICK_INTERVAL, left))
+    clock.advance(0.29)
+    w.tick()
+    assert w._wait_seconds() == pytest.approx(watcher_mod.MIN_WAIT)  # 10 ms left: never a spin
+    clock.advance(0.02)
+    collector.wait_name("f.csv")
+    w.tick()
+    assert w._wait_seconds() == watcher_mod.TICK_INTERVAL
+
+
 def test_files_ready_in_one_tick_reach_the_batch_callback_together(tmp_path: Path,
                                                                      watchers: list[OutboxWatcher]) -> None:
     r = make_route(tmp_path)
