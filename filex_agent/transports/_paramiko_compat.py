@@ -141,7 +141,7 @@ def send_write(sftp: paramiko.SFTPClient, handle: bytes, offset: int, data: byte
     With ``lean`` the request goes out by ``send_channel_data`` (header and data as they are,
     no joined copy); else by paramiko's own ``_async_request`` (the reference path)."""
     if not lean:
-        return sftp._async_request(type(None), paramiko.sftp.CMD_WRITE, handle, paramiko.sftp.int64(offset), data)
+        return sftp._async_request(type(None), paramiko.sftp.CMD_WRITE, handle, paramiko.sftp.int64(offset), bytes(data))
     with sftp._lock:  # as _async_request numbers a request: a status for it is expected
         num = sftp.request_number
         sftp._expecting[num] = type(None)
@@ -263,6 +263,8 @@ def _send_gcm(pk: Packetizer, engine, chanid: int, sizes: list[int], views: list
     if sealed is None or len(sealed) < need:
         sealed = _buffers.sealed = bytearray(need)
     pmv, smv = memoryview(plain), memoryview(sealed)
+    pad_pool = os.urandom(sum(p for _, p in lengths))  # random padding, as paramiko: one call per batch
+    pp = 0
     at = 0
     seq = pk._Packetizer__sequence_number_out
     iv = pk._Packetizer__iv_out
@@ -272,7 +274,8 @@ def _send_gcm(pk: Packetizer, engine, chanid: int, sizes: list[int], views: list
         for c in _gather(views, cursor, size):
             plain[w:w + len(c)] = c
             w += len(c)
-        plain[w:w + padding] = os.urandom(padding)
+        plain[w:w + padding] = pad_pool[pp:pp + padding]
+        pp += padding
         head = bytes(plain[0:4])
         smv[at:at + 4] = head
         # The packet length is the associated data, not encrypted (RFC 5647 7.3).
