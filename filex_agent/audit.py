@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from filex_agent.fsutil import GroupSync
 from filex_agent.logging_setup import redact_value
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class AuditLog:
             _fsync_dir(self.path.parent)
         self._lock = threading.Lock()
         self._closed = False
+        self._group = GroupSync(lambda: os.fsync(self._fd))
 
     @classmethod
     def open_readonly(cls, path: Path | str) -> "AuditLog":
@@ -86,37 +88,69 @@ class AuditLog:
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         """Append one event; returns the record as written (with time, prev and hash)."""
-        bad = RESERVED.intersection(fields)
-        if bad:
-            raise ValueError(f"reserved audit field(s): {', '.join(sorted(bad))}")
+        return self.append_many([(event, fields)])[0]
+
+    def append_many(self, events: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Append several events as one write, durable when this returns (one fsync, shared with
+        the appends of other threads made meanwhile: group commit)."""
+        records, ticket = self.write_many(events)
+        self.wait(ticket)
+        return records
+
+    def wait(self, ticket: int) -> None:
+        """Return once the write that got ``ticket`` is on disk."""
+        self._group.wait(ticket)
+
+    def write_many(self, events: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], int]:
+        """Append several events as one write, not yet durable: ``wait(ticket)`` makes it so."""
+        for _, fields in events:
+            bad = RESERVED.intersection(fields)
+            if bad:
+                raise ValueError(f"reserved audit field(s): {', '.join(sorted(bad))}")
+        records: list[dict[str, Any]] = []
         with self._lock:
             if self._closed:
                 raise ValueError("audit log is closed")
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 prev, needs_newline = self._tail()
-                record: dict[str, Any] = {
-                    "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                    "event": event,
-                    # Reasons and details carry exception text: scrubbed like a log line.
-                    **{k: redact_value(v) for k, v in fields.items()},
-                    "prev": prev,
-                }
-                body = _encode(record)[:-1]  # without the closing brace
-                digest = _sha(body)
-                line = body + b',"hash":"' + digest.encode() + b'"}\n'
+                lines = []
+                scrubbed: dict[str, Any] = {}  # a batch repeats routes, states, names: scrub each once
+
+                def scrub(v: Any) -> Any:
+                    if not isinstance(v, str):
+                        return redact_value(v)
+                    if v not in scrubbed:
+                        scrubbed[v] = redact_value(v)
+                    return scrubbed[v]
+
+                for event, fields in events:
+                    record: dict[str, Any] = {
+                        "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                        "event": event,
+                        # Reasons and details carry exception text: scrubbed like a log line.
+                        **{k: scrub(v) for k, v in fields.items()},
+                        "prev": prev,
+                    }
+                    body = _encode(record)[:-1]  # without the closing brace
+                    digest = _sha(body)
+                    line = body + b',"hash":"' + digest.encode() + b'"}'
+                    prev = _sha(line)
+                    record["hash"] = digest
+                    records.append(record)
+                    lines.append(line)
+                data = b"\n".join(lines) + b"\n"
                 if needs_newline:
                     # A crash left a partial last line. Keep it (verify() reports it), end it so
                     # this record stays a line of its own, and chain over it as written.
                     log.error("audit log %s ends with a partial line; it is kept and reported by verify",
                               self.path)
-                    line = b"\n" + line
-                _write_all(self._fd, line)
-                os.fsync(self._fd)
+                    data = b"\n" + data
+                _write_all(self._fd, data)
+                ticket = self._group.written()  # under the flock: in file order
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-        record["hash"] = digest
-        return record
+        return records, ticket
 
     def _tail(self) -> tuple[str, bool]:
         """(hash of the last line, True if the file does not end with a newline)."""

@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,69 @@ def sha256_file(path: "Path | LocalFile") -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+class GroupSync:
+    """Group commit: the writes of several threads made durable by one fsync.
+
+    A writer calls ``written()`` once its bytes are in the OS (after the write or COMMIT, in the
+    order they were made) and then ``wait(ticket)``, which returns once an fsync that began after
+    that write has completed: either its own, or one another thread started meanwhile. Each fsync
+    covers every write ticketed before it began, so N concurrent writers pay one fsync, not N, and
+    none returns before its own write is on disk.
+    """
+
+    def __init__(self, sync) -> None:  # noqa: ANN001 - a callable that fsyncs everything written so far
+        self._sync = sync
+        self._cv = threading.Condition()
+        self._written = 0
+        self._synced = 0
+        self._busy = False
+        self.syncs = 0  # fsyncs made (for tests and benchmarks)
+
+    def written(self) -> int:
+        with self._cv:
+            self._written += 1
+            return self._written
+
+    def wait(self, ticket: int) -> None:
+        with self._cv:
+            while self._synced < ticket:
+                if not self._busy:
+                    self._busy = True
+                    target = self._written  # everything written so far is in the OS: this fsync covers it
+                    break
+                self._cv.wait()
+            else:
+                return
+        ok = False
+        try:
+            self._sync()
+            ok = True
+        finally:
+            with self._cv:
+                self._busy = False
+                self.syncs += 1
+                if ok:
+                    self._synced = max(self._synced, target)
+                self._cv.notify_all()
+
+    def sync(self) -> None:
+        """Make everything written so far durable."""
+        self.wait(self.written())
+
+
+def fsync_path(path: Path | str) -> bool:
+    """fsync a file by name (any descriptor of an inode flushes it); False if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def fsync_dir(path: Path) -> None:

@@ -19,6 +19,11 @@ class Hooks:
     def submission_changed(self, sub: "Submission", event: str) -> None:
         """After every state change, with a short event name (claimed, uploaded, ACCEPTED...)."""
 
+    def submissions_changed(self, subs: list["Submission"], event: str) -> None:
+        """The same event for several submissions at once (a batch of claims)."""
+        for sub in subs:
+            self.submission_changed(sub, event)
+
     def bytes_sent(self, route: str, transport: str, n: int) -> None:
         """Progress of an upload."""
 
@@ -49,6 +54,9 @@ class MultiHooks(Hooks):
 
     def submission_changed(self, sub: "Submission", event: str) -> None:
         self._each("submission_changed", sub, event)
+
+    def submissions_changed(self, subs: list["Submission"], event: str) -> None:
+        self._each("submissions_changed", subs, event)
 
     def bytes_sent(self, route: str, transport: str, n: int) -> None:
         self._each("bytes_sent", route, transport, n)

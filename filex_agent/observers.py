@@ -170,34 +170,57 @@ class AuditHooks(Hooks):
     def submission_changed(self, sub: Submission, event: str) -> None:
         self.catch_up(sub.id, flagged=event == "flagged")
 
+    def submissions_changed(self, subs: list[Submission], event: str) -> None:
+        self.catch_up_many([s.id for s in subs], flagged=event == "flagged", known={s.id: s for s in subs})
+
     def catch_up(self, sub_id: int, flagged: bool = False) -> int:
         """Append what the journal has for ``sub_id`` and the audit file lacks; returns lines written."""
+        return self.catch_up_many([sub_id], flagged)
+
+    def catch_up_many(self, sub_ids: list[int], flagged: bool = False,
+                      known: dict[int, Submission] | None = None) -> int:
+        """``catch_up`` of several submissions, their lines in one write and one fsync. ``known``:
+        rows just returned by the journal's write (not read again)."""
         with self._lock:
             self._index.refresh()
-            sub = self.store.get(sub_id)
-            events = self.store.events(sub_id)
-            feedback = self.store.feedback_for(sub_id)
-            paths = [f.local_path for f in feedback if f.local_path]
-            snap = _snapshot(sub)
-            written = 0
-            done = self._index.seq_of(sub_id)
-            for seq, ev in enumerate(events[done:], start=done + 1):
-                outcome = ev.state if ev.state in {s.value for s in FINAL_STATES} else None
-                self.audit.append(STATE_EVENT, submission_id=sub_id, seq=seq, at=ev.at.isoformat(),
-                                  state=ev.state, detail=ev.detail, outcome=outcome, **snap, feedback=paths)
-                written += 1
-            for f in feedback:
-                if not f.local_path or self._index.has_feedback(f.id):
-                    continue
-                self.audit.append(FEEDBACK_EVENT, submission_id=sub_id, feedback_id=f.id,
-                                  remote_name=f.remote_name, feedback_file=f.local_path, **snap, feedback=paths)
-                written += 1
-            if flagged and sub.flag:
-                self.audit.append(FLAG_EVENT, submission_id=sub_id, **snap, feedback=paths)
-                written += 1
-            if written:
-                self._index.refresh()  # the lines just written (and any other writer's): read from the file
-            return written
+            events = self.store.events_many(sub_ids)
+            lines: list[tuple[str, dict[str, Any]]] = []
+            for sub_id in sub_ids:
+                sub = (known or {}).get(sub_id) or self.store.get(sub_id)
+                lines.extend(self._missing(sub, events[sub_id], flagged))
+            if not lines:
+                return 0
+            _, ticket = self.audit.write_many(lines)
+            self._index.refresh()  # the lines just written (and any other writer's): read from the file
+        # Durable before returning, but outside the lock: threads catching up meanwhile share the fsync.
+        self.audit.wait(ticket)
+        return len(lines)
+
+    def _missing(self, sub: Submission, events: list, flagged: bool) -> list[tuple[str, dict[str, Any]]]:
+        sub_id = sub.id
+        # Feedback exists only for what reached fileX: a file just claimed has none to look up.
+        reached = sub.uploaded_at is not None or sub.tracking_id is not None or sub.state not in _NOT_SENT
+        feedback = self.store.feedback_for(sub_id) if reached else []
+        paths = [f.local_path for f in feedback if f.local_path]
+        snap = _snapshot(sub)
+        out: list[tuple[str, dict[str, Any]]] = []
+        done = self._index.seq_of(sub_id)
+        for seq, ev in enumerate(events[done:], start=done + 1):
+            outcome = ev.state if ev.state in _FINAL_NAMES else None
+            out.append((STATE_EVENT, dict(submission_id=sub_id, seq=seq, at=ev.at.isoformat(), state=ev.state,
+                                          detail=ev.detail, outcome=outcome, **snap, feedback=paths)))
+        for f in feedback:
+            if not f.local_path or self._index.has_feedback(f.id):
+                continue
+            out.append((FEEDBACK_EVENT, dict(submission_id=sub_id, feedback_id=f.id, remote_name=f.remote_name,
+                                             feedback_file=f.local_path, **snap, feedback=paths)))
+        if flagged and sub.flag:
+            out.append((FLAG_EVENT, dict(submission_id=sub_id, **snap, feedback=paths)))
+        return out
+
+
+_NOT_SENT = frozenset({State.CLAIMING, State.QUEUED, State.HELD})
+_FINAL_NAMES = frozenset(s.value for s in FINAL_STATES)
 
 
 # -- metrics -----------------------------------------------------------------------------------

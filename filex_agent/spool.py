@@ -14,6 +14,8 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,25 +95,42 @@ def check_spools(config: "Config") -> None:
             check_spool(route)
 
 
-def claim_into_spool(route: "RouteSettings", sub_id: int, src: Path) -> str | None:
+@contextmanager
+def opened_spool(route: "RouteSettings") -> Iterator[int]:
+    """``open_spool`` for the length of a batch of claims (one open and check, not one per file)."""
+    fd = open_spool(route)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def claim_into_spool(route: "RouteSettings", sub_id: int, src: Path, spool_fd: int | None = None) -> str | None:
     """Rename ``src`` to ``SPOOL/sub_id/NAME`` through verified descriptors and take ownership of
     it. None when done; a reason when what arrived is not a regular file (it was swapped for a
-    link or a device between the check and the rename: it is then in the spool, to be failed)."""
+    link or a device between the check and the rename: it is then in the spool, to be failed).
+    ``spool_fd``: the spool already opened by ``opened_spool``."""
+    if spool_fd is not None:
+        return _claim_into(spool_fd, sub_id, src)
     spool = open_spool(route)
     try:
-        name = str(sub_id)
-        try:
-            os.mkdir(name, 0o700, dir_fd=spool)
-        except FileExistsError:
-            pass
-        sub_dir = os.open(name, _DIR_FLAGS, dir_fd=spool)
-        try:
-            os.rename(src, src.name, dst_dir_fd=sub_dir)
-            return _take_ownership(sub_dir, src.name)
-        finally:
-            os.close(sub_dir)
+        return _claim_into(spool, sub_id, src)
     finally:
         os.close(spool)
+
+
+def _claim_into(spool: int, sub_id: int, src: Path) -> str | None:
+    name = str(sub_id)
+    try:
+        os.mkdir(name, 0o700, dir_fd=spool)
+    except FileExistsError:
+        pass
+    sub_dir = os.open(name, _DIR_FLAGS, dir_fd=spool)
+    try:
+        os.rename(src, src.name, dst_dir_fd=sub_dir)
+        return _take_ownership(sub_dir, src.name)
+    finally:
+        os.close(sub_dir)
 
 
 def _take_ownership(dir_fd: int, name: str) -> str | None:

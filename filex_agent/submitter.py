@@ -13,8 +13,10 @@ import os
 import random
 import stat as stat_mod
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from filex_agent.config import Config, RouteSettings, valid_remote_name
 from filex_agent.errors import (
@@ -31,12 +33,15 @@ from filex_agent.localfile import LocalFile
 from filex_agent.hooks import Hooks
 from filex_agent.leases import new_owner
 from filex_agent.reconciler import decide_by, unconfirmed_flag
-from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, spool_dir
-from filex_agent.store import (Attempt, Duplicate, Outcome, StaleEpoch, State, StateConflict, Store, Submission,
+from filex_agent.spool import SPOOL, SpoolError, check_spool, claim_into_spool, opened_spool, spool_dir
+from filex_agent.store import (Attempt, Outcome, StaleEpoch, State, StateConflict, Store, Submission, Transition,
                                integrity_note, utcnow)
 
 log = logging.getLogger(__name__)
 
+# Files up to this size are hashed while their row is still CLAIMING, and queued with the
+# verdict in the same write; bigger ones are queued first (hashing takes seconds per GiB).
+_CHECK_BEFORE_QUEUED = 64 * 1024 * 1024
 MAX_UNEXPECTED = 3  # unexpected (non-classified) errors before a file is failed, not retried forever
 MAX_TOKEN_REFUSALS = 6  # fresh tokens refused by fileX before a file is failed
 _RELEASE = {"owner": None, "lease_until": None}  # fields that end a worker's ownership
@@ -55,60 +60,152 @@ class Submitter:
     # -- claim ---------------------------------------------------------------------------
     def claim(self, route: RouteSettings, path: Path, trigger: Path | None = None) -> Submission | None:
         """Take ``path`` out of the outbox by an atomic rename. None if it is gone already."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            _consume(trigger)  # vanished: its trigger must not release the next file of that name
-            return None
-        if stat_mod.S_ISDIR(st.st_mode):
-            return None
+        done = self.claim_many(route, [(path, trigger)])
+        return done[0] if done else None
+
+    def claim_many(self, route: RouteSettings, files: list[tuple[Path, Path | None]]) -> list[Submission]:
+        """``claim`` of several files of one route (an outbox scan), with one journal write for
+        their CLAIMING rows and one for their verdicts, instead of several per file."""
+        live = []
+        for path, trigger in files:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                _consume(trigger)  # vanished: its trigger must not release the next file of that name
+                continue
+            if not stat_mod.S_ISDIR(st.st_mode):
+                live.append((path, trigger))
+        if not live:
+            return []
         try:
             check_spool(route)
         except SpoolError as exc:
-            # Not the file's fault: it stays in the outbox, and is taken once the spool is fixed.
-            log.error("%s; %s stays in the outbox", exc, path.name)
-            return None
-        try:
-            # owner: who is claiming, so that recovery leaves a live agent's claim alone.
-            sub = self.store.create(route=route.name, org=route.org, application=route.application,
-                                    transport=route.transports[0], file_name=path.name, source_path=str(path),
-                                    local_path=str(path), state=State.CLAIMING, owner=self.owner)
-        except Duplicate:
-            log.debug("%s is being claimed by another agent", path)
-            return None
-        return self.complete_claim(sub, trigger)
+            # Not the files' fault: they stay in the outbox, and are taken once the spool is fixed.
+            log.error("%s; %s stay(s) in the outbox", exc, ", ".join(p.name for p, _ in live[:5]))
+            return []
+        spool = str(spool_dir(route))
+        # owner: who is claiming, so that recovery leaves a live agent's claim alone. The spool
+        # path is journaled with the row, before the rename, so recovery knows where to look.
+        subs = self.store.create_claims(
+            dict(route=route.name, org=route.org, application=route.application, transport=route.transports[0],
+                 owner=self.owner),
+            [(p.name, str(p)) for p, _ in live], lambda sub_id, name: f"{spool}/{sub_id}/{name}")
+        pending = []
+        for (path, trigger), sub in zip(live, subs):
+            if sub is None:
+                log.debug("%s is being claimed by another agent", path)
+            else:
+                pending.append((sub, trigger))
+        return [s for s in self._complete_claims(route, pending) if s is not None]
 
     def complete_claim(self, sub: Submission, trigger: Path | None = None) -> Submission | None:
         """Second half of a claim (also used by recovery): refuse links, rename into the spool.
         None when another agent sharing the journal claimed the file first (this row is gone)."""
-        route = self.config.route(sub.route)
-        path = Path(sub.source_path)
-        if trigger is None and route.readiness == "trigger":
-            trigger = path.with_name(path.name + route.trigger_suffix)  # recovery finishing a claim
+        return self._complete_claims(self.config.route(sub.route), [(sub, trigger)])[0]
+
+    def _complete_claims(self, route: RouteSettings,
+                         pending: list[tuple[Submission, Path | None]]) -> list[Submission | None]:
+        out: list[Submission | None] = []
+        moved: list[Submission] = []
+        with opened_spool(route) as spool_fd:
+            for sub, trigger in pending:
+                path = Path(sub.source_path)
+                if trigger is None and route.readiness == "trigger":
+                    trigger = path.with_name(path.name + route.trigger_suffix)  # recovery finishing a claim
+                done = self._rename_into_spool(route, sub, path, trigger, spool_fd)
+                if isinstance(done, _InSpool):
+                    moved.append(done.sub)
+                    done = None
+                out.append(done)
+        checked = iter(self._queue_claimed(route, moved))
+        return [next(checked) if done is None else (None if done is _GONE else done) for done in out]
+
+    def _rename_into_spool(self, route: RouteSettings, sub: Submission, path: Path, trigger: Path | None,
+                           spool_fd: int) -> "_InSpool | Submission | object":
+        """``_InSpool`` once the file is in the spool; else what became of the claim (``_GONE``: nothing)."""
         # Consumed first, on every path that takes the file (claimed, refused, vanished): a trigger
         # left behind would release the next file of that name while it is being written.
         _consume(trigger)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            return self._vanished(sub)
+            return self._vanished(sub) or _GONE
         if stat_mod.S_ISLNK(st.st_mode):
             target = os.readlink(path)
             return self._fail(sub, path, f"refused: {path.name} is a symbolic link (to {target}); "
                                          "links are never filed with a regulator — copy the file itself into the outbox")
         if not stat_mod.S_ISREG(st.st_mode):
             return self._fail(sub, path, f"refused: {path.name} is not a regular file")
-        target = spool_dir(route) / str(sub.id) / path.name
-        sub = self.store.update(sub.id, local_path=str(target))
+        target = Path(f"{spool_dir(route)}/{sub.id}/{path.name}")
+        if sub.local_path != str(target):  # a row from before the spool path was journaled at creation
+            sub = self.store.update(sub.id, local_path=str(target))
         try:
-            problem = claim_into_spool(route, sub.id, path)
+            problem = claim_into_spool(route, sub.id, path, spool_fd)
         except FileNotFoundError:
-            return self._vanished(sub)
+            return self._vanished(sub) or _GONE
         if problem:
             return self._fail(sub, target, problem)
-        sub = self.store.transition(sub.id, State.QUEUED, "claimed", expect={State.CLAIMING}, owner=None)
-        self.hooks.submission_changed(sub, "claimed")
-        return self.validate(sub)
+        return _InSpool(sub)
+
+    def _queue_claimed(self, route: RouteSettings, subs: list[Submission]) -> list[Submission]:
+        """Check the files just renamed into the spool and queue them, in one journal write.
+
+        A file over ``_CHECK_BEFORE_QUEUED`` is queued first and checked after (the old order):
+        hashing gigabytes must not keep a row CLAIMING long enough to look abandoned."""
+        steps: list[Transition] = []
+        later: list[Submission] = []
+        failed: dict[int, str] = {}
+        held: dict[int, "_Earlier | Submission"] = {}
+        batch_sha: dict[str, _Earlier] = {}
+        for sub in subs:
+            path = Path(sub.local_path)
+            try:
+                big = os.stat(sub.local_path).st_size > _CHECK_BEFORE_QUEUED
+            except OSError:
+                big = False
+            if big:
+                later.append(sub)
+                steps.append(Transition(sub.id, State.QUEUED, "claimed", frozenset({State.CLAIMING}), dict(owner=None)))
+                continue
+            checked = self._check(sub, path)
+            if isinstance(checked, str):
+                failed[sub.id] = checked
+                continue
+            steps.append(Transition(sub.id, State.QUEUED, "claimed", frozenset({State.CLAIMING}),
+                                    dict(owner=None, size=checked.size, mtime_ns=checked.mtime_ns,
+                                         sha256=checked.sha256)))
+            earlier = batch_sha.get(checked.sha256) or self.store.find_same_content(
+                sub.org, sub.application, checked.sha256, exclude_id=sub.id)
+            batch_sha.setdefault(checked.sha256, _Earlier(sub.id, sub.file_name, State.QUEUED))
+            if earlier is not None:
+                held[sub.id] = earlier
+                steps.append(Transition(sub.id, State.HELD, "duplicate", frozenset({State.QUEUED}), dict(
+                    held_by=earlier.id, reason=_held_reason(sub.id, checked.sha256, earlier))))
+        results = self.store.transition_many(steps) if steps else []
+        final: dict[int, Submission | None] = {}
+        for step, res in zip(steps, results):
+            if isinstance(res, StateConflict):
+                # A rescuer finished this very claim meanwhile (it looked abandoned): its work stands.
+                log.info("submission %s: %s", step.sub_id, res)
+                final.setdefault(step.sub_id, None)
+            else:
+                final[step.sub_id] = res
+        claimed = [s for s in final.values() if s is not None]
+        if claimed:
+            self.hooks.submissions_changed(claimed, "claimed")
+        for sub_id, earlier in held.items():
+            if final.get(sub_id) is not None and final[sub_id].state is State.HELD:
+                self.hooks.submission_changed(final[sub_id], "HELD")
+        for sub in later:
+            if final.get(sub.id) is not None:
+                final[sub.id] = self.validate(final[sub.id])
+        out = []
+        for sub in subs:
+            if sub.id in failed:
+                out.append(self._fail(sub, Path(sub.local_path), failed[sub.id], expect=State.CLAIMING))
+            else:
+                out.append(final.get(sub.id))
+        return out
 
     def _vanished(self, sub: Submission) -> Submission | None:
         if self.store.discard_claim(sub.id):  # another agent's claim took it: let go, silently
@@ -134,15 +231,25 @@ class Submitter:
             return self.store.get(sub.id)
 
     def _validate(self, sub: Submission) -> Submission:
-        route = self.config.route(sub.route)
         path = Path(sub.local_path)
+        checked = self._check(sub, path)
+        if isinstance(checked, str):
+            return self._fail(sub, path, checked, expect=State.QUEUED)
+        sub = self.store.update(sub.id, size=checked.size, mtime_ns=checked.mtime_ns, sha256=checked.sha256)
+        earlier = self.store.find_same_content(sub.org, sub.application, checked.sha256, exclude_id=sub.id)
+        if earlier is not None:
+            sub = self.store.transition(sub.id, State.HELD, "duplicate", expect={State.QUEUED}, held_by=earlier.id,
+                                        reason=_held_reason(sub.id, checked.sha256, earlier))
+            self.hooks.submission_changed(sub, "HELD")
+        return sub
 
-        def fail(reason: str) -> Submission:
-            return self._fail(sub, path, reason, expect=State.QUEUED)
-
+    def _check(self, sub: Submission, path: Path) -> "_Checked | str":
+        """Name rules, size and readability, and the content's hash (nothing written), or why
+        the file cannot be submitted."""
+        route = self.config.route(sub.route)
         reason = valid_remote_name(sub.file_name)
         if reason:
-            return fail(f"{reason}; the file was not uploaded. Rename it and drop it again.")
+            return f"{reason}; the file was not uploaded. Rename it and drop it again."
         try:
             st = path.stat()
             if st.st_nlink > 1:
@@ -151,25 +258,17 @@ class Submitter:
                 _private_copy(path)
                 st = path.stat()
             if st.st_size == 0:
-                return fail("the file is empty; nothing was uploaded")
+                return "the file is empty; nothing was uploaded"
             limit = route.max_size_mb * 1024 * 1024
             if st.st_size > limit:
-                return fail(f"the file is {st.st_size} bytes, over the route's limit of "
-                            f"{route.max_size_mb} MB (max_size_mb); not uploaded")
+                return (f"the file is {st.st_size} bytes, over the route's limit of "
+                        f"{route.max_size_mb} MB (max_size_mb); not uploaded")
             digest = sha256_file(path)
         except PermissionError:
-            return fail("the file cannot be read by the agent (permission denied); not uploaded")
+            return "the file cannot be read by the agent (permission denied); not uploaded"
         except OSError as exc:
-            return fail(f"the file cannot be read: {exc.strerror}; not uploaded")
-        sub = self.store.update(sub.id, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
-        earlier = self.store.find_same_content(sub.org, sub.application, digest, exclude_id=sub.id)
-        if earlier is not None:
-            sub = self.store.transition(
-                sub.id, State.HELD, "duplicate", expect={State.QUEUED}, held_by=earlier.id,
-                reason=(f"same content (sha256 {digest[:12]}…) as submission {earlier.id} ({earlier.file_name}, "
-                        f"{earlier.state}); held, not sent. Run `filex-agent release {sub.id}` to send it anyway."))
-            self.hooks.submission_changed(sub, "HELD")
-        return sub
+            return f"the file cannot be read: {exc.strerror}; not uploaded"
+        return _Checked(st.st_size, st.st_mtime_ns, digest)
 
     def release(self, sub_id: int) -> Submission:
         sub = self.store.transition(sub_id, State.QUEUED, "released by operator", expect={State.HELD},
@@ -318,12 +417,13 @@ class Submitter:
                 return self._fail(sub, path, f"upload failed {sub.attempts} times with an unexpected error: "
                                              f"{type(exc).__name__}: {exc}", epoch=epoch)
             return self._requeue(sub, f"unexpected error, will retry: {type(exc).__name__}: {exc}", epoch=epoch)
-        self.store.end_attempt(att.id, Outcome.SENT, "uploaded", epoch=epoch)
-        # move_to in the same write as SUBMITTED: a crash right after still files the original.
-        sub = self.store.transition(
-            sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, epoch=epoch, **_RELEASE,
-            tracking_id=result.tracking_id, upload_location=result.upload_location, uploaded_at=result.finished_at,
-            reason=integrity_note(sub.reason), flag=late_change, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
+        # The attempt's outcome and SUBMITTED in one write, with move_to: a crash right after
+        # still files the original.
+        sub = self.store.settle(att.id, Outcome.SENT, "uploaded", Transition(
+            sub.id, State.SUBMITTED, "uploaded", frozenset({State.UPLOADING}), dict(
+                **_RELEASE, tracking_id=result.tracking_id, upload_location=result.upload_location,
+                uploaded_at=result.finished_at, reason=integrity_note(sub.reason), flag=late_change,
+                next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))), epoch=epoch)
         self.hooks.submission_changed(sub, "uploaded")
         return self.finish_move(sub)
 
@@ -453,3 +553,30 @@ def _remove_empty_spool_dir(d: Path) -> None:
 
 class _Changed(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _InSpool:
+    sub: Submission
+
+
+_GONE = object()  # a claim that ended with no submission of this agent's (another agent's claim took it)
+
+
+class _Checked(NamedTuple):
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+class _Earlier(NamedTuple):
+    """An earlier file of the same batch with the same content (what a held one names)."""
+
+    id: int
+    file_name: str
+    state: State
+
+
+def _held_reason(sub_id: int, sha256: str, earlier: "Submission | _Earlier") -> str:
+    return (f"same content (sha256 {sha256[:12]}…) as submission {earlier.id} ({earlier.file_name}, "
+            f"{earlier.state}); held, not sent. Run `filex-agent release {sub_id}` to send it anyway.")

@@ -125,10 +125,13 @@ class OutboxWatcher:
         rescan_interval: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         poll_interval: float = 1.0,
+        on_ready_batch: Callable[[list[Candidate]], None] | None = None,
     ) -> None:
         if rescan_interval <= 0:
             raise ValueError("rescan_interval must be > 0")
         self._on_ready = on_ready
+        # Given, it gets each tick's ready files at once (claimed with one journal write per batch).
+        self._on_ready_batch = on_ready_batch
         self._rescan_interval = rescan_interval
         self._clock = clock
         self._poll_interval = poll_interval
@@ -212,6 +215,12 @@ class OutboxWatcher:
         """Evaluate pending files now and call on_ready for those ready."""
         with self._tick_lock:
             ready = self._evaluate()
+            if self._on_ready_batch is not None and ready:
+                try:
+                    self._on_ready_batch(ready)
+                except Exception:
+                    logger.exception("on_ready failed for %d file(s)", len(ready))
+                return
             for cand in ready:
                 try:
                     self._on_ready(cand)

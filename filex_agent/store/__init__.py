@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from filex_agent.errors import FilexError, TransientError
 
@@ -220,6 +220,17 @@ class CalendarAlert:
     cleared_at: datetime | None = None
 
 
+@dataclass(frozen=True)
+class Transition:
+    """One step of ``Store.transition_many``."""
+
+    sub_id: int
+    state: "State"
+    detail: str | None = None
+    expect: frozenset["State"] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
 class Store(abc.ABC):
     """What the daemon needs from a journal. Implementations must be thread-safe."""
 
@@ -256,7 +267,32 @@ class Store(abc.ABC):
         """Change fields without a state change (no event); fenced like ``transition``."""
 
     @abc.abstractmethod
+    def create_claims(self, fields: dict[str, Any], files: Sequence[tuple[str, str]],
+                      local_path_of: Callable[[int, str], str]) -> list[Submission | None]:
+        """One CLAIMING row per ``(file_name, source_path)`` with ``fields`` in common, all in one
+        transaction (one fsync for a whole outbox scan); each row's ``local_path`` is
+        ``local_path_of(id, file_name)``, journaled before the rename it announces. ``None`` in
+        place of a file another agent is claiming already (``create`` would raise ``Duplicate``)."""
+
+    def settle(self, attempt_id: int, outcome: Outcome, detail: str | None, step: "Transition", *, epoch: int,
+               decide_by: datetime | None = None) -> Submission:
+        """``end_attempt`` and the ``transition`` it leads to, fenced by ``epoch``: one write where
+        the store can (two here, safe in this order: recovery finishes the second)."""
+        self.end_attempt(attempt_id, outcome, detail, epoch=epoch, decide_by=decide_by)
+        return self.transition(step.sub_id, step.state, step.detail, expect=step.expect, epoch=epoch, **step.fields)
+
+    @abc.abstractmethod
+    def transition_many(self, steps: Sequence["Transition"]) -> list["Submission | StateConflict"]:
+        """Several ``transition`` calls in one transaction, in order (unfenced): the row as each
+        step left it. A step whose ``expect`` does not hold is skipped and its ``StateConflict``
+        returned in its place."""
+
+    @abc.abstractmethod
     def events(self, sub_id: int) -> list[Event]: ...
+
+    def events_many(self, sub_ids: Sequence[int]) -> dict[int, list[Event]]:
+        """``events`` of several submissions (one query where the store can)."""
+        return {i: self.events(i) for i in sub_ids}
 
     @abc.abstractmethod
     def by_tracking_id(self, tracking_id: str) -> Submission | None:

@@ -59,6 +59,7 @@ from filex_agent.store import (
     StateConflict,
     Store,
     Submission,
+    Transition,
     SubmissionPage,
     SubmissionQuery,
     feedback_instant,
@@ -387,6 +388,50 @@ class PostgresStore(Store):
 
         return _sub(self._run(go))
 
+    def create_claims(self, fields: dict[str, Any], files: Sequence[tuple[str, str]],
+                      local_path_of: Callable[[int, str], str]) -> list[Submission | None]:
+        self._check_fields(fields)
+        common = {k: v for k, v in fields.items() if k not in ("updated_at", "created_at", "state")}
+        cols = list(common) + ["file_name", "source_path", "local_path", "state", "created_at", "updated_at"]
+        # The claims' unique key: a file another agent is claiming yields no row, not an error
+        # (which would abort the whole transaction).
+        insert = (f"INSERT INTO submissions ({', '.join(cols)}) VALUES "
+                  f"({', '.join('%s' for _ in common)}, %s, %s, %s, 'CLAIMING', now(), now()) "
+                  "ON CONFLICT (source_path) WHERE state = 'CLAIMING' DO NOTHING RETURNING id")
+        head = [_enc(v) for v in common.values()]
+
+        def go(cur: psycopg.Cursor) -> list[dict[str, Any] | None]:
+            rows: list[dict[str, Any] | None] = []
+            for name, source in files:
+                got = cur.execute(insert, head + [name, source, source]).fetchone()
+                if got is None:
+                    rows.append(None)
+                    continue
+                rows.append(self._set(cur, got["id"], {"local_path": local_path_of(got["id"], name)}))
+                self._event(cur, got["id"], State.CLAIMING, "created")
+            return rows
+
+        return [None if r is None else _sub(r) for r in self._run(go)]
+
+    def transition_many(self, steps: Sequence[Transition]) -> list[Submission | StateConflict]:
+        for step in steps:
+            self._check_fields(step.fields)
+
+        def go(cur: psycopg.Cursor) -> list[dict[str, Any] | StateConflict]:
+            out: list[dict[str, Any] | StateConflict] = []
+            for step in steps:
+                row = self._locked(cur, step.sub_id)
+                if step.expect is not None and row["state"] not in {str(s) for s in step.expect}:
+                    out.append(StateConflict(f"submission {step.sub_id} is {row['state']}, expected one of "
+                                             f"{sorted(map(str, step.expect))}"))
+                    continue
+                fields = {k: v for k, v in step.fields.items() if k != "updated_at"}
+                out.append(self._set(cur, step.sub_id, {**fields, "state": step.state}))
+                self._event(cur, step.sub_id, step.state, step.detail)
+            return out
+
+        return [r if isinstance(r, StateConflict) else _sub(r) for r in self._run(go)]
+
     def get(self, sub_id: int) -> Submission:
         row = self._run(lambda cur: cur.execute("SELECT * FROM submissions WHERE id = %s", (sub_id,)).fetchone())
         if row is None:
@@ -445,6 +490,14 @@ class PostgresStore(Store):
         rows = self._run(lambda cur: cur.execute(
             "SELECT * FROM events WHERE submission_id = %s ORDER BY id", (sub_id,)).fetchall())
         return [Event(r["submission_id"], r["at"], r["state"], r["detail"]) for r in rows]
+
+    def events_many(self, sub_ids: Sequence[int]) -> dict[int, list[Event]]:
+        out: dict[int, list[Event]] = {i: [] for i in sub_ids}
+        rows = self._run(lambda cur: cur.execute(
+            "SELECT * FROM events WHERE submission_id = ANY(%s) ORDER BY id", (list(out),)).fetchall())
+        for r in rows:
+            out[r["submission_id"]].append(Event(r["submission_id"], r["at"], r["state"], r["detail"]))
+        return out
 
     def by_tracking_id(self, tracking_id: str) -> Submission | None:
         row = self._run(lambda cur: cur.execute("SELECT * FROM submissions WHERE tracking_id = %s",
@@ -814,14 +867,34 @@ class PostgresStore(Store):
 
     def end_attempt(self, attempt_id: int, outcome: Outcome, detail: str | None = None, *,
                     epoch: int | None = None, decide_by: datetime | None = None) -> Attempt:
-        def go(cur: psycopg.Cursor) -> dict[str, Any]:
-            self._fenced_attempt(cur, attempt_id, epoch)
-            return cur.execute(
-                "UPDATE attempts SET outcome = %s, detail = COALESCE(%s, detail), decide_by = %s, "
-                "ended_at = CASE WHEN %s = 'UNCONFIRMED' THEN ended_at ELSE now() END WHERE id = %s RETURNING *",
-                (outcome.value, detail, decide_by, outcome.value, attempt_id)).fetchone()
+        return _att(self._run(lambda cur: self._end_attempt_in(cur, attempt_id, outcome, detail, epoch, decide_by)))
 
-        return _att(self._run(go))
+    def _end_attempt_in(self, cur: psycopg.Cursor, attempt_id: int, outcome: Outcome, detail: str | None,
+                        epoch: int | None, decide_by: datetime | None) -> dict[str, Any]:
+        self._fenced_attempt(cur, attempt_id, epoch)
+        return cur.execute(
+            "UPDATE attempts SET outcome = %s, detail = COALESCE(%s, detail), decide_by = %s, "
+            "ended_at = CASE WHEN %s = 'UNCONFIRMED' THEN ended_at ELSE now() END WHERE id = %s RETURNING *",
+            (outcome.value, detail, decide_by, outcome.value, attempt_id)).fetchone()
+
+    def settle(self, attempt_id: int, outcome: Outcome, detail: str | None, step: Transition, *, epoch: int,
+               decide_by: datetime | None = None) -> Submission:
+        self._check_fields(step.fields)
+        fields = {k: v for k, v in step.fields.items() if k != "updated_at"}
+        fields["state"] = step.state
+        expected = None if step.expect is None else {str(s) for s in step.expect}
+
+        def go(cur: psycopg.Cursor) -> dict[str, Any]:
+            self._end_attempt_in(cur, attempt_id, outcome, detail, epoch, decide_by)
+            row = self._locked(cur, step.sub_id)
+            _fence(step.sub_id, row["epoch"], epoch)
+            if expected is not None and row["state"] not in expected:
+                raise StateConflict(f"submission {step.sub_id} is {row['state']}, expected one of {sorted(expected)}")
+            new = self._set(cur, step.sub_id, fields)
+            self._event(cur, step.sub_id, step.state, step.detail)
+            return new
+
+        return _sub(self._run(go))
 
     def attempts(self, sub_id: int) -> list[Attempt]:
         rows = self._run(lambda cur: cur.execute("SELECT * FROM attempts WHERE submission_id = %s ORDER BY n",
