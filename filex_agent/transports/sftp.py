@@ -105,12 +105,15 @@ CIPHERS = _supported(FILEX_CIPHERS, compat.implemented("cipher"))
 KEX = _supported(FILEX_KEX, compat.implemented("kex"))
 MACS = _supported(ALLOWED_MACS, compat.implemented("mac"))
 
-# Upload write request size. 32 KiB (paramiko's default) is what every SFTP server must accept;
-# 128 KiB requests with 16 MiB in flight were the best on loopback against OpenSSH (best of 3,
-# 1 GiB: ~320 MB/s vs ~280 for 32 KiB and 255 KiB; bench/bench_sftp.py, noisy on 2 cores). The size
-# is capped by the server's limits@openssh.com answer when it gives one, and a session falls back
-# to 32 KiB if its first upload with bigger requests is refused (a server with a smaller limit).
-WRITE_REQUEST_SIZE = 128 * 1024
+# Upload write request size. 32 KiB (paramiko's default) is what every SFTP server must accept.
+# 255 KiB: the most OpenSSH's sftp-server takes (limits@openssh.com says 261120 bytes), so half
+# as many status replies for the transport's reader thread to handle (each one a GIL hand-over)
+# as 128 KiB; with the lean channel-data path (_paramiko_compat.send_channel_data) one write is
+# 8 SSH packets sent with one send(). (128 KiB was best with paramiko's own sendall, whose
+# re-slicing of the unsent rest made bigger requests cost more.) The size is capped by the
+# server's limits@openssh.com answer when it gives one, and a session falls back to 32 KiB if
+# its first upload with bigger requests is refused (a server with a smaller limit).
+WRITE_REQUEST_SIZE = 255 * 1024
 SAFE_WRITE_REQUEST_SIZE = 32 * 1024
 READ_CHUNK = 256 * 1024
 # Unacknowledged write bytes allowed before waiting for the oldest status.
