@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--idle-seconds", type=float, default=60)
     ap.add_argument("--stop-wait", type=float, default=20, help="seconds a stopping daemon gets before SIGKILL")
     ap.add_argument("--stable-seconds", type=float, default=0.5, help="the routes' stability window")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="the daemon's [agent] workers (default: the daemon's own default)")
     ap.add_argument("--transports", default="sftp,s3,rest")
     ap.add_argument("--parts", default="1,2,3,4,5")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx.sshd, ctx.s3, ctx.sandbox = sshd, s3, sandbox
         avail = [t for t in ("sftp", "s3", "rest") if t in wanted and (t != "sftp" or sshd is not None)]
         cfg = write_config(work / "agent" / "filex-agent.toml", work / "agent" / "data", work / "outbox",
-                           sandbox=sandbox, sshd=sshd, transports=tuple(avail), stable_seconds=args.stable_seconds)
+                           sandbox=sandbox, sshd=sshd, transports=tuple(avail), stable_seconds=args.stable_seconds,
+                           workers=args.workers)
         ctx.agent_cfg = cfg
         ctx.transports = tuple(avail)
         if tools.rclone is None:
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             "small files": f"{args.small_files} × {args.small_kib} KiB",
             "stable_seconds (every route)": f"{args.stable_seconds:g} s",
             "latency interval": f"{args.latency_interval:g} s",
-            "agent": ("daemon defaults: 4 upload workers, SFTP 2 channels on one connection, 255 KiB pipelined "
+            "agent": (("daemon defaults: 4 upload workers" if args.workers is None else
+                       f"daemon defaults but {args.workers} upload workers") + ", SFTP 2 channels on one connection, 255 KiB pipelined "
                       "writes, AES-GCM first; S3 64 MiB parts, 4 threads, multipart above 64 MiB; tracking poll "
                       "every 3600 s in parts 2–3 so that only uploads are measured"),
             "daemon journal and outboxes": f"{work} (disk; SQLite WAL, synchronous=FULL)",
