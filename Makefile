@@ -22,6 +22,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+## Benchmarks (parts 1-6, SQLite and, when installed, PostgreSQL journals): rewrites bench/RESULTS.md and the
+## README's targets table. ~30-40 min on 2 cores; BENCH_ARGS="--parts 2,4 --runs 1" etc. (python -m bench --help).
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

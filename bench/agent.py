@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from bench.common import PY, ROOT, cpu_seconds, proc_status_kib
 
@@ -28,9 +29,10 @@ def _q(value: object) -> str:
 def write_config(path: Path, data_dir: Path, outboxes: Path, *, sandbox=None, sshd=None,  # noqa: ANN001
                  transports: tuple[str, ...] = ("rest", "s3", "sftp"), stable_seconds: float = 0.5,
                  poll_seconds: float = 3600.0, api_override: str | None = None, workers: int | None = None,
-                 max_attempts: int = 3, read_timeout: float = 120.0) -> Path:
+                 max_attempts: int = 3, read_timeout: float = 120.0, journal: str = "") -> Path:
     """A filex-agent.toml for the bench servers. ``api_override`` points the fileX API at an address
-    where nothing listens (part 4: uploads blocked)."""
+    where nothing listens (part 4: uploads blocked); ``journal`` is a ``[journal]`` table (TOML
+    text, from ``JournalKind.setup``), empty for the SQLite file in ``data_dir``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     api = api_override or (sandbox.api if sandbox else "http://127.0.0.1:9")
     token = api_override + "/token" if api_override else (sandbox.token_url if sandbox else api + "/token")
@@ -49,6 +51,8 @@ def write_config(path: Path, data_dir: Path, outboxes: Path, *, sandbox=None, ss
         lines += ["[sftp]", f"host_key_fingerprints = [{_q(sshd.fingerprint)}]",
                   f"in_path = {_q(str(sshd.root) + '/{org}/{app}/in')}",
                   f"out_path = {_q(str(sshd.root) + '/{org}/{app}/out')}", ""]
+    if journal:
+        lines += [journal.rstrip("\n"), ""]
     lines += ["[credentials.fip]", 'client_id = "sandbox-client"']
     secret = sandbox.secret_file if sandbox else data_dir.parent / "no-secret"
     if not sandbox:
@@ -110,6 +114,9 @@ class Journal:
             rows = self._rows("SELECT COUNT(*) FROM submissions", ())
         return int(rows[0][0]) if rows else 0
 
+    def close(self) -> None:  # a connection per query: nothing held
+        pass
+
     def wait_uploaded(self, route: str, prefix: str, n: int, timeout: float) -> list[Row]:
         """Every one of the ``n`` files uploaded (uploaded_at set); raise on a FAILED or HELD one."""
         deadline = time.monotonic() + timeout
@@ -124,6 +131,121 @@ class Journal:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{route}: only {len(done)}/{n} uploaded after {timeout:.0f} s")
             time.sleep(0.1)
+
+
+PG_PASSWORD_ENV = "FILEX_BENCH_PG_PASSWORD"  # the daemons' journal.password reference (env:...)
+
+
+def pg_skip_reason() -> str | None:
+    """Why the bench cannot run a PostgreSQL journal here (None: it can)."""
+    from tests.pg_fixture import skip_reason
+
+    return skip_reason()
+
+
+def start_postgres(base_dir: str | None = None):  # noqa: ANN201 - tests.pg_fixture.PgServer
+    """The bench's PostgreSQL: tests/pg_fixture.py's private cluster on loopback (initdb into a
+    temporary folder on disk, beside the SQLite journals), but durable as a production journal is:
+    the tests turn fsync and full-page writes off for speed, which would flatter PostgreSQL against
+    SQLite's synchronous=FULL. shared_buffers back to PostgreSQL's default (the tests use 32 MB)."""
+    from tests.pg_fixture import PgServer
+
+    pg = PgServer(base_dir)
+    with open(pg.data / "postgresql.conf", "a") as conf:  # later lines win over the fixture's
+        conf.write("fsync = on\nfull_page_writes = on\nsynchronous_commit = on\nshared_buffers = 128MB\n")
+    pg.start()
+    os.environ[PG_PASSWORD_ENV] = pg.password  # inherited by the daemons, never written to a file
+    return pg
+
+
+class PgJournal(Journal):
+    """Read-only view of a daemon's PostgreSQL journal (same answers as ``Journal``)."""
+
+    def __init__(self, url: str, password: str):
+        self.url, self.password = url, password
+        self._db: Any = None
+
+    def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple]:
+        import psycopg
+
+        for attempt in (1, 2):
+            try:
+                if self._db is None or self._db.closed:
+                    self._db = psycopg.connect(self.url, password=self.password, autocommit=True, connect_timeout=10)
+                return self._db.execute(sql, args).fetchall()
+            except psycopg.errors.UndefinedTable:  # the daemon has not made its schema yet
+                return []
+            except psycopg.OperationalError:
+                self.close()
+                if attempt == 2:
+                    raise
+        return []
+
+    def rows(self, route: str, prefix: str = "") -> list[Row]:
+        return [Row(*r) for r in self._query(
+            "SELECT file_name, state, created_at, upload_started_at, uploaded_at FROM submissions "
+            "WHERE route = %s AND file_name LIKE %s", (route, prefix + "%"))]
+
+    def count(self, states: tuple[str, ...] | None = None) -> int:
+        if states:
+            rows = self._query("SELECT COUNT(*) FROM submissions WHERE state = ANY(%s)", (list(states),))
+        else:
+            rows = self._query("SELECT COUNT(*) FROM submissions", ())
+        return int(rows[0][0]) if rows else 0
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class JournalKind:
+    """Where a bench daemon keeps its journal: the SQLite file in its data_dir (``pg`` None, the
+    default) or a fresh database of its own on the bench's PostgreSQL."""
+
+    def __init__(self, pg=None):  # noqa: ANN001 - tests.pg_fixture.PgServer
+        self.pg = pg
+
+    @property
+    def label(self) -> str:
+        return "PostgreSQL" if self.pg is not None else "SQLite"
+
+    def setup(self, tag: str, data_dir: Path) -> tuple[str, Journal]:
+        """The ``[journal]`` table for ``write_config`` and a reader of that journal."""
+        if self.pg is None:
+            return "", Journal(data_dir / "journal.sqlite3")
+        url = self.pg.database(f"bench_{tag}")
+        table = (f'[journal]\nurl = {_q(url)}\npassword = "env:{PG_PASSWORD_ENV}"\nnode_name = "bench"\n')
+        return table, PgJournal(url, self.pg.password)
+
+    def server_cpu(self) -> float | None:
+        """CPU seconds used so far by the PostgreSQL server's processes (None for SQLite): the
+        postmaster and its children (backends, checkpointer, WAL writer, autovacuum)."""
+        if self.pg is None:
+            return None
+        try:
+            master = int((self.pg.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        total = 0.0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            # utime, stime; the postmaster's cutime and cstime too: backends that exited meanwhile.
+            if pid == master:
+                total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+            elif int(fields[1]) == master:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+
+SQLITE = JournalKind()
 
 
 class Daemon:

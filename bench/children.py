@@ -14,8 +14,9 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from bench.common import ROOT
-
+# Not bench.common's ROOT: its imports (statistics, subprocess, tempfile) would count in every
+# child's start-up, and curl's start-up has nothing of the kind.
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
@@ -63,6 +64,34 @@ def agent_s3(endpoint: str, file: Path, name: str, bucket: str) -> dict[str, obj
     took = time.perf_counter() - start
     t.close()
     return {"seconds": took, "size": res.size, "integrity": res.detail.get("integrity")}
+
+
+def agent_rest(url_file: Path, file: Path, name: str) -> dict[str, object]:
+    """RestTransport.upload with the daemon's default network settings, its PUT going to a
+    pre-signed URL of the S3 server under test. Only fileX's "give me an upload URL" call is
+    stubbed (in process, answering with that URL): the streaming, hashing-as-sent, on_commit,
+    retry and answer checks are the transport's own code."""
+    from filex_agent.config import NetworkSettings
+    from filex_agent.http import RetryPolicy, make_http_client
+    from filex_agent.models import PresignedUrl
+    from filex_agent.transports.rest import RestTransport
+
+    url = url_file.read_text().strip()
+
+    class UrlStub:
+        def upload_url(self, org: str, app: str, remote: str, metadata: object = None) -> PresignedUrl:
+            return PresignedUrl(url=url, trackingId=f"bench-{remote}")
+
+    net = NetworkSettings()
+    http = make_http_client(net)
+    t = RestTransport("0001", "app1", api=UrlStub(), http=http, retry=RetryPolicy.from_settings(net))  # type: ignore[arg-type]
+    try:
+        start = time.perf_counter()
+        res = t.upload(file, name)
+        took = time.perf_counter() - start
+    finally:
+        http.close()
+    return {"seconds": took, "size": res.size, "sent_sha256": res.sent_sha256}
 
 
 def rest_loop(token_url: str, api: str, client_id: str, secret_file: Path, org: str, app: str,
@@ -120,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--endpoint", required=True)
     b.add_argument("--file", type=Path, required=True)
     b.add_argument("--name", required=True)
+    ar = sub.add_parser("agent-rest")
+    ar.add_argument("--url-file", type=Path, required=True, help="a 0600 file holding the pre-signed PUT URL")
+    ar.add_argument("--file", type=Path, required=True)
+    ar.add_argument("--name", required=True)
     r = sub.add_parser("rest-loop")
     r.add_argument("--token-url", required=True)
     r.add_argument("--api", required=True)
@@ -136,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.kind == "agent":
         out = agent(args.config, args.route, args.file, args.name)
+    elif args.kind == "agent-rest":
+        out = agent_rest(args.url_file, args.file, args.name)
     elif args.kind == "agent-s3":
         out = agent_s3(args.endpoint, args.file, args.name, args.bucket)
     elif args.kind == "boto3":

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from bench.agent import ROUTES, Daemon, Journal, write_config
+from bench.agent import ROUTES, SQLITE, Daemon, Journal, JournalKind, write_config
 from bench.common import MIB, PY, ROOT, ChildFailed, Stat, clear_dir, percentile, random_file, run_child, stat
 
 log = logging.getLogger("bench")
@@ -40,6 +40,9 @@ class BigRow:
     upload_mbps: Stat | None  # size / time of the upload call alone (in-process children only)
     peak_mib: Stat
     note: str = ""
+    # user+sys CPU seconds of the uploading process: on a shared, saturated machine the wall
+    # times follow the CPU each tool burns, so this is the figure that survives the noise.
+    cpu_s: Stat | None = None
 
 
 @dataclass
@@ -49,6 +52,9 @@ class SmallRow:
     agent: bool
     files_per_s: Stat
     note: str = ""
+    journal: str = "SQLite"  # the agent's journal (peers: unused)
+    # Agent: count / (drop → last uploaded − stable_seconds), issue 15's measure.
+    minus_window: Stat | None = None
 
 
 @dataclass
@@ -73,6 +79,7 @@ class QueueResult:
     cpu_pct_backlog: float
     backlog_seconds: float
     note: str = ""
+    journal: str = "SQLite"
 
 
 @dataclass
@@ -80,6 +87,8 @@ class IdleResult:
     seconds: float
     cpu_seconds: float
     rss_mib: float
+    journal: str = "SQLite"
+    server_cpu_seconds: float | None = None  # the PostgreSQL server's processes, same interval
 
     @property
     def cpu_pct(self) -> float:
@@ -154,7 +163,7 @@ def big_methods(ctx: Ctx, big: Path) -> list[Method]:
                               lambda r: ([t.rclone, "copyto", str(big), f"bsftp:{in_dir}/rclone.dat"],
                                          {**sshd.rclone_env(GCM[0]), "RCLONE_CONFIG": "/dev/null"}),
                               lambda: clear_dir(in_dir)))
-    if ctx.s3 is not None:
+    if ctx.s3 is not None and "s3" in ctx.transports:
         s3 = ctx.s3
         out.append(Method("s3", "agent S3Transport (64 MiB parts, 4 threads, parts hashed as sent, ETags checked)", True,
                           lambda r: ([*CHILD, "agent-s3", "--endpoint", s3.url, "--bucket", "sandbox-filex",
@@ -166,29 +175,24 @@ def big_methods(ctx: Ctx, big: Path) -> list[Method]:
         out.append(Method("s3", "boto3 upload_file tuned (64 MiB parts, 10 threads)", False,
                           lambda r: ([*CHILD, "boto3", "--endpoint", s3.url, "--file", str(big), "--name",
                                       f"boto3-{r}.dat"], s3.env()), s3.clear))
-    if ctx.sandbox is not None and "rest" in ctx.transports:
-        sb = ctx.sandbox
-        settle = lambda: sb.settle("0001", "app1")  # noqa: E731
-        out.append(Method("rest", "agent RestTransport (httpx, streamed pre-signed PUT)", True,
-                          lambda r: ([*CHILD, "agent", "--config", str(ctx.agent_cfg), "--route", ROUTES["rest"][0],
-                                      "--file", str(big), "--name", f"agent{r}.dat"], None), settle))
+    if ctx.s3 is not None and "rest" in ctx.transports:
+        # Both PUT to pre-signed URLs of the S3 server above (rclone serve s3), not to the sandbox's
+        # moto, whose Python server and processor capped both at ~130-230 MB/s. The agent runs
+        # RestTransport.upload itself; only fileX's "upload URL" call is an in-process stub.
+        s3 = ctx.s3
+        out.append(Method("rest", "agent RestTransport (httpx, streamed pre-signed PUT, sha256 as sent)", True,
+                          lambda r: ([*CHILD, "agent-rest", "--url-file",
+                                      str(s3.presign_put(f"0001/app1/in/agent{r}.dat", ctx.work / "rest.url")),
+                                      "--file", str(big), "--name", f"agent{r}.dat"], None), s3.clear))
         if t.curl:
             out.append(Method("rest", "curl -T on a pre-signed URL", False,
-                              lambda r: (_curl_cmd(ctx, big, f"curl{r}.dat"), None), settle))
+                              lambda r: (_curl_cmd(ctx, big, f"0001/app1/in/curl{r}.dat"), None), s3.clear))
     return out
 
 
-def _curl_cmd(ctx: Ctx, big: Path, name: str) -> list[str]:
+def _curl_cmd(ctx: Ctx, big: Path, key: str) -> list[str]:
     """A fresh pre-signed PUT URL, kept out of argv (it is a bearer secret) in a 0600 curl config."""
-    from filex_agent.config import load_config
-    from filex_agent.connections import Connections
-
-    cfg = load_config(ctx.agent_cfg)
-    conns = Connections(cfg)
-    try:
-        url = conns.api("fip").upload_url("0001", "app1", name).url
-    finally:
-        conns.close()
+    url = ctx.s3.presign_put(key, ctx.work / "rest.url").read_text()
     conf = ctx.work / "curl.conf"
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -196,13 +200,27 @@ def _curl_cmd(ctx: Ctx, big: Path, name: str) -> list[str]:
     return [ctx.tools.curl, "-sS", "-f", "-o", "/dev/null", "-H", "Expect:", "-T", str(big), "-K", str(conf)]
 
 
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _run_method(ctx: Ctx, m: Method, run: int):  # noqa: ANN202 - run_child's result
-    """One upload by ``m``, then its clean-up (and the curl config's, which holds a signed URL)."""
+    """One upload by ``m``, then its clean-up (and the curl config's, which holds a signed URL).
+
+    ``res.cpu`` is the child's user+sys: the rusage of reaped children grows by exactly that one
+    (the bench reaps no other process while it runs)."""
     try:
         cmd, env = m.prepare(run)
-        return run_child(cmd, env=ctx.env(env), cwd=ROOT)
+        cpu0 = _children_cpu()
+        res = run_child(cmd, env=ctx.env(env), cwd=ROOT)
+        res.cpu = _children_cpu() - cpu0  # type: ignore[attr-defined]
+        return res
     finally:
         (ctx.work / "curl.conf").unlink(missing_ok=True)
+        (ctx.work / "rest.url").unlink(missing_ok=True)
         m.after()
 
 
@@ -231,6 +249,7 @@ def part_big(ctx: Ctx) -> list[BigRow]:
     walls: dict[int, list[float]] = {i: [] for i in range(len(methods))}
     ups: dict[int, list[float]] = {i: [] for i in range(len(methods))}
     peaks: dict[int, list[float]] = {i: [] for i in range(len(methods))}
+    cpus: dict[int, list[float]] = {i: [] for i in range(len(methods))}
     notes: dict[int, str] = {}
     try:
         _warm_up(ctx, methods)
@@ -244,6 +263,7 @@ def part_big(ctx: Ctx) -> list[BigRow]:
                     continue
                 walls[i].append(_mb(size, res.wall))
                 peaks[i].append(res.peak_mib)
+                cpus[i].append(res.cpu)
                 line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
                 if line.startswith("{"):
                     data = json.loads(line)
@@ -261,7 +281,7 @@ def part_big(ctx: Ctx) -> list[BigRow]:
                                notes.get(i, "no result")))
             continue
         rows.append(BigRow(m.transport, m.name, m.agent, stat(walls[i]), stat(ups[i]) if ups[i] else None,
-                           stat(peaks[i]), notes.get(i, "")))
+                           stat(peaks[i]), notes.get(i, ""), stat(cpus[i])))
     return rows
 
 
@@ -328,7 +348,10 @@ def small_peers(ctx: Ctx, transport: str, folder: Path) -> list[tuple[str, list[
     return peers
 
 
-def part_small(ctx: Ctx, daemon: Daemon, journal: Journal, transports: list[str]) -> list[SmallRow]:
+def part_small(ctx: Ctx, daemon: Daemon, journal: Journal, transports: list[str], *, peers: bool = True,
+               label: str = "SQLite", tag: str = "") -> list[SmallRow]:
+    """``peers`` False: the agent alone (a second journal; the peers were measured with the first).
+    ``tag`` keeps the file names apart from an earlier pass's."""
     rows: list[SmallRow] = []
     n, kib = ctx.small_files, ctx.small_kib
     for transport in transports:
@@ -336,10 +359,11 @@ def part_small(ctx: Ctx, daemon: Daemon, journal: Journal, transports: list[str]
         outbox = ctx.work / "outbox" / route
         agent_rates: list[float] = []
         pipe_rates: list[float] = []
+        window_rates: list[float] = []
         peer_rates: dict[str, list[float]] = {}
         peer_notes: dict[str, str] = {}
         for run in range(ctx.runs):
-            prefix = f"many{run}{transport}_"
+            prefix = f"many{tag}{run}{transport}_"
             stage = ctx.work / "stage" / f"{transport}{run}"
             files = _make_files(stage, prefix, n, kib)
             t0 = datetime.now(timezone.utc)
@@ -350,8 +374,12 @@ def part_small(ctx: Ctx, daemon: Daemon, journal: Journal, transports: list[str]
             first = min(r.upload_started_at or r.uploaded_at for r in done)
             agent_rates.append(n / (last - t0).total_seconds())
             pipe_rates.append(n / max((last - first).total_seconds(), 1e-3))
-            log.info("%d small files by the agent over %s: %.0f files/s", n, transport, agent_rates[-1])
+            window_rates.append(n / max((last - t0).total_seconds() - ctx.stable_seconds, 1e-3))
+            log.info("%d small files by the agent (%s journal) over %s: %.0f files/s", n, label, transport,
+                     agent_rates[-1])
             _settle(ctx, transport)
+            if not peers:
+                continue
             folder = ctx.work / "stage" / f"peer-{transport}{run}"
             _make_files(folder, f"peer{run}{transport}_", n, kib)
             for name, cmd, env in small_peers(ctx, transport, folder):
@@ -368,7 +396,8 @@ def part_small(ctx: Ctx, daemon: Daemon, journal: Journal, transports: list[str]
                 p.unlink()
         rows.append(SmallRow(transport, "agent daemon: drop → last uploaded", True, stat(agent_rates),
                              f"stable_seconds = {ctx.stable_seconds}; upload phase alone "
-                             f"(first upload start → last uploaded): {stat(pipe_rates).fmt()} files/s"))
+                             f"(first upload start → last uploaded): {stat(pipe_rates).fmt()} files/s",
+                             journal=label, minus_window=stat(window_rates)))
         for name, rates in peer_rates.items():
             rows.append(SmallRow(transport, name, False, stat(rates) if rates else Stat(0, 0, 0, 0),
                                  peer_notes.get(name, "")))
@@ -403,29 +432,32 @@ def part_latency(ctx: Ctx, journal: Journal, transports: list[str]) -> list[Late
 # ---------------------------------------------------------------------------------------------
 # 4. memory with many files queued, CPU while idle
 
-def part_queue(ctx: Ctx, timeout: float) -> QueueResult:
+def part_queue(ctx: Ctx, timeout: float, kind: JournalKind = SQLITE) -> QueueResult:
     """A REST route whose fileX address accepts connections and never answers (a black hole): the
     upload workers wait on their read timeout and every other file stays QUEUED. The files exist
     before the daemon starts: its start-up scan queues them."""
-    base = ctx.work / "queue"
+    base = ctx.work / ("queue" if kind.pg is None else "queue-pg")
     outboxes = base / "outbox"
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(1024)  # never accept(): the kernel completes handshakes, nobody ever answers
+    table, journal = kind.setup("queue", base / "agent")
     try:
         cfg = write_config(base / "filex-agent.toml", base / "agent", outboxes, transports=("rest",),
                            stable_seconds=ctx.stable_seconds, api_override=f"http://127.0.0.1:{hole.getsockname()[1]}",
-                           max_attempts=1, read_timeout=3600)
+                           max_attempts=1, read_timeout=3600, journal=table)
         outbox = outboxes / ROUTES["rest"][0]
         for i in range(ctx.queued_files):  # unique content: duplicates would be HELD, not QUEUED
             (outbox / f"q{i:06d}.csv").write_bytes(b"%d," % i + os.urandom(32))
-        return _measure_backlog(ctx, cfg, base, timeout)
+        result = _measure_backlog(ctx, cfg, base, timeout, journal)
+        result.journal = kind.label
+        return result
     finally:
         hole.close()
+        journal.close()
 
 
-def _measure_backlog(ctx: Ctx, cfg: Path, base: Path, timeout: float) -> QueueResult:
-    journal = Journal(base / "agent" / "journal.sqlite3")
+def _measure_backlog(ctx: Ctx, cfg: Path, base: Path, timeout: float, journal: Journal) -> QueueResult:
     daemon = Daemon(cfg, base / "daemon.log")
     t0 = time.monotonic()
     daemon.start()
@@ -463,19 +495,24 @@ def _measure_backlog(ctx: Ctx, cfg: Path, base: Path, timeout: float) -> QueueRe
     return result
 
 
-def part_idle(ctx: Ctx, transports: list[str]) -> IdleResult:
+def part_idle(ctx: Ctx, transports: list[str], kind: JournalKind = SQLITE) -> IdleResult:
     """A fresh daemon with the bench's routes, default tracking poll (60 s), nothing to do."""
-    base = ctx.work / "idle"
+    base = ctx.work / ("idle" if kind.pg is None else "idle-pg")
+    table, journal = kind.setup("idle", base / "agent")
+    journal.close()
     cfg = write_config(base / "filex-agent.toml", base / "agent", base / "outbox", sandbox=ctx.sandbox,
                        sshd=ctx.sshd, transports=tuple(transports), stable_seconds=ctx.stable_seconds,
-                       poll_seconds=60.0)
+                       poll_seconds=60.0, journal=table)
     daemon = Daemon(cfg, base / "daemon.log").start()
     try:
         time.sleep(min(3.0, ctx.idle_seconds))  # start-up work (first scan, first poll) is not idle
+        s0 = kind.server_cpu()
         c0, w0 = daemon.cpu(), time.monotonic()
         time.sleep(ctx.idle_seconds)
         secs = time.monotonic() - w0
-        return IdleResult(secs, daemon.cpu() - c0, daemon.rss_mib())
+        s1 = kind.server_cpu()
+        return IdleResult(secs, daemon.cpu() - c0, daemon.rss_mib(), kind.label,
+                          None if s0 is None or s1 is None else s1 - s0)
     finally:
         daemon.stop()
 

@@ -66,6 +66,9 @@ class Daemon:
         self._inflight: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        # Set by the signal handler at once: no new file is taken or started from then on, even
+        # while the main loop is still busy before it calls stop().
+        self._intake_closed = threading.Event()
         self._conn_leases = ConnectionLeases()  # old Connections close when their last upload ends
         self._track_guard = OverrunGuard("the tracking cycle")
         self._dispatch_guard = OverrunGuard("the dispatch tick")
@@ -203,7 +206,7 @@ class Daemon:
 
     # -- pipeline ------------------------------------------------------------------------
     def _on_candidate(self, cand) -> None:
-        if self._stopping.is_set():
+        if self._closed():
             return
         try:
             sub = self.submitter.claim(cand.route, Path(cand.path), cand.trigger)
@@ -213,6 +216,13 @@ class Daemon:
         if sub is not None and sub.state is State.QUEUED:
             self._submit(sub.id, only_if_room=True)
 
+    def close_intake(self) -> None:
+        """Take no new file and start no upload from now on (a stop is coming; safe in a signal handler)."""
+        self._intake_closed.set()
+
+    def _closed(self) -> bool:
+        return self._stopping.is_set() or self._intake_closed.is_set()
+
     def _on_candidates(self, cands: list) -> None:
         """A tick's ready files, claimed a batch per route (one journal write for each step of a
         batch, not one per file: 100,000 files queue in a minute, not in minutes)."""
@@ -221,7 +231,7 @@ class Daemon:
             by_route.setdefault(cand.route.name, []).append(cand)
         for group in by_route.values():
             for i in range(0, len(group), CLAIM_BATCH):
-                if self._stopping.is_set():
+                if self._closed():
                     return
                 chunk = group[i:i + CLAIM_BATCH]
                 try:
@@ -245,16 +255,23 @@ class Daemon:
             # Here rather than in the tracking cycle: a dead owner's uploads resume within seconds.
             self._last_rescue = time.monotonic()
             self.rescue_expired()
+        self._refill()
+
+    def _refill(self) -> None:
+        """Hand due QUEUED submissions to the workers while there is room."""
+        if self._closed():
+            return
         with self._lock:
             room = 2 * self.config.agent.workers - len(self._inflight)
+            busy = len(self._inflight)
         if room <= 0:
             return
-        for sub_id in self.store.due(utcnow(), room + len(self._inflight)):
-            self._submit(sub_id)
+        for sub_id in self.store.due(utcnow(), room + busy):
+            self._submit(sub_id, only_if_room=True)
 
     def _submit(self, sub_id: int, only_if_room: bool = False) -> None:
         with self._lock:
-            if sub_id in self._inflight or self._stopping.is_set():
+            if sub_id in self._inflight or self._closed():
                 return
             if only_if_room and len(self._inflight) >= 2 * self.config.agent.workers:
                 # Workers busy: the journal has it QUEUED and the dispatch tick starts it when one
@@ -268,9 +285,11 @@ class Daemon:
             self._inflight[sub_id] = fut
 
     def _upload(self, sub_id: int) -> None:
+        ran = False
         try:
             if hold_for_window(self.config, self.store, sub_id):
                 return  # QUEUED until the route's submission window opens (filing_calendar)
+            ran = True
             with self._conn_leases.lease(lambda: self.connections):
                 self.submitter.upload(sub_id)
         except Exception:  # noqa: BLE001
@@ -278,6 +297,13 @@ class Daemon:
         finally:
             with self._lock:
                 self._inflight.pop(sub_id, None)
+        if ran:
+            # The next one now, not at the next dispatch tick: a batch of claims queues more
+            # files than there are workers, and each would otherwise wait up to a tick.
+            try:
+                self._refill()
+            except Exception:  # noqa: BLE001 - the dispatch tick does it anyway
+                log.debug("refilling the upload queue failed", exc_info=True)
 
     def leads(self, singleton: str) -> bool:
         """Whether this process runs ``singleton`` now (leases.SINGLETONS)."""

@@ -148,6 +148,7 @@ class Service:
             os.write(2, b"filex-agent: second signal, exiting now; the journal recovers the rest at next start\n")
             os._exit(1)
         self._stop_requested = True
+        self.daemon.close_intake()  # now, not when the main loop gets round to stop()
         self._wake.set()
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002

@@ -13,9 +13,10 @@ import os
 import random
 import stat as stat_mod
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from filex_agent.config import Config, RouteSettings, valid_remote_name
 from filex_agent.errors import (
@@ -154,12 +155,12 @@ class Submitter:
         steps: list[Transition] = []
         later: list[Submission] = []
         failed: dict[int, str] = {}
-        held: dict[int, Submission] = {}
-        batch_sha: dict[str, Submission] = {}
+        held: dict[int, "_Earlier | Submission"] = {}
+        batch_sha: dict[str, _Earlier] = {}
         for sub in subs:
             path = Path(sub.local_path)
             try:
-                big = path.stat().st_size > _CHECK_BEFORE_QUEUED
+                big = os.stat(sub.local_path).st_size > _CHECK_BEFORE_QUEUED
             except OSError:
                 big = False
             if big:
@@ -170,16 +171,16 @@ class Submitter:
             if isinstance(checked, str):
                 failed[sub.id] = checked
                 continue
-            sub = checked
             steps.append(Transition(sub.id, State.QUEUED, "claimed", frozenset({State.CLAIMING}),
-                                    dict(owner=None, size=sub.size, mtime_ns=sub.mtime_ns, sha256=sub.sha256)))
-            earlier = batch_sha.get(sub.sha256) or self.store.find_same_content(
-                sub.org, sub.application, sub.sha256, exclude_id=sub.id)
-            batch_sha.setdefault(sub.sha256, replace(sub, state=State.QUEUED))
+                                    dict(owner=None, size=checked.size, mtime_ns=checked.mtime_ns,
+                                         sha256=checked.sha256)))
+            earlier = batch_sha.get(checked.sha256) or self.store.find_same_content(
+                sub.org, sub.application, checked.sha256, exclude_id=sub.id)
+            batch_sha.setdefault(checked.sha256, _Earlier(sub.id, sub.file_name, State.QUEUED))
             if earlier is not None:
                 held[sub.id] = earlier
                 steps.append(Transition(sub.id, State.HELD, "duplicate", frozenset({State.QUEUED}), dict(
-                    held_by=earlier.id, reason=_held_reason(sub, earlier))))
+                    held_by=earlier.id, reason=_held_reason(sub.id, checked.sha256, earlier))))
         results = self.store.transition_many(steps) if steps else []
         final: dict[int, Submission | None] = {}
         for step, res in zip(steps, results):
@@ -235,16 +236,16 @@ class Submitter:
         if isinstance(checked, str):
             return self._fail(sub, path, checked, expect=State.QUEUED)
         sub = self.store.update(sub.id, size=checked.size, mtime_ns=checked.mtime_ns, sha256=checked.sha256)
-        earlier = self.store.find_same_content(sub.org, sub.application, sub.sha256, exclude_id=sub.id)
+        earlier = self.store.find_same_content(sub.org, sub.application, checked.sha256, exclude_id=sub.id)
         if earlier is not None:
             sub = self.store.transition(sub.id, State.HELD, "duplicate", expect={State.QUEUED}, held_by=earlier.id,
-                                        reason=_held_reason(sub, earlier))
+                                        reason=_held_reason(sub.id, checked.sha256, earlier))
             self.hooks.submission_changed(sub, "HELD")
         return sub
 
-    def _check(self, sub: Submission, path: Path) -> "Submission | str":
-        """Name rules, size and readability, and the content's hash: the submission with size,
-        mtime and sha256 set (nothing written), or why it cannot be submitted."""
+    def _check(self, sub: Submission, path: Path) -> "_Checked | str":
+        """Name rules, size and readability, and the content's hash (nothing written), or why
+        the file cannot be submitted."""
         route = self.config.route(sub.route)
         reason = valid_remote_name(sub.file_name)
         if reason:
@@ -267,7 +268,7 @@ class Submitter:
             return "the file cannot be read by the agent (permission denied); not uploaded"
         except OSError as exc:
             return f"the file cannot be read: {exc.strerror}; not uploaded"
-        return replace(sub, size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+        return _Checked(st.st_size, st.st_mtime_ns, digest)
 
     def release(self, sub_id: int) -> Submission:
         sub = self.store.transition(sub_id, State.QUEUED, "released by operator", expect={State.HELD},
@@ -416,12 +417,13 @@ class Submitter:
                 return self._fail(sub, path, f"upload failed {sub.attempts} times with an unexpected error: "
                                              f"{type(exc).__name__}: {exc}", epoch=epoch)
             return self._requeue(sub, f"unexpected error, will retry: {type(exc).__name__}: {exc}", epoch=epoch)
-        self.store.end_attempt(att.id, Outcome.SENT, "uploaded", epoch=epoch)
-        # move_to in the same write as SUBMITTED: a crash right after still files the original.
-        sub = self.store.transition(
-            sub.id, State.SUBMITTED, "uploaded", expect={State.UPLOADING}, epoch=epoch, **_RELEASE,
-            tracking_id=result.tracking_id, upload_location=result.upload_location, uploaded_at=result.finished_at,
-            reason=integrity_note(sub.reason), flag=late_change, next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))
+        # The attempt's outcome and SUBMITTED in one write, with move_to: a crash right after
+        # still files the original.
+        sub = self.store.settle(att.id, Outcome.SENT, "uploaded", Transition(
+            sub.id, State.SUBMITTED, "uploaded", frozenset({State.UPLOADING}), dict(
+                **_RELEASE, tracking_id=result.tracking_id, upload_location=result.upload_location,
+                uploaded_at=result.finished_at, reason=integrity_note(sub.reason), flag=late_change,
+                next_attempt_at=None, move_to=self.archive_dir(sub, "sent"))), epoch=epoch)
         self.hooks.submission_changed(sub, "uploaded")
         return self.finish_move(sub)
 
@@ -561,6 +563,20 @@ class _InSpool:
 _GONE = object()  # a claim that ended with no submission of this agent's (another agent's claim took it)
 
 
-def _held_reason(sub: Submission, earlier: Submission) -> str:
-    return (f"same content (sha256 {sub.sha256[:12]}…) as submission {earlier.id} ({earlier.file_name}, "
-            f"{earlier.state}); held, not sent. Run `filex-agent release {sub.id}` to send it anyway.")
+class _Checked(NamedTuple):
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+class _Earlier(NamedTuple):
+    """An earlier file of the same batch with the same content (what a held one names)."""
+
+    id: int
+    file_name: str
+    state: State
+
+
+def _held_reason(sub_id: int, sha256: str, earlier: "Submission | _Earlier") -> str:
+    return (f"same content (sha256 {sha256[:12]}…) as submission {earlier.id} ({earlier.file_name}, "
+            f"{earlier.state}); held, not sent. Run `filex-agent release {sub_id}` to send it anyway.")

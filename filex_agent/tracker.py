@@ -100,11 +100,13 @@ class Tracker:
                     records[rec.trackingId] = rec
         claimed: set[str] = set()  # matched in this cycle; earlier matches are found in the journal
         finals = 0
+        # Read again now (another node may have moved them meanwhile), in one query, not one per row.
+        fresh = self.store.get_many([s.id for s in subs if s.id not in failed])
         # Upload order: two uploads of one name take their records in the order they were sent.
         for sub in sorted(subs, key=lambda s: (s.upload_started_at or s.created_at, s.id)):
-            if sub.id in failed:
+            if sub.id in failed or sub.id not in fresh:
                 continue
-            sub = self._clear_unreadable(self.store.get(sub.id))
+            sub = self._clear_unreadable(fresh[sub.id])
             rec = records.get(sub.tracking_id) if sub.tracking_id else None
             if sub.tracking_id is None:
                 rec = self._match(sub, records.values(), claimed)

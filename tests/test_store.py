@@ -491,3 +491,58 @@ def test_lookups_that_keep_the_daemon_off_the_history(journal):
     assert s.last_upload("q") == s.get(two.id).uploaded_at and s.last_upload("r") is None
     s.update(two.id, move_to=None)
     assert s.pending_moves() == []
+
+
+def test_claims_of_a_batch_are_created_in_one_write_skipping_files_another_agent_claims(journal):
+    s = journal()
+    other = _new(s, file_name="b.csv")  # another agent is claiming /o/b.csv (CLAIMING)
+    made = s.create_claims(dict(route="r", org="0001", application="app1", transport="rest", owner="me"),
+                           [("a.csv", "/o/a.csv"), ("b.csv", "/o/b.csv"), ("c.csv", "/o/c.csv")],
+                           lambda sub_id, name: f"/spool/{sub_id}/{name}")
+    assert made[1] is None
+    a, c = made[0], made[2]
+    assert a.state is State.CLAIMING and a.owner == "me" and a.local_path == f"/spool/{a.id}/a.csv"
+    assert c.source_path == "/o/c.csv" and c.local_path == f"/spool/{c.id}/c.csv"
+    assert [e.state for e in s.events(a.id)] == ["CLAIMING"]
+    assert s.get(other.id).source_path == "/o/b.csv"
+    assert s.events_many([a.id, c.id, other.id]) == {a.id: s.events(a.id), c.id: s.events(c.id),
+                                                      other.id: s.events(other.id)}
+
+
+def test_transition_many_applies_in_order_and_returns_conflicts_in_place(journal):
+    from filex_agent.store import Transition
+
+    s = journal()
+    a, b = _new(s, file_name="a.csv"), _new(s, file_name="b.csv", state=State.QUEUED)
+    out = s.transition_many([
+        Transition(a.id, State.QUEUED, "claimed", frozenset({State.CLAIMING}), {"sha256": "ab", "size": 3}),
+        Transition(b.id, State.QUEUED, "claimed", frozenset({State.CLAIMING})),  # b is QUEUED already
+        Transition(a.id, State.HELD, "duplicate", frozenset({State.QUEUED}), {"reason": "same content"}),
+    ])
+    assert out[0].state is State.QUEUED and out[0].sha256 == "ab" and out[0].size == 3
+    assert isinstance(out[1], StateConflict)
+    assert out[2].state is State.HELD and out[2].reason == "same content"
+    assert [e.state for e in s.events(a.id)] == ["CLAIMING", "QUEUED", "HELD"]
+    assert [e.state for e in s.events(b.id)] == ["QUEUED"]
+
+
+def test_settle_ends_the_attempt_and_moves_the_row_in_one_fenced_write(journal):
+    from filex_agent.store import Transition
+
+    s = journal()
+    sub = _new(s, state=State.QUEUED)
+    sub, att = _begin(s, sub.id)
+    done = s.settle(att.id, Outcome.SENT, "uploaded", Transition(
+        sub.id, State.SUBMITTED, "uploaded", frozenset({State.UPLOADING}), {"tracking_id": "t-9", "owner": None}),
+        epoch=sub.epoch)
+    assert done.state is State.SUBMITTED and done.tracking_id == "t-9"
+    assert s.attempts(sub.id)[0].outcome is Outcome.SENT
+    # A writer whose epoch was taken over changes neither the attempt nor the row.
+    sub2 = _new(s, file_name="z.csv", state=State.QUEUED)
+    sub2, att2 = _begin(s, sub2.id, lease=0.01)
+    time.sleep(0.05)
+    s.take_over(sub2.id, "rescuer")
+    with pytest.raises(StaleEpoch):
+        s.settle(att2.id, Outcome.SENT, "uploaded", Transition(sub2.id, State.SUBMITTED, "uploaded"),
+                 epoch=sub2.epoch)
+    assert s.get(sub2.id).state is State.UPLOADING and s.attempts(sub2.id)[0].outcome is Outcome.PENDING

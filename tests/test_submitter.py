@@ -145,3 +145,41 @@ def test_a_corrupt_copy_that_could_not_be_removed_is_followed_and_said(make):
     assert s.state is State.SUBMITTED and conns.uploads == 0
     assert s.reason.startswith("a corrupt copy reached fileX") and "send a corrected file" in s.reason
     assert [a.outcome.value for a in sub.store.attempts(s.id)] == ["SENT"]
+
+
+def test_a_batch_of_claims_costs_two_journal_writes_and_holds_duplicates_within_it(tmp_path):
+    cfg = parse_config({"agent": {"data_dir": str(tmp_path / "d")},
+                        "credentials": {"c": {"client_id": "x", "client_secret": "env:X"}},
+                        "routes": [{"name": "r", "outbox": str(tmp_path / "out"), "org": "0001",
+                                    "application": "app1", "credential": "c"}]})
+    route = cfg.routes[0]
+    store = SQLiteStore(tmp_path / "j.sqlite3")
+    sub = Submitter(cfg, store, Scripted([]), Hooks())
+    out = tmp_path / "out"
+    out.mkdir()
+    files = []
+    for i in range(50):
+        p = out / f"f{i:02d}.csv"
+        p.write_bytes(b"same\n" if i in (3, 7) else b"%d\n" % i)
+        files.append((p, None))
+    (out / "empty.csv").touch()
+    files.append((out / "empty.csv", None))
+    files.append((out / "gone.csv", None))  # vanished before the claim: nothing journaled
+    before = store._group.syncs
+    claimed = sub.claim_many(route, files)
+    # One write for the 51 CLAIMING rows, one for their verdicts; the empty file's refusal (FAILED,
+    # then where it was moved) is two of its own: 4, not several per file.
+    assert store._group.syncs - before == 4
+    by_name = {s.file_name: s for s in claimed}
+    assert len(by_name) == 51 and "gone.csv" not in by_name
+    assert by_name["f03.csv"].state is State.QUEUED and by_name["f03.csv"].sha256
+    held = by_name["f07.csv"]
+    assert held.state is State.HELD and held.held_by == by_name["f03.csv"].id
+    assert f"release {held.id}" in held.reason
+    assert by_name["empty.csv"].state is State.FAILED and "empty" in by_name["empty.csv"].reason
+    assert all(s.state is State.QUEUED for n, s in by_name.items() if n not in ("f07.csv", "empty.csv"))
+    q = by_name["f10.csv"]
+    assert Path(q.local_path).read_bytes() == b"10\n" and q.owner is None
+    assert [e.state for e in store.events(held.id)] == ["CLAIMING", "QUEUED", "HELD"]
+    assert sorted(p.name for p in out.iterdir()) == [".filex-agent"]
+    store.close()

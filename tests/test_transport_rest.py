@@ -299,6 +299,64 @@ def test_sent_sha256_is_of_the_bytes_sent(fake: Fake, sample: Path) -> None:
     assert result.sent_sha256 == hashlib.sha256(sample.read_bytes()).hexdigest()
 
 
+def _read_ahead_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("rest-read")]
+
+
+@pytest.mark.parametrize("read_ahead", [0, 1, 4])
+def test_read_ahead_sends_and_hashes_the_same_bytes(fake: Fake, sample: Path, read_ahead: int) -> None:
+    import hashlib
+
+    fake.transport.read_ahead = read_ahead
+    progress: list[int] = []
+    result = fake.transport.upload(sample, "report.txt", progress=progress.append)
+    [put] = fake.puts
+    assert put["body"] == sample.read_bytes() and len(put["chunks"]) == 4
+    assert result.sent_sha256 == hashlib.sha256(sample.read_bytes()).hexdigest()
+    assert sum(progress) == 200_000
+    assert _read_ahead_threads() == []
+
+
+def test_read_ahead_thread_ends_with_a_body_cut_short_or_aborted(fake: Fake, sample: Path) -> None:
+    # The server stops reading after one chunk: the reader, blocked on its full queue, is stopped.
+    fake.transport.read_ahead = 1
+    fake.cut_bodies = 1
+    fake.transport.upload(sample, "report.txt")
+    assert _read_ahead_threads() == []
+
+    def grow(n: int) -> None:
+        with open(sample, "ab") as f:
+            f.write(b"more")
+
+    with pytest.raises(RemoteChangedError):
+        fake.transport.upload(sample, "again.txt", progress=grow)
+    assert _read_ahead_threads() == []
+
+
+@pytest.mark.parametrize("read_ahead", [0, 4])
+def test_read_error_reaches_the_caller(fake: Fake, sample: Path, monkeypatch: pytest.MonkeyPatch,
+                                       read_ahead: int) -> None:
+    from filex_agent.localfile import LocalFile
+
+    fake.transport.read_ahead = read_ahead
+    real = LocalFile.pread
+    calls = [0]
+
+    def failing(self: LocalFile, n: int, offset: int) -> bytes:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(5, "Input/output error")
+        return real(self, n, offset)
+
+    monkeypatch.setattr(LocalFile, "pread", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        fake.transport.upload(sample, "report.txt")
+    assert fake.objects.keys() == {"out/fb.txt"}
+    assert _read_ahead_threads() == []
+
+
 def test_symlink_is_refused(fake: Fake, sample: Path, tmp_path: Path) -> None:
     link = tmp_path / "link.txt"
     link.symlink_to(sample)

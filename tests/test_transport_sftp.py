@@ -245,3 +245,28 @@ def test_refused_writes_fail_loudly_and_leave_nothing(sandbox: Any, session: Sft
     for prefix in ("0001/app1/in/refused_1", "0001/app1/in/.refused_1"):  # nor its temporary name
         listed = sandbox.s3_client().list_objects_v2(Bucket=sandbox.bucket, Prefix=prefix)
         assert listed.get("KeyCount", 0) == 0, prefix
+
+
+def test_stale_temporary_files_are_swept_without_listing_in_before_every_upload(
+        sandbox: Any, session: SftpSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import filex_agent.transports.sftp as sftp_mod
+
+    def plant(sftp: paramiko.SFTPClient) -> None:
+        with sftp.open("/0001/app2/in/.crashed.csv.0badc0de.filepart", "wb") as f:
+            f.write(b"half a file")
+
+    session.run(plant, "plant a crash's leftover")
+    monkeypatch.setattr(sftp_mod, "TEMP_STALE_SECONDS", -1)  # anything not being written counts as stale
+    listings: list[str] = []
+    real = paramiko.SFTPClient.listdir_attr
+    monkeypatch.setattr(paramiko.SFTPClient, "listdir_attr",
+                        lambda self, path=".": (listings.append(path), real(self, path))[1])
+    t = SftpTransport("0001", "app2", session=session)
+    for i in range(3):
+        p = _file(tmp_path, f"sweep_{i}.csv", 100 + i)
+        t.upload(p, p.name)
+    # in/ listed once for the three uploads (not once each: it may hold thousands of files).
+    assert listings == ["/0001/app2/in"]
+    names = session.run(lambda sftp: sftp.listdir("/0001/app2/in"), "list")
+    assert ".crashed.csv.0badc0de.filepart" not in names
+    assert {f"sweep_{i}.csv" for i in range(3)} <= set(names)

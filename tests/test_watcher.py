@@ -498,3 +498,23 @@ def test_a_folder_in_an_outbox_is_reported_once(tmp_path, caplog):
     OutboxWatcher._list(tmp_path)
     msgs = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert len(msgs) == 1 and "'sub'" in msgs[0]
+
+
+def test_files_ready_in_one_tick_reach_the_batch_callback_together(tmp_path: Path,
+                                                                     watchers: list[OutboxWatcher]) -> None:
+    r = make_route(tmp_path)
+    r.outbox.mkdir(parents=True, exist_ok=True)
+    for i in range(20):  # there before the start: the start-up scan finds them all at once
+        write(r.outbox / f"b{i:02d}.csv")
+    batches: list[list[str]] = []
+    single: list[Candidate] = []
+    got = threading.Event()
+
+    def on_batch(cands: list[Candidate]) -> None:
+        batches.append(sorted(c.path.name for c in cands))
+        got.set()
+
+    start(watchers, [r], single.append, on_ready_batch=on_batch)
+    assert got.wait(5)
+    assert batches[0] == [f"b{i:02d}.csv" for i in range(20)]
+    assert single == []  # the per-file callback is not used once a batch callback is given

@@ -274,13 +274,31 @@ class Store(abc.ABC):
         ``local_path_of(id, file_name)``, journaled before the rename it announces. ``None`` in
         place of a file another agent is claiming already (``create`` would raise ``Duplicate``)."""
 
+    def settle(self, attempt_id: int, outcome: Outcome, detail: str | None, step: "Transition", *, epoch: int,
+               decide_by: datetime | None = None) -> Submission:
+        """``end_attempt`` and the ``transition`` it leads to, fenced by ``epoch``: one write where
+        the store can (two here, safe in this order: recovery finishes the second)."""
+        self.end_attempt(attempt_id, outcome, detail, epoch=epoch, decide_by=decide_by)
+        return self.transition(step.sub_id, step.state, step.detail, expect=step.expect, epoch=epoch, **step.fields)
+
     @abc.abstractmethod
     def transition_many(self, steps: Sequence["Transition"]) -> list["Submission | StateConflict"]:
-        """Several ``transition`` calls in one transaction, in order (unfenced). A step whose
-        ``expect`` does not hold is skipped and its ``StateConflict`` returned in its place."""
+        """Several ``transition`` calls in one transaction, in order (unfenced): the row as each
+        step left it. A step whose ``expect`` does not hold is skipped and its ``StateConflict``
+        returned in its place."""
 
     @abc.abstractmethod
     def events(self, sub_id: int) -> list[Event]: ...
+
+    def get_many(self, sub_ids: Sequence[int]) -> dict[int, Submission]:
+        """``get`` of several submissions (one query where the store can); missing ids are absent."""
+        out = {}
+        for i in sub_ids:
+            try:
+                out[i] = self.get(i)
+            except KeyError:
+                pass
+        return out
 
     def events_many(self, sub_ids: Sequence[int]) -> dict[int, list[Event]]:
         """``events`` of several submissions (one query where the store can)."""

@@ -491,6 +491,11 @@ class PostgresStore(Store):
             "SELECT * FROM events WHERE submission_id = %s ORDER BY id", (sub_id,)).fetchall())
         return [Event(r["submission_id"], r["at"], r["state"], r["detail"]) for r in rows]
 
+    def get_many(self, sub_ids: Sequence[int]) -> dict[int, Submission]:
+        rows = self._run(lambda cur: cur.execute("SELECT * FROM submissions WHERE id = ANY(%s)",
+                                                 (list(sub_ids),)).fetchall())
+        return {r["id"]: _sub(r) for r in rows}
+
     def events_many(self, sub_ids: Sequence[int]) -> dict[int, list[Event]]:
         out: dict[int, list[Event]] = {i: [] for i in sub_ids}
         rows = self._run(lambda cur: cur.execute(
@@ -867,14 +872,34 @@ class PostgresStore(Store):
 
     def end_attempt(self, attempt_id: int, outcome: Outcome, detail: str | None = None, *,
                     epoch: int | None = None, decide_by: datetime | None = None) -> Attempt:
-        def go(cur: psycopg.Cursor) -> dict[str, Any]:
-            self._fenced_attempt(cur, attempt_id, epoch)
-            return cur.execute(
-                "UPDATE attempts SET outcome = %s, detail = COALESCE(%s, detail), decide_by = %s, "
-                "ended_at = CASE WHEN %s = 'UNCONFIRMED' THEN ended_at ELSE now() END WHERE id = %s RETURNING *",
-                (outcome.value, detail, decide_by, outcome.value, attempt_id)).fetchone()
+        return _att(self._run(lambda cur: self._end_attempt_in(cur, attempt_id, outcome, detail, epoch, decide_by)))
 
-        return _att(self._run(go))
+    def _end_attempt_in(self, cur: psycopg.Cursor, attempt_id: int, outcome: Outcome, detail: str | None,
+                        epoch: int | None, decide_by: datetime | None) -> dict[str, Any]:
+        self._fenced_attempt(cur, attempt_id, epoch)
+        return cur.execute(
+            "UPDATE attempts SET outcome = %s, detail = COALESCE(%s, detail), decide_by = %s, "
+            "ended_at = CASE WHEN %s = 'UNCONFIRMED' THEN ended_at ELSE now() END WHERE id = %s RETURNING *",
+            (outcome.value, detail, decide_by, outcome.value, attempt_id)).fetchone()
+
+    def settle(self, attempt_id: int, outcome: Outcome, detail: str | None, step: Transition, *, epoch: int,
+               decide_by: datetime | None = None) -> Submission:
+        self._check_fields(step.fields)
+        fields = {k: v for k, v in step.fields.items() if k != "updated_at"}
+        fields["state"] = step.state
+        expected = None if step.expect is None else {str(s) for s in step.expect}
+
+        def go(cur: psycopg.Cursor) -> dict[str, Any]:
+            self._end_attempt_in(cur, attempt_id, outcome, detail, epoch, decide_by)
+            row = self._locked(cur, step.sub_id)
+            _fence(step.sub_id, row["epoch"], epoch)
+            if expected is not None and row["state"] not in expected:
+                raise StateConflict(f"submission {step.sub_id} is {row['state']}, expected one of {sorted(expected)}")
+            new = self._set(cur, step.sub_id, fields)
+            self._event(cur, step.sub_id, step.state, step.detail)
+            return new
+
+        return _sub(self._run(go))
 
     def attempts(self, sub_id: int) -> list[Attempt]:
         rows = self._run(lambda cur: cur.execute("SELECT * FROM attempts WHERE submission_id = %s ORDER BY n",

@@ -423,11 +423,12 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
                            (sub_id, now.isoformat(), State.CLAIMING.value, "created"))
                 ids.append(sub_id)
-        got = self._get_many([i for i in ids if i is not None])
+        got = self.get_many([i for i in ids if i is not None])
         return [None if i is None else got[i] for i in ids]
 
-    def _get_many(self, ids: list[int]) -> dict[int, Submission]:
+    def get_many(self, ids: Sequence[int]) -> dict[int, Submission]:
         out: dict[int, Submission] = {}
+        ids = list(ids)
         with self._lock:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
@@ -438,7 +439,7 @@ class SQLiteStore(Store):
 
     def transition_many(self, steps: Sequence[Transition]) -> list[Submission | StateConflict]:
         now = utcnow()
-        out: list[int | StateConflict] = []
+        out: list[Submission | StateConflict] = []
         with self._tx() as db:
             for step in steps:
                 self._check_fields(step.fields)
@@ -456,9 +457,8 @@ class SQLiteStore(Store):
                 db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
                            (step.sub_id, now.isoformat(), str(step.state),
                             None if step.detail is None else redact(step.detail)))
-                out.append(step.sub_id)
-        got = self._get_many([r for r in out if not isinstance(r, StateConflict)])
-        return [r if isinstance(r, StateConflict) else got[r] for r in out]
+                out.append(_row_to_sub(db.execute("SELECT * FROM submissions WHERE id = ?", (step.sub_id,)).fetchone()))
+        return out
 
     def get(self, sub_id: int) -> Submission:
         with self._lock:
@@ -493,17 +493,33 @@ class SQLiteStore(Store):
         now = utcnow()
         fields.update(state=state, updated_at=now)
         with self._tx() as db:
-            row = db.execute("SELECT state, epoch FROM submissions WHERE id = ?", (sub_id,)).fetchone()
-            if row is None:
-                raise KeyError(f"no submission {sub_id}")
-            _fence(sub_id, row["epoch"], epoch)
-            if expect is not None and row["state"] not in {str(s) for s in expect}:
-                raise StateConflict(f"submission {sub_id} is {row['state']}, expected one of {sorted(map(str, expect))}")
-            sets = ", ".join(f"{k} = ?" for k in fields)
-            db.execute(f"UPDATE submissions SET {sets} WHERE id = ?", [_enc(k, v) for k, v in fields.items()] + [sub_id])
-            db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
-                       (sub_id, now.isoformat(), str(state), None if detail is None else redact(detail)))
+            self._transition_in(db, sub_id, state, detail, expect, epoch, fields, now)
         return self.get(sub_id)
+
+    @staticmethod
+    def _transition_in(db: sqlite3.Connection, sub_id: int, state: State, detail: str | None,
+                       expect: Iterable[State] | None, epoch: int | None, fields: dict[str, Any],
+                       now: datetime) -> None:
+        row = db.execute("SELECT state, epoch FROM submissions WHERE id = ?", (sub_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no submission {sub_id}")
+        _fence(sub_id, row["epoch"], epoch)
+        if expect is not None and row["state"] not in {str(s) for s in expect}:
+            raise StateConflict(f"submission {sub_id} is {row['state']}, expected one of {sorted(map(str, expect))}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE submissions SET {sets} WHERE id = ?", [_enc(k, v) for k, v in fields.items()] + [sub_id])
+        db.execute("INSERT INTO events (submission_id, at, state, detail) VALUES (?, ?, ?, ?)",
+                   (sub_id, now.isoformat(), str(state), None if detail is None else redact(detail)))
+
+    def settle(self, attempt_id: int, outcome: Outcome, detail: str | None, step: Transition, *, epoch: int,
+               decide_by: datetime | None = None) -> Submission:
+        self._check_fields(step.fields)
+        now = utcnow()
+        fields = {**step.fields, "state": step.state, "updated_at": now}
+        with self._tx() as db:
+            self._end_attempt_in(db, attempt_id, outcome, detail, epoch, decide_by, now)
+            self._transition_in(db, step.sub_id, step.state, step.detail, step.expect, epoch, fields, now)
+        return self.get(step.sub_id)
 
     def update(self, sub_id: int, *, epoch: int | None = None, **fields: Any) -> Submission:
         self._check_fields(fields)
@@ -963,15 +979,18 @@ class SQLiteStore(Store):
 
     def end_attempt(self, attempt_id: int, outcome: Outcome, detail: str | None = None, *,
                     epoch: int | None = None, decide_by: datetime | None = None) -> Attempt:
-        now = utcnow().isoformat()
         with self._tx() as db:
-            self._fenced_attempt(db, attempt_id, epoch)
-            db.execute("UPDATE attempts SET outcome = ?, detail = COALESCE(?, detail), decide_by = ?, "
-                       "ended_at = CASE WHEN ? = 'UNCONFIRMED' THEN ended_at ELSE ? END WHERE id = ?",
-                       (outcome.value, None if detail is None else redact(detail),
-                        decide_by.isoformat() if decide_by else None, outcome.value, now,
-                        attempt_id))
+            self._end_attempt_in(db, attempt_id, outcome, detail, epoch, decide_by, utcnow())
         return self._attempt(attempt_id)
+
+    def _end_attempt_in(self, db: sqlite3.Connection, attempt_id: int, outcome: Outcome, detail: str | None,
+                        epoch: int | None, decide_by: datetime | None, now: datetime) -> None:
+        self._fenced_attempt(db, attempt_id, epoch)
+        db.execute("UPDATE attempts SET outcome = ?, detail = COALESCE(?, detail), decide_by = ?, "
+                   "ended_at = CASE WHEN ? = 'UNCONFIRMED' THEN ended_at ELSE ? END WHERE id = ?",
+                   (outcome.value, None if detail is None else redact(detail),
+                    decide_by.isoformat() if decide_by else None, outcome.value, now.isoformat(),
+                    attempt_id))
 
     def attempts(self, sub_id: int) -> list[Attempt]:
         with self._lock:

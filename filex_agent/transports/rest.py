@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import re
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -27,6 +29,11 @@ from filex_agent.transports import ProgressFn, RemoteFile, Transport, UploadResu
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
+# Chunks read and hashed ahead of the socket by one helper thread (files of more than one chunk):
+# pread and SHA-256 release the GIL, so they run while the previous chunk is being sent instead
+# of taking turns with it (a 1 GiB PUT spent ~37% of its time hashing, ~16% reading, in series).
+READ_AHEAD = 4
+_END = object()
 # fileX / FINRA Gateway limit per file.
 MAX_UPLOAD_BYTES = 5120 * 1024 * 1024
 # S3: 403 AccessDenied "Request has expired", 400 ExpiredToken "The provided token has expired."
@@ -58,12 +65,13 @@ class RestTransport(Transport):
 
     def __init__(self, org: str, application: str, *, api: FilexClient, http: httpx.Client, retry: RetryPolicy,
                  chunk_size: int = CHUNK_SIZE, max_url_renewals: int = 3,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, read_ahead: int = READ_AHEAD):
         super().__init__(org, application)
         self._api = api
         self._http = http
         self._retry = retry
         self.chunk_size = chunk_size
+        self.read_ahead = read_ahead  # 0: read and hash in the sending thread
         # How many fresh URLs to ask for when one turns out to be expired, per attempt.
         self.max_url_renewals = max_url_renewals
         # Optional filex-{attr} metadata sent with every upload URL request.
@@ -146,6 +154,8 @@ class RestTransport(Transport):
                 raise self._unconfirmed(presigned, f"{what}: {type(exc).__name__} after the whole body was sent") from None
             # from None: the chained httpx error carries the request (and its signed URL).
             raise transport_error(exc, what) from None
+        finally:
+            body.close()  # however the request ended: stops and joins the read-ahead thread
         if resp.is_success:
             if sent[0] != size:  # a server that answered before reading the whole body
                 raise _no_more_retries(TransientError(
@@ -172,18 +182,76 @@ class RestTransport(Transport):
 
     def _chunks(self, lf: LocalFile, sent: list[int], digest: "hashlib._Hash", progress: ProgressFn | None,
                 ) -> Iterator[bytes]:
+        """The body: the file's chunks, each hashed into ``digest`` before it is handed to httpx.
+
+        Every chunk hashed is one sent: the digest is only read once the whole body went out.
+        """
         size = lf.size
-        for chunk in lf.blocks(self.chunk_size):
-            if sent[0] + len(chunk) == size and lf.changed():
-                # Checked before the last bytes go out: aborting now leaves S3 without an object.
-                raise _no_more_retries(RemoteChangedError(f"{lf.name} changed during upload"))
-            digest.update(chunk)
-            sent[0] += len(chunk)
-            if progress is not None:
-                progress(len(chunk))
-            yield chunk
+        blocks = self._hashed_blocks(lf, digest)
+        try:
+            for chunk in blocks:
+                if sent[0] + len(chunk) == size and lf.changed():
+                    # Checked before the last bytes go out: aborting now leaves S3 without an object.
+                    raise _no_more_retries(RemoteChangedError(f"{lf.name} changed during upload"))
+                sent[0] += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+                yield chunk
+        finally:
+            blocks.close()
         if sent[0] != size:
             raise _no_more_retries(RemoteChangedError(f"{lf.name} shrank during upload"))
+
+    def _hashed_blocks(self, lf: LocalFile, digest: "hashlib._Hash") -> Iterator[bytes]:
+        if self.read_ahead < 1 or lf.size <= self.chunk_size:
+            for chunk in lf.blocks(self.chunk_size):
+                digest.update(chunk)
+                yield chunk
+            return
+        # One thread reads and hashes up to ``read_ahead`` chunks ahead; it is stopped and joined
+        # whenever the body ends, however it ends (the generator's close runs this finally).
+        ready: queue.Queue[object] = queue.Queue(self.read_ahead)
+        stop = threading.Event()
+
+        def hand_over(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for chunk in lf.blocks(self.chunk_size):
+                    if stop.is_set():
+                        return
+                    digest.update(chunk)
+                    if not hand_over(chunk):
+                        return
+                hand_over(_END)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the sending thread
+                hand_over(exc)
+
+        worker = threading.Thread(target=produce, name=f"rest-read {lf.name}", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            stop.set()
+            while True:  # make room: a producer blocked on a full queue sees ``stop`` at once
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    break
+            worker.join()
 
     # ------------------------------------------------------------------ feedback
 

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 # A temporary upload file not written to for this long is a leftover of a dead upload.
 TEMP_STALE_SECONDS = 15 * 60
+LEFTOVER_SWEEP_SECONDS = 5 * 60
 
 T = TypeVar("T")
 
@@ -601,6 +602,7 @@ class SftpTransport(Transport):
         # of that name (a crash's leftovers are removed once stale, see _remove_leftovers).
         self._leftovers: dict[str, set[str]] = {}
         self._leftover_lock = threading.Lock()
+        self._last_sweep: float | None = None  # monotonic time of the last listing for leftovers
 
     def __repr__(self) -> str:
         return f"SftpTransport({self.org}/{self.application} via {self.session!r})"
@@ -655,20 +657,28 @@ class SftpTransport(Transport):
         return _join(self.in_dir, f".{remote_name}.{token}.filepart")
 
     def _remove_leftovers(self, sftp: paramiko.SFTPClient, remote_name: str) -> None:
-        """Temporary files of this name that a crash or a killed session left behind: removed when
-        untouched for TEMP_STALE_SECONDS (a live upload writes its own all the time)."""
+        """Temporary files that a crash or a killed session left behind: removed when untouched
+        for TEMP_STALE_SECONDS (a live upload writes its own all the time). The folder is listed
+        once per LEFTOVER_SWEEP_SECONDS, not per upload: ``in/`` may hold thousands of files
+        waiting for fileX, and listing it before each one made an upload cost O(files there)."""
         with self._leftover_lock:
             mine = self._leftovers.pop(remote_name, set())
+            now_mono = time.monotonic()
+            due = self._last_sweep is None or now_mono - self._last_sweep >= LEFTOVER_SWEEP_SECONDS
+            if due:
+                self._last_sweep = now_mono
         for temp in mine:  # this process's own, whose removal failed when its upload did
             self._remove_temp(sftp, temp)
-        prefix, now = f".{remote_name}.", time.time()
+        if not due:
+            return
+        now = time.time()
         try:
             entries = sftp.listdir_attr(self.in_dir)
         except (OSError, EOFError, paramiko.SSHException) as e:
             log.debug("%s: cannot list %s for leftover temporary files: %s", self.session.label, self.in_dir, e)
             return
         for e in entries:
-            if (e.filename.startswith(prefix) and e.filename.endswith(".filepart")
+            if (e.filename.startswith(".") and e.filename.endswith(".filepart")
                     and now - (e.st_mtime or now) > TEMP_STALE_SECONDS):
                 self._remove_temp(sftp, _join(self.in_dir, e.filename))
 
@@ -702,7 +712,8 @@ class SftpTransport(Transport):
 
         def op(sftp: paramiko.SFTPClient) -> dict[str, str]:
             self._verify(sftp, self.in_dir)
-            self._remove_temp(sftp, temp)  # this upload's own half file, if a reconnect re-runs op
+            if state.get("reconnected"):
+                self._remove_temp(sftp, temp)  # this upload's own half file, when a reconnect re-runs op
             self._remove_leftovers(sftp, remote_name)
             if _stat_or_none(sftp, remote) is not None:
                 raise TransientError(f"{self.session.label}: an earlier {remote} is still waiting at fileX; "
@@ -728,6 +739,7 @@ class SftpTransport(Transport):
                 if isinstance(e, (RemoteChangedError, UploadUnconfirmed)) or self.session.write_size() >= req_before:
                     raise
                 # The session just fell back to small write requests: try once more with them.
+                state["reconnected"] = True
                 detail = self.session.run(op, f"upload {remote}", on_retry=cleanup)
         except UploadUnconfirmed:
             raise
