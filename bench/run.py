@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--idle-seconds", type=float, default=60)
     ap.add_argument("--stop-wait", type=float, default=20, help="seconds a stopping daemon gets before SIGKILL")
     ap.add_argument("--stable-seconds", type=float, default=0.5, help="the routes' stability window")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="the daemon's [agent] workers (default: the daemon's own default)")
     ap.add_argument("--scale-sizes", default="10000,100000,1000000", help="journal rows (part 6), comma-separated")
     ap.add_argument("--scale-runs", type=int, default=15, help="timed runs of each step (part 6, median)")
     ap.add_argument("--scale-work", type=Path, default=ROOT / "bench" / "out" / "journal_scale",
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx.sshd, ctx.s3, ctx.sandbox = sshd, s3, sandbox
         avail = [t for t in ("sftp", "s3", "rest") if t in wanted and (t != "sftp" or sshd is not None)]
         cfg = write_config(work / "agent" / "filex-agent.toml", work / "agent" / "data", work / "outbox",
-                           sandbox=sandbox, sshd=sshd, transports=tuple(avail), stable_seconds=args.stable_seconds)
+                           sandbox=sandbox, sshd=sshd, transports=tuple(avail), stable_seconds=args.stable_seconds,
+                           workers=args.workers)
         ctx.agent_cfg = cfg
         ctx.transports = tuple(avail)
         if tools.rclone is None:
@@ -158,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             "latency interval": f"{args.latency_interval:g} s",
             "tracking backlog (part 3, second run)": (f"{args.tracking_backlog:,} SUBMITTED submissions, "
                                                       f"tracking poll every {parts.BUSY_POLL_SECONDS:g} s"),
-            "agent": ("daemon defaults: 4 upload workers, SFTP 2 channels on one connection, 255 KiB pipelined "
+            "agent": (("daemon defaults: 4 upload workers" if args.workers is None else
+                       f"daemon defaults but {args.workers} upload workers") + ", SFTP 2 channels on one connection, "
+                      "255 KiB pipelined "
                       "writes, AES-GCM first; S3 64 MiB parts, 4 threads, multipart above 64 MiB; tracking poll "
                       "every 3600 s in parts 2–3 so that only uploads are measured"),
-            "daemon journal and outboxes": f"{work} (disk; SQLite WAL, synchronous=FULL)",
+            "daemon journal and outboxes": f"{work} (disk; SQLite WAL with group commit)",
             "journals (parts 2, 4, 6)": " and ".join(res.journals) + (
                 " (part 2's peers run once, in the SQLite pass; part 3 runs with SQLite only)"
                 if len(res.journals) > 1 else ""),
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             res.small += attempt("part 2 (many small files, PostgreSQL journal)",
                                  lambda: _small_pg(ctx, pg, work, cfg_args=dict(
                                      sandbox=sandbox, sshd=sshd, transports=tuple(avail),
-                                     stable_seconds=args.stable_seconds), avail=avail)) or []
+                                     stable_seconds=args.stable_seconds, workers=args.workers), avail=avail)) or []
         if 4 in wanted_parts:
             for kind in [JournalKind(pg if label == "PostgreSQL" else None) for label in res.journals]:
                 q = attempt(f"part 4 (backlog memory, {kind.label} journal)",

@@ -55,7 +55,7 @@ from filex_agent.errors import (
     TransientError,
     UploadUnconfirmed,
 )
-from filex_agent.localfile import LocalFile, open_for_upload
+from filex_agent.localfile import LocalFile, RangeReader, open_for_upload
 from filex_agent.models import S3TransferTokens
 from filex_agent.transports import ProgressFn, RemoteFile, Transport, UploadResult, register
 
@@ -525,6 +525,45 @@ def _sequential_sha256(box: _Watched) -> str | None:
     return whole.hexdigest() if offset == lf.size else None
 
 
+class _SendProgress:
+    """The body of a single PutObject (a ``RangeReader``): reports bytes to ``progress`` as they are
+    sent, as s3transfer's ReadFileChunk did. Reads before ``sending`` (the Content-MD5 pass) and
+    re-reads after botocore rewinds for a retry are not counted again."""
+
+    def __init__(self, raw: RangeReader, progress: ProgressFn | None):
+        self._raw = raw
+        self._progress = progress
+        self._reported = 0
+        self.sending = False
+
+    def read(self, amount: int | None = -1) -> bytes:
+        data = self._raw.read(amount)
+        if self.sending and self._progress is not None:
+            end = self._raw.tell()
+            if end > self._reported:
+                self._progress(end - self._reported)
+                self._reported = end
+        return data
+
+    def seek(self, where: int, whence: int = os.SEEK_SET) -> int:
+        return self._raw.seek(where, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
 class _DescriptorOSUtils(OSUtils):
     """s3transfer's file access, on the one descriptor of a ``LocalFile``: s3transfer opens the
     upload source by name (once per part); here every open is a pread reader with its own
@@ -741,8 +780,22 @@ class S3Transport(Transport):
 
         def attempt() -> _Watched:
             client = self._s3()
-            subscribers = [_Progress(progress)] if progress else None
+            if not multipart:
+                # One PutObject on the shared client, as s3transfer sends a file below the threshold,
+                # without building a TransferManager (and its thread pools) per file: for small files
+                # that cost more than the request itself. The hooks give it the same Content-MD5,
+                # SHA-256, on_commit and no-resend handling.
+                body = _SendProgress(lf.reader(), progress)
+
+                def committing() -> None:
+                    on_commit()
+                    body.sending = True  # the MD5 pass is over: reads from here on are the send
+
+                with self._writes.watch(loc.bucket, key, check, lf, committing) as written:
+                    client.put_object(Bucket=loc.bucket, Key=key, Body=body)
+                return written
             with self._writes.watch(loc.bucket, key, check, lf, on_commit) as written:
+                subscribers = [_Progress(progress)] if progress else None
                 # A failed transfer aborts its multipart upload before result() raises (s3transfer
                 # failure cleanups), so no partial object is ever left.
                 with create_transfer_manager(client, self._transfer_config, osutil) as manager:
