@@ -147,3 +147,12 @@ def fast_tmp() -> str | None:
     """/dev/shm when present: the big files and the servers' storage live in RAM, so the disk is
     not what part 1 measures (part 5 measures the disk on its own)."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def loadavg() -> str:
+    """The 1-minute load average, as /proc says it ("?" where there is none)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"

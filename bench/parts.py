@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.agent import ROUTES, SQLITE, Daemon, Journal, JournalKind, write_config
-from bench.common import MIB, PY, ROOT, ChildFailed, Stat, clear_dir, percentile, random_file, run_child, stat
+from bench.common import MIB, PY, ROOT, ChildFailed, Stat, clear_dir, loadavg, percentile, random_file, run_child, stat
 
 log = logging.getLogger("bench")
 
@@ -473,7 +473,7 @@ def part_latency_busy(ctx: Ctx, transports: list[str]) -> list[LatencyRow]:
             row.backlog = journal.count(("SUBMITTED",))
             row.poll_seconds = BUSY_POLL_SECONDS
             overran = _log_count(daemon.log, OVERRUN) > before
-            row.note = (f"daemon CPU {cpu:.0f}% of a core; load average {_loadavg()}"
+            row.note = (f"daemon CPU {cpu:.0f}% of a core; load average {loadavg()}"
                         + ("; the tracking cycle overran its interval" if overran else ""))
             rows.append(row)
             log.info("latency over %s, tracking busy: finish p50 %.2f s, p99 %.2f s (%s)", transport, row.done_p50,
@@ -489,14 +489,6 @@ def _log_count(path: Path, text: str) -> int:
         return path.read_text(errors="replace").count(text)
     except OSError:
         return 0
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "?"
 
 
 def _preload_backlog(ctx: Ctx, cfg: Path, path: Path, transports: list[str], n: int) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import journal_scale, parts
 from bench.agent import Daemon, Journal, JournalKind, pg_skip_reason, start_postgres, write_config
-from bench.common import ROOT, fast_tmp
+from bench.common import ROOT, fast_tmp, loadavg
 from bench.report import Results, render, update_readme
 from bench.servers import S3Server, SandboxServer, SshServer
 from bench.tools import ensure_tools, machine, versions
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if "postgres" in journals and pg_why:
         raise SystemExit(f"python -m bench: --journal postgres: {pg_why}")
     tools = ensure_tools(install=not args.no_install)
-    load0 = _loadavg()
+    load0 = loadavg()
     work = Path(tempfile.mkdtemp(prefix="filex-bench-"))  # on disk: journals and outboxes
     shm = Path(tempfile.mkdtemp(prefix="filex-bench-", dir=fast_tmp()))
     cmd = "python -m bench" + ("" if argv is None and len(sys.argv) == 1 else
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 res.scale_sizes, args.scale_runs, args.scale_work, pg, log=log.info))
             if got:
                 res.scale, scale_builds = got  # SQLite always: PostgreSQL's journals are copied from its
-                scale_section = journal_scale.render(res.scale_sizes, res.scale, scale_builds, _loadavg(),
+                scale_section = journal_scale.render(res.scale_sizes, res.scale, scale_builds, loadavg(),
                                                      command=cmd)
     finally:
         for server in (sandbox, s3, sshd):
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if pg is not None:
             pg.close()  # stopped, and its data folder (every database of this run) removed
         # The report first: deleting 100,000 journal-tracked files can take minutes on some disks.
-        res.settings["load average (1 min) at start → end"] = (f"{load0} → {_loadavg()} (other work on the "
+        res.settings["load average (1 min) at start → end"] = (f"{load0} → {loadavg()} (other work on the "
                                                                 "machine adds noise)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         # The own sections of `python -m bench.web`, `python -m bench.ha` and `python -m bench.journal_scale` are kept.
@@ -273,9 +273,3 @@ def _small_pg(ctx: parts.Ctx, pg, work: Path, cfg_args: dict, avail: list[str]) 
         journal.close()
 
 
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "?"
